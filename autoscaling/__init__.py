@@ -1,0 +1,1 @@
+"""Replica counts per tier (application-level autoscaling policy and the fleet simulator)."""

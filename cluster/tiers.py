@@ -1,0 +1,68 @@
+"""Tiers: classes of cards that share one Generator deployment and one set of limits.
+
+A tier is what the router chooses between. The spine ships a single CPU tier (the embedded default); the fleet
+issue adds one tier per VRAM class found by NVML or listed in a fleet file.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The largest image side any tier accepts. 2048 is where the seed article stops (tiled VAE makes it possible) and
+# what the memory tables cover; a larger side needs a new calibration, not just a bigger number here.
+MAX_IMAGE_SIDE = 2048
+
+
+class TierConfig(BaseModel):
+    """One tier: the cards it runs on, the Ray options of its Generator deployment, and the largest request it takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        description="Tier name, used in deployment names, metrics labels and Ray resources (e.g. 'cpu', 'vram_12').",
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the pipeline runs.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; 'auto' is float32 on CPU and bfloat16 on CUDA cards that support it."
+    )
+    max_pixels: int = Field(
+        MAX_IMAGE_SIDE * MAX_IMAGE_SIDE, ge=64 * 64, description="Largest width x height this tier accepts."
+    )
+    max_batch: int = Field(4, ge=1, le=16, description="Most images one pipeline call generates; n above it is split.")
+    max_steps: int = Field(50, ge=1, le=50, description="Most denoising steps this tier accepts per request.")
+    num_replicas: int = Field(1, ge=0, description="Generator replicas of this tier (one per card on GPU tiers).")
+    max_ongoing_requests: int = Field(
+        2, ge=1, description="Requests a replica holds at once; one runs, the rest wait for its pipeline lock."
+    )
+    max_queued_requests: int = Field(
+        32, ge=1, description="Requests waiting for a replica of this tier; beyond it the service answers 503."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica.")
+    num_gpus: float = Field(0.0, ge=0, le=1, description="GPUs Ray reserves for each replica (1 on a card tier).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources a replica needs, e.g. {'vram_12': 1} to pin a tier."
+    )
+
+    @model_validator(mode="after")
+    def _device_matches_gpus(self) -> "TierConfig":
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError(f"tier {self.name!r}: device='cuda' needs num_gpus > 0 (got num_gpus={self.num_gpus})")
+        if self.device == "cpu" and self.num_gpus > 0:
+            raise ValueError(f"tier {self.name!r}: device='cpu' with num_gpus={self.num_gpus}; use device='cuda'")
+        return self
+
+    def accepts(self, width: int, height: int, steps: int) -> str | None:
+        """Why this tier cannot take one image of this size and steps, or None when it can."""
+        if width * height > self.max_pixels:
+            return f"{width}x{height} is {width * height} pixels, above this tier's {self.max_pixels}"
+        if steps > self.max_steps:
+            return f"steps={steps} is above this tier's {self.max_steps}"
+        return None
+
+
+def cpu_tier() -> TierConfig:
+    """The embedded default: one CPU replica running whatever model is configured (the tiny one by default)."""
+    return TierConfig(name="cpu")

@@ -1,0 +1,49 @@
+"""build_app: the one place where plain classes become Serve deployments with per-tier options.
+
+serve_config.yaml points at `deployments.app:build_app`; Serve validates its `args` into ServiceConfig.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import ServiceConfig
+from deployments.generator import Generator
+from deployments.ingress import HttpIngress
+
+# Seconds Serve waits for a replica to finish its requests when it is scaled down or redeployed.
+GRACEFUL_SHUTDOWN_S = 30.0
+
+
+def generator_deployment_name(tier: str) -> str:
+    return f"Generator_{tier}"
+
+
+def build_app(config: ServiceConfig) -> Application:
+    """One Ingress plus one Generator deployment per configured tier."""
+    if isinstance(config, dict):  # `serve run module:build_app key=value` passes a dict
+        config = ServiceConfig.model_validate(config)
+    generators = {}
+    for tier in config.tiers:
+        deployment = serve.deployment(Generator).options(
+            name=generator_deployment_name(tier.name),
+            num_replicas=tier.num_replicas,
+            max_ongoing_requests=tier.max_ongoing_requests,
+            max_queued_requests=tier.max_queued_requests,
+            graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+            ray_actor_options={
+                "num_cpus": tier.num_cpus,
+                "num_gpus": tier.num_gpus,
+                "resources": dict(tier.resources),
+            },
+        )
+        generators[tier.name] = deployment.bind(tier, config.model)
+    ingress = serve.deployment(HttpIngress).options(
+        name="Ingress",
+        num_replicas=config.ingress_replicas,
+        # The ingress only validates and waits; it must not hold a CPU a Generator could use.
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=256,
+    )
+    return ingress.bind(config, generators)

@@ -1,0 +1,61 @@
+"""The service configuration: one pydantic model read by the CLI, serve_config.yaml and the Helm chart alike."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.tiers import MAX_IMAGE_SIDE, TierConfig, cpu_tier
+
+# Where built and downloaded models live. One folder per user so a second `make run` reuses the tiny model.
+ZIT_CACHE_DIR_ENV = "ZIT_CACHE_DIR"
+
+# The ModelScope repository of the real weights.
+REAL_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
+
+
+def cache_dir() -> Path:
+    """ZIT_CACHE_DIR, else ~/.cache/zit."""
+    return Path(os.environ.get(ZIT_CACHE_DIR_ENV) or Path.home() / ".cache" / "zit").expanduser()
+
+
+class ServiceConfig(BaseModel):
+    """Everything the Serve application needs; `build_app` takes exactly this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "tiny",
+        description=(
+            "'tiny' (random tiny weights built offline), a local diffusers-format Z-Image-Turbo folder, "
+            f"or '{REAL_MODEL_ID}' once `zit download` has fetched it."
+        ),
+    )
+    model_name: str = Field(
+        "z-image-turbo", min_length=1, description="Name reported by /v1/models and accepted in a request's `model`."
+    )
+    tiers: list[TierConfig] = Field(
+        default_factory=lambda: [cpu_tier()], min_length=1, description="Generator deployments, one per tier."
+    )
+    max_image_side: int = Field(
+        MAX_IMAGE_SIDE, ge=64, le=MAX_IMAGE_SIDE, description="Largest width or height a request may ask for."
+    )
+    max_n: int = Field(10, ge=1, le=10, description="Most images one request may ask for (OpenAI allows 1..10).")
+    max_prompt_chars: int = Field(4000, ge=1, description="Longest prompt accepted, in characters.")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request still running after this gets 504.")
+    image_ttl_s: float = Field(3600.0, gt=0, description="How long images returned as URLs stay downloadable.")
+    image_store_mb: int = Field(256, ge=1, description="Memory for images returned as URLs; oldest go first.")
+    public_url: str | None = Field(
+        None, description="Base URL clients reach the service at (for url responses); default: the request's host."
+    )
+    ingress_replicas: int = Field(1, ge=1, description="Ingress replicas (URL-mode images live in the replica that made them).")
+
+    @model_validator(mode="after")
+    def _tier_names_unique(self) -> "ServiceConfig":
+        names = [t.name for t in self.tiers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tier names must be unique; repeated: {dupes}")
+        return self

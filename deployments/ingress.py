@@ -1,0 +1,234 @@
+"""The HTTP front door: OpenAI Images API, models, health. Validates, plans, fans chunks out to Generators.
+
+Errors use the OpenAI error shape `{"error": {"message", "type", "param", "code"}}` so OpenAI clients raise their
+usual exception types; every 4xx message says what to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.config import ServiceConfig
+from deployments.image_store import CONTENT_TYPES, ImageStore
+from deployments.routing import NoTierFits, plan_chunks
+from deployments.schemas import (
+    MAX_SEED,
+    GenerationJob,
+    GenerationResult,
+    ImageData,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+)
+
+logger = logging.getLogger("ray.serve")
+
+# A JSON body larger than this is refused before parsing (a 4000-character prompt is ~16 KB even fully escaped).
+MAX_BODY_BYTES = 1 << 20
+# What a client is told to wait after a 503 because every tier that could serve it is full.
+RETRY_AFTER_S = 5
+
+api = FastAPI(title="ZIT Cluster", version="0.1.0", description="Z-Image-Turbo on a mixed GPU fleet.")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Turn pydantic's error list into one sentence per problem, naming the field."""
+    messages, first_param = [], None
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+        field = ".".join(loc) or "body"
+        first_param = first_param or field
+        if error.get("type") == "extra_forbidden":
+            messages.append(f"unknown field {field!r}: remove it (see /docs for the accepted fields)")
+        elif error.get("type") == "json_invalid":
+            messages.append("request body is not valid JSON")
+        elif error.get("type") == "missing":
+            messages.append(f"{field} is required")
+        else:
+            msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+            messages.append(f"{field}: {msg}")
+    return JSONResponse(error_body("; ".join(messages), "invalid_request_error", first_param), status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        return JSONResponse(
+            error_body(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}", "invalid_request_error"),
+            status_code=413,
+        )
+    return await call_next(request)
+
+
+class Ingress:
+    """Validates requests, picks a tier, splits n into chunks, runs them in parallel and assembles the response."""
+
+    def __init__(self, config: ServiceConfig, generators: dict):
+        self.config = config
+        self.generators = generators  # tier name -> DeploymentHandle of that tier's Generator
+        self.images = ImageStore(config.image_store_mb << 20, config.image_ttl_s)
+        self.model_names = {config.model_name, config.model}
+
+    # -- API -------------------------------------------------------------------------------------------------
+
+    @api.post("/v1/images/generations", response_model=ImageGenerationResponse, response_model_exclude_none=True)
+    async def generations(self, body: ImageGenerationRequest, request: Request) -> ImageGenerationResponse:
+        # 1. Check what the schema cannot: configured limits and the model name.
+        self._check_limits(body)
+        width, height = body.width, body.height
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - body.n + 1)
+        if seed + body.n - 1 > MAX_SEED:
+            raise ApiError(422, f"seed + n - 1 must be at most {MAX_SEED}; lower seed", "seed")
+        # 2. Plan: which tier, which chunks.
+        try:
+            chunks = plan_chunks(self.config.tiers, width, height, body.steps, body.n, seed)
+        except NoTierFits as exc:
+            raise ApiError(422, f"{exc}. Largest request each tier accepts: {exc.largest}", "size") from exc
+        # 3. Run the chunks in parallel and keep their order.
+        started = time.perf_counter()
+        results = await self._run_chunks(body, width, height, chunks)
+        # 4. Assemble.
+        data = []
+        for result in results:
+            for image, image_seed in zip(result.images, result.seeds):
+                if body.response_format == "b64_json":
+                    data.append(ImageData(b64_json=base64.b64encode(image).decode(), seed=image_seed))
+                else:
+                    image_id = self.images.put(image, body.output_format)
+                    data.append(ImageData(url=self._url(request, f"/v1/images/{image_id}.{body.output_format}"),
+                                          seed=image_seed))
+        return ImageGenerationResponse(
+            created=int(time.time()),
+            data=data,
+            metadata={
+                "model": self.config.model_name,
+                "size": f"{width}x{height}",
+                "steps": body.steps,
+                "seconds": round(time.perf_counter() - started, 4),
+                "chunks": [
+                    {"tier": r.tier, "replica": r.replica, "device": r.device, "seeds": r.seeds,
+                     "seconds": round(r.seconds, 4), "seconds_per_step": round(r.seconds_per_step, 5)}
+                    for r in results
+                ],
+            },
+        )
+
+    @api.get("/v1/images/{name}")
+    async def image(self, name: str) -> Response:
+        image_id, _, fmt = name.partition(".")
+        stored = self.images.get(image_id)
+        if stored is None or (fmt and fmt != stored.fmt):
+            raise ApiError(404, f"image {name!r} not found: images expire after {self.config.image_ttl_s:.0f} s",
+                           "name", kind="not_found_error")
+        return Response(stored.data, media_type=CONTENT_TYPES[stored.fmt])
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "zit-cluster"}],
+        }
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.config.model_name, "tiers": [t.name for t in self.config.tiers]}
+
+    @api.get("/")
+    async def index(self) -> dict:
+        return {
+            "service": "ZIT Cluster",
+            "endpoints": ["POST /v1/images/generations", "GET /v1/models", "GET /healthz", "GET /docs"],
+        }
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _check_limits(self, body: ImageGenerationRequest) -> None:
+        cfg = self.config
+        if body.model is not None and body.model not in self.model_names:
+            raise ApiError(422, f"model {body.model!r} is not served here; use {cfg.model_name!r}", "model")
+        if len(body.prompt) > cfg.max_prompt_chars:
+            raise ApiError(422, f"prompt is {len(body.prompt)} characters; shorten it to at most "
+                                f"{cfg.max_prompt_chars}", "prompt")
+        if body.n > cfg.max_n:
+            raise ApiError(422, f"n must be at most {cfg.max_n}; got {body.n}", "n")
+        if max(body.width, body.height) > cfg.max_image_side:
+            raise ApiError(422, f"size {body.size} is larger than this service's {cfg.max_image_side} pixels per "
+                                "side", "size")
+
+    async def _run_chunks(self, body: ImageGenerationRequest, width: int, height: int, chunks) -> list[GenerationResult]:
+        from ray.serve.exceptions import BackPressureError
+
+        responses = []
+        for chunk in chunks:
+            job = GenerationJob(
+                prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height,
+                steps=body.steps, guidance_scale=body.guidance_scale, seeds=list(chunk.seeds),
+                output_format=body.output_format, quality=body.output_compression,
+            )
+            responses.append(self.generators[chunk.tier].generate.remote(job))
+        try:
+            return await asyncio.wait_for(asyncio.gather(*responses), timeout=self.config.request_timeout_s)
+        except BackPressureError as exc:
+            self._cancel(responses)
+            raise ApiError(503, "every replica that can serve this request is busy; retry later", kind="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        except asyncio.TimeoutError as exc:
+            self._cancel(responses)
+            raise ApiError(504, f"generation took longer than {self.config.request_timeout_s:.0f} s; ask for fewer "
+                                "or smaller images", kind="timeout") from exc
+        except Exception as exc:
+            self._cancel(responses)
+            logger.exception("generation failed")
+            raise ApiError(500, f"generation failed: {exc.__class__.__name__}: {str(exc)[:500]}",
+                           kind="server_error") from exc
+
+    @staticmethod
+    def _cancel(responses) -> None:
+        for response in responses:
+            response.cancel()
+
+    def _url(self, request: Request, path: str) -> str:
+        base = self.config.public_url or str(request.base_url)
+        return base.rstrip("/") + path
+
+
+# The FastAPI routes above are bound to the class here, at import, so every process that imports this module (the
+# driver and each replica) sees the same routes. build_app only applies deployment options.
+def _bind_routes():
+    from ray import serve
+
+    return serve.ingress(api)(Ingress)
+
+
+HttpIngress = _bind_routes()

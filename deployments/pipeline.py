@@ -1,0 +1,160 @@
+"""Find, fetch and load the Z-Image-Turbo pipeline; run one generation job on it.
+
+A model spec is one of:
+- 'tiny': the tiny random-weight model (built offline on first use, see tiny_model.py);
+- a local folder in diffusers format (model_index.json at its top);
+- the ModelScope id 'Tongyi-MAI/Z-Image-Turbo', served from the folder `zit download` filled.
+All three load through `ZImagePipeline.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+from urllib.parse import urlparse
+
+from deployments.config import REAL_MODEL_ID, cache_dir
+from deployments.tiny_model import ensure_tiny_model
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import ZImagePipeline
+
+    from deployments.schemas import GenerationJob
+
+# How long `zit download` waits for the hub to answer before it says the machine is offline. ModelScope's own retries
+# take about 22 s to give up; a plain TCP connect tells the same in well under a second when there is no route.
+DOWNLOAD_CONNECT_TIMEOUT_S = 5.0
+
+
+class ModelNotFound(RuntimeError):
+    """The model spec names nothing that can be loaded; the message says how to get it."""
+
+
+class DownloadFailed(RuntimeError):
+    """The download could not run; the message gives the manual command."""
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def default_download_dir(model_id: str = REAL_MODEL_ID) -> Path:
+    return models_dir() / model_id
+
+
+def resolve_model(spec: str) -> Path:
+    """Turn a model spec into a folder holding model_index.json, building the tiny model if that is what is asked."""
+    if spec == "tiny":
+        return ensure_tiny_model(models_dir())
+    folder = Path(spec).expanduser()
+    if (folder / "model_index.json").is_file():
+        return folder
+    if spec == REAL_MODEL_ID or spec.count("/") == 1 and not folder.exists():
+        downloaded = default_download_dir(spec)
+        if (downloaded / "model_index.json").is_file():
+            return downloaded
+        raise ModelNotFound(
+            f"model {spec!r} is not downloaded yet: run `zit download --model {spec}` "
+            f"(it fills {downloaded}), or pass --model PATH to a diffusers-format folder"
+        )
+    if folder.exists():
+        raise ModelNotFound(f"{folder} has no model_index.json: it is not a diffusers-format Z-Image-Turbo folder")
+    raise ModelNotFound(f"model {spec!r} not found: use 'tiny', a local folder, or {REAL_MODEL_ID!r}")
+
+
+def load_pipeline(folder: Path, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "ZImagePipeline":
+    """Load a diffusers-format folder onto `device` in `dtype` (float32 when None)."""
+    import torch
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(folder, dtype=dtype or torch.float32)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_job(
+    pipe: "ZImagePipeline", job: "GenerationJob", on_step: Callable[[int, int], None] | None = None
+) -> tuple[list[bytes], float]:
+    """Generate the images of `job` and return them encoded, with the seconds the pipeline call took.
+
+    Image i is drawn from its own generator seeded with job.seeds[i], on the CPU, so the same seed gives the same
+    image whether it is generated alone, in a batch, or on another replica.
+    """
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
+
+    def step_end(pipeline, step: int, timestep, kwargs: dict) -> dict:
+        if on_step is not None:
+            on_step(step + 1, job.steps)
+        return kwargs
+
+    started = time.perf_counter()
+    output = pipe(
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt if job.guidance_scale > 0 else None,
+        height=job.height,
+        width=job.width,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance_scale,
+        num_images_per_prompt=len(job.seeds),
+        generator=generators,
+        callback_on_step_end=step_end,
+    )
+    seconds = time.perf_counter() - started
+    return [encode_image(image, job.output_format, job.quality) for image in output.images], seconds
+
+
+def encode_image(image, fmt: str, quality: int | None = None) -> bytes:
+    """PIL image -> PNG / JPEG / WebP bytes."""
+    buffer = io.BytesIO()
+    if fmt == "png":
+        image.save(buffer, format="PNG")
+    else:
+        image.convert("RGB").save(buffer, format=fmt.upper(), quality=quality if quality is not None else 90)
+    return buffer.getvalue()
+
+
+def _hub_reachable(endpoint: str, timeout_s: float) -> str | None:
+    """None when a TCP connection to the hub opens, else why not."""
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or endpoint
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"cannot reach {endpoint} ({exc.__class__.__name__}: {exc})"
+
+
+def download_model(model_id: str = REAL_MODEL_ID, local_dir: Path | None = None) -> Path:
+    """Fetch `model_id` from ModelScope into `local_dir` with its per-file progress bars; return the folder.
+
+    Offline, it fails within DOWNLOAD_CONNECT_TIMEOUT_S with DownloadFailed naming the manual command, instead of
+    sitting through the hub client's retries. The endpoint is ModelScope's own setting (MODELSCOPE_ENDPOINT).
+    """
+    from modelscope import snapshot_download
+    from modelscope_hub.config import HubConfig
+
+    target = Path(local_dir or default_download_dir(model_id)).expanduser()
+    manual = f"modelscope download --model {model_id} --local_dir {target}"
+    endpoint = HubConfig().endpoint
+    problem = _hub_reachable(endpoint, DOWNLOAD_CONNECT_TIMEOUT_S)
+    if problem:
+        raise DownloadFailed(
+            f"{problem}. This machine looks offline. Download on a connected machine with\n  {manual}\n"
+            f"then copy the folder here and serve it with `zit up --model {target}`."
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        folder = snapshot_download(model_id, local_dir=str(target))
+    except Exception as exc:  # the hub client raises many unrelated types; all mean the same to the user
+        raise DownloadFailed(f"download of {model_id} failed: {exc}\nRetry, or run by hand:\n  {manual}") from exc
+    if not (Path(folder) / "model_index.json").is_file():
+        raise DownloadFailed(f"{folder} has no model_index.json after download; is {model_id} a diffusers repo?")
+    return Path(folder)

@@ -1,0 +1,89 @@
+"""The `zit` command without a cluster: configuration, download, and error paths."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster.cli import load_service_config, main
+from deployments.pipeline import DOWNLOAD_CONNECT_TIMEOUT_S
+
+
+def test_serve_config_yaml_is_a_valid_service_config(repo_root):
+    config = load_service_config(repo_root / "serve_config.yaml", {})
+    assert config.model == "tiny"
+    assert [t.name for t in config.tiers] == ["cpu"]
+
+
+def test_cli_flags_override_the_file(repo_root):
+    assert load_service_config(repo_root / "serve_config.yaml", {"model": "/models/zit"}).model == "/models/zit"
+
+
+def test_bad_config_is_refused_with_the_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\nmax_n: 99\n")
+    assert main(["up", "--config", str(bad)]) == 2
+    assert "max_n" in capsys.readouterr().out
+
+
+def test_up_with_a_missing_model_says_how_to_get_it(tmp_path, capsys):
+    assert main(["up", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "not found" in capsys.readouterr().out
+
+
+def refused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_download_offline_fails_fast_with_the_manual_command(tmp_path):
+    """The real modelscope client is called up to the network: the hub endpoint points at a closed loopback port."""
+    env = {"MODELSCOPE_ENDPOINT": f"http://127.0.0.1:{refused_port()}", "PATH": "/usr/bin:/bin"}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "download", "--dir", str(tmp_path / "zit")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1
+    assert "looks offline" in proc.stdout
+    assert f"modelscope download --model Tongyi-MAI/Z-Image-Turbo --local_dir {tmp_path / 'zit'}" in proc.stdout
+    assert elapsed < DOWNLOAD_CONNECT_TIMEOUT_S + 30  # the hub client's own retries take longer than this
+
+
+def test_download_reaches_the_hub_client_when_the_network_answers(tmp_path):
+    """A loopback server that answers every request with 500 stands in for a broken hub: the error is ModelScope's,
+    wrapped with the manual command, which proves the request went through modelscope.snapshot_download."""
+    import http.server
+    import threading
+
+    hits = []
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(500)
+            self.end_headers()
+
+        do_HEAD = do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {"MODELSCOPE_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "PATH": "/usr/bin:/bin",
+               "HOME": str(tmp_path)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "download", "--dir", str(tmp_path / "zit")],
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+    finally:
+        server.shutdown()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "download of Tongyi-MAI/Z-Image-Turbo failed" in proc.stdout
+    assert any("Tongyi-MAI" in path for path in hits), hits

@@ -1,7 +1,7 @@
 """Tiers: classes of cards that share one Generator deployment and one set of limits.
 
-A tier is what the router chooses between. The spine ships a single CPU tier (the embedded default); the fleet
-issue adds one tier per VRAM class found by NVML or listed in a fleet file.
+A tier is what the router chooses between. Cards are classified into VRAM tiers by the total memory NVML reports
+(`classify`); with no card at all the service runs one CPU tier (the embedded default).
 """
 
 from __future__ import annotations
@@ -13,6 +13,35 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # The largest image side any tier accepts. 2048 is where the seed article stops (tiled VAE makes it possible) and
 # what the memory tables cover; a larger side needs a new calibration, not just a bigger number here.
 MAX_IMAGE_SIDE = 2048
+
+GIB = 1 << 30
+
+# VRAM tiers by nominal size in GiB (what the box says: a "12 GB" RTX 3060 has 12288 MiB). A card belongs to the
+# largest tier whose nominal size it reaches, so a 10 GB RTX 3080 serves as an 8 GB card and a 32 GB RTX 5090 as a
+# 24 GB one.
+VRAM_TIERS_GIB: dict[str, float] = {
+    "vram_4": 4,
+    "vram_6": 6,
+    "vram_8": 8,
+    "vram_12": 12,
+    "vram_16": 16,
+    "vram_24": 24,
+}
+# NVML reports total memory a little under the nominal size (driver-reserved memory: a 4 GB GTX 1650 shows about
+# 3.8 GiB with recent drivers), so a card reaches a tier at 90 % of its nominal size.
+CLASSIFY_MARGIN = 0.10
+
+
+def classify(total_bytes: int, tiers: dict[str, float] | None = None, margin: float = CLASSIFY_MARGIN) -> str | None:
+    """The tier of a card with `total_bytes` of memory, or None when it is below the smallest tier."""
+    table = VRAM_TIERS_GIB if tiers is None else tiers
+    fitting = [(gib, name) for name, gib in table.items() if total_bytes >= gib * GIB * (1 - margin)]
+    return max(fitting)[1] if fitting else None
+
+
+def tier_vram_bytes(tier: str) -> int:
+    """Nominal memory of a VRAM tier (the smallest card that belongs to it)."""
+    return int(VRAM_TIERS_GIB[tier] * GIB)
 
 
 class TierConfig(BaseModel):

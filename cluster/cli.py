@@ -1,7 +1,9 @@
-"""The `zit` command: run the service, fetch weights, generate from the shell.
+"""The `zit` command: run the service, see the fleet, fetch weights, generate from the shell.
 
-  zit up [--model tiny|PATH|Tongyi-MAI/Z-Image-Turbo] [--config serve_config.yaml] [--detach]
+  zit up [--fleet FILE | --cpu] [--model tiny|PATH|Tongyi-MAI/Z-Image-Turbo] [--config serve_config.yaml] [--detach]
   zit down
+  zit fleet [--fleet FILE] [--json]
+  zit node --address HEAD [--fleet FILE] [--host NAME]
   zit download [--model Tongyi-MAI/Z-Image-Turbo] [--dir DIR]
   zit generate "a red fox" --size 256x256 --n 2 -o out/
 """
@@ -16,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+DEFAULT_FLEET = Path(__file__).resolve().parent / "fleets" / "mixed.yaml"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 APP_NAME = "zit"
@@ -45,13 +48,45 @@ def load_service_config(path: Path | None, overrides: dict):
 # -- zit up / down ---------------------------------------------------------------------------------------------
 
 
+def discover_cards(args: argparse.Namespace):
+    """(cards, fleet file or None, a sentence saying what the service runs on).
+
+    --cpu: no cards. --fleet FILE: the simulated cards of FILE. Otherwise the real cards NVML finds; with no NVIDIA
+    driver or no card, the simulated mixed fleet, said plainly.
+    """
+    from cluster.nvml import NvmlUnavailable, load_fleet, probe
+
+    if getattr(args, "cpu", False):
+        return [], None, "the CPU (one replica, no card)"
+    if args.fleet:
+        return load_fleet(args.fleet), args.fleet, f"the SIMULATED fleet {args.fleet}"
+    try:
+        cards = probe()
+    except NvmlUnavailable as exc:
+        reason = str(exc).split(":")[0]
+    else:
+        if cards:
+            return cards, None, f"{len(cards)} NVIDIA card(s) found by NVML"
+        reason = "NVML found no NVIDIA card"
+    return (
+        load_fleet(DEFAULT_FLEET),
+        DEFAULT_FLEET,
+        f"the SIMULATED fleet {DEFAULT_FLEET.name} ({reason}). Images come from the tiny model on the CPU; each "
+        "simulated card enforces the VRAM budget the real model would need. Use --cpu for one CPU replica, "
+        "--fleet FILE for another simulated fleet, or install the NVIDIA driver to serve real cards",
+    )
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from cluster import local
+    from cluster.node import nodes_for_cards
+    from cluster.tiers import tiers_for_cards
 
     try:
         config = load_service_config(args.config, {"model": args.model})
+        cards, fleet_file, what = discover_cards(args)
     except (ValidationError, OSError) as exc:
         _say(f"error: bad configuration: {exc}")
         return 2
@@ -63,6 +98,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(f"error: {exc}")
         return 2
 
+    # 1. Tiers: one per VRAM class present, one replica per card (or the configured CPU tier).
+    _say(f"Serving on {what}.")
+    nodes = []
+    if cards:
+        nodes, skipped = nodes_for_cards(cards, fleet_file)
+        for line in skipped:
+            _say(f"  skipped: {line}")
+        if not nodes:
+            _say("error: no card is large enough to serve (the smallest tier is 4 GB); use --cpu")
+            return 2
+        configured = config.tiers if "tiers" in config.model_fields_set else None
+        config = config.model_copy(update={"tiers": tiers_for_cards([n.card.tier for n in nodes], configured)})
+        for node in nodes:
+            _say(f"  {node.card.name:<32} {node.card.memory_total / 2**30:5.1f} GiB  -> {node.card.tier}")
+
+    # 2. Ray: the head here, then one node per card that is not in the cluster yet.
     mode = local.ensure_auth_mode()
     _say(f"Starting Ray (auth mode: {mode}, dashboard: {'127.0.0.1:8265' if args.dashboard else 'off'}) ...")
     started = time.perf_counter()
@@ -74,8 +125,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.registry import card_nodes
 
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
+    present = {n["labels"].get("zit/card") for n in card_nodes() if n["alive"]}
+    missing = [n for n in nodes if n.card.uuid not in present]
+    if missing:
+        _say(f"Starting {len(missing)} card node(s) ...")
+        from cluster.node import start_card_nodes
+
+        for line in start_card_nodes(local.head_address(), missing, node_ip="127.0.0.1"):
+            _say(f"  {line}")
+
     _say(f"Deploying {config.model_name} from {model_path} on tiers {[t.name for t in config.tiers]} ...")
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
@@ -119,6 +180,92 @@ def cmd_down(args: argparse.Namespace) -> int:
     ray.shutdown()
     local.stop()
     _say("Stopped.")
+    return 0
+
+
+# -- zit fleet / node --------------------------------------------------------------------------------------------
+
+
+def _fleet_cards(args: argparse.Namespace):
+    """The cards of --fleet FILE, else the real ones (NvmlUnavailable when there is no driver)."""
+    from cluster.nvml import load_fleet, probe
+
+    return load_fleet(args.fleet) if args.fleet else probe()
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from cluster.nvml import NvmlUnavailable
+
+    try:
+        cards = _fleet_cards(args)
+    except NvmlUnavailable as exc:
+        _say(f"error: {str(exc).split(':')[0]}: no NVIDIA driver here. To see a simulated fleet: "
+             f"zit fleet --fleet {DEFAULT_FLEET}")
+        return 1
+    except (OSError, ValidationError) as exc:
+        _say(f"error: bad fleet file: {exc}")
+        return 2
+    if args.json:
+        print(json.dumps([c.to_dict() for c in cards], indent=2))
+        return 0
+    header = f"{'#':>3}  {'card':<34} {'tier':<8} {'total':>7} {'free':>7}  {'cc':<4} {'bf16':<4} {'util':>5}  host"
+    _say(header)
+    for c in cards:
+        util = "-" if c.utilization_pct is None else f"{c.utilization_pct:.0f}%"
+        _say(f"{c.index:>3}  {c.name[:34]:<34} {c.tier or 'too small':<8} {c.memory_total / 2**30:6.1f}G "
+             f"{c.memory_free / 2**30:6.1f}G  {c.compute_capability[0]}.{c.compute_capability[1]:<2} "
+             f"{'yes' if c.bf16 else 'no':<4} {util:>5}  {c.host or socket_host()}"
+             + ("  (simulated)" if c.simulated else ""))
+    tiers: dict[str, int] = {}
+    for c in cards:
+        tiers[c.tier or "too small"] = tiers.get(c.tier or "too small", 0) + 1
+    _say(f"{len(cards)} card(s): " + ", ".join(f"{n} x {t}" for t, n in tiers.items()))
+    return 0
+
+
+def socket_host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    """Join this host's cards (or one simulated host's cards) to a running cluster, one Ray node per card."""
+    from cluster.node import nodes_for_cards, start_card_nodes
+
+    from pydantic import ValidationError
+
+    from cluster.nvml import NvmlUnavailable
+
+    try:
+        cards = _fleet_cards(args)
+    except NvmlUnavailable as exc:
+        _say(f"error: {exc}")
+        return 1
+    except (OSError, ValidationError) as exc:
+        _say(f"error: bad fleet file: {exc}")
+        return 2
+    if args.host:
+        cards = [c for c in cards if c.host == args.host]
+        if not cards:
+            _say(f"error: no card of {args.fleet} is on host {args.host!r}")
+            return 2
+    nodes, skipped = nodes_for_cards(cards, args.fleet)
+    for line in skipped:
+        _say(f"skipped: {line}")
+    if not nodes:
+        _say("error: no card here is large enough to serve (the smallest tier is 4 GB)")
+        return 2
+    try:
+        for line in start_card_nodes(args.address, nodes, node_ip=args.node_ip):
+            _say(line)
+    except RuntimeError as exc:
+        _say(f"error: {exc}")
+        return 1
     return 0
 
 
@@ -183,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start Ray locally and serve over HTTP")
     up.add_argument("--model", help="'tiny' (default), a diffusers-format folder, or " + REAL_MODEL_ID)
+    where = up.add_mutually_exclusive_group()
+    where.add_argument("--fleet", type=Path, help="serve on the simulated cards of this fleet file")
+    where.add_argument("--cpu", action="store_true", help="serve from one CPU replica, no card")
     up.add_argument("--config", type=Path, help="serve_config.yaml or a YAML of service settings")
     up.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (default %(default)s)")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
@@ -192,6 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="stop the service and the local Ray cluster")
     down.set_defaults(func=cmd_down)
+
+    fleet = sub.add_parser("fleet", help="list the cards (NVML, or a fleet file) and their tiers")
+    fleet.add_argument("--fleet", type=Path, help="a simulated fleet file instead of the real cards")
+    fleet.add_argument("--json", action="store_true", help="machine-readable output")
+    fleet.set_defaults(func=cmd_fleet)
+
+    node = sub.add_parser("node", help="join this host's cards to a cluster, one Ray node per card")
+    node.add_argument("--address", required=True, help="the Ray head, HOST:PORT (port 6379 by default)")
+    node.add_argument("--fleet", type=Path, help="join simulated cards of this fleet file instead of real ones")
+    node.add_argument("--host", help="with --fleet: only the cards of this host of the fleet file")
+    node.add_argument("--node-ip", help="this host's address as the head sees it (default: Ray's guess)")
+    node.set_defaults(func=cmd_node)
 
     dl = sub.add_parser("download", help="fetch the real weights from ModelScope")
     dl.add_argument("--model", default=REAL_MODEL_ID, help="ModelScope id (default %(default)s)")

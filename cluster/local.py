@@ -43,6 +43,8 @@ def start_head(
         f"--port={RAY_HEAD_PORT}",
         f"--node-ip-address={node_ip}",
         f"--num-cpus={num_cpus or os.cpu_count() or 1}",
+        # Cards join as nodes of their own (cluster/node.py); the head runs the proxy, the ingress and CPU work.
+        "--num-gpus=0",
         "--disable-usage-stats",
         f"--include-dashboard={'true' if dashboard else 'false'}",
         "--dashboard-host=127.0.0.1",
@@ -58,6 +60,10 @@ def start_head(
     if "already running" in output or "already in use" in output and is_running():
         return False
     raise RayStartFailed(f"`{' '.join(cmd)}` failed:\n{output[-3000:]}")
+
+
+def head_address() -> str:
+    return f"127.0.0.1:{RAY_HEAD_PORT}"
 
 
 def is_running() -> bool:

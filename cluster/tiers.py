@@ -6,7 +6,7 @@ A tier is what the router chooses between. Cards are classified into VRAM tiers 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -74,6 +74,10 @@ class TierConfig(BaseModel):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Extra Ray resources a replica needs, e.g. {'vram_12': 1} to pin a tier."
     )
+    profile: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the tier profile's knobs (cluster/profiles.py), e.g. {'vae_tiling': true}.",
+    )
 
     @model_validator(mode="after")
     def _device_matches_gpus(self) -> "TierConfig":
@@ -93,5 +97,35 @@ class TierConfig(BaseModel):
 
 
 def cpu_tier() -> TierConfig:
-    """The embedded default: one CPU replica running whatever model is configured (the tiny one by default)."""
+    """One CPU replica running whatever model is configured (no card at all; `zit up --cpu`)."""
     return TierConfig(name="cpu")
+
+
+def card_tier(name: str, cards: int, **fields) -> TierConfig:
+    """A VRAM tier with one replica per card, each pinned to a card of this tier by the tier's Ray resource."""
+    return TierConfig(
+        name=name, device="cuda", num_gpus=1, num_cpus=1, num_replicas=cards, resources={name: 1.0}, **fields
+    )
+
+
+def tiers_for_cards(card_tiers: list[str | None], configured: list[TierConfig] | None = None) -> list[TierConfig]:
+    """One tier per VRAM class present, smallest first, with one replica per card.
+
+    A tier the operator configured keeps its settings (limits, profile overrides); only its replica count and
+    placement follow the cards found. Configured tiers with no card are dropped.
+    """
+    by_name = {t.name: t for t in configured or []}
+    counts: dict[str, int] = {}
+    for tier in card_tiers:
+        if tier is not None:
+            counts[tier] = counts.get(tier, 0) + 1
+    tiers = []
+    for name in sorted(counts, key=lambda n: VRAM_TIERS_GIB[n]):
+        if name in by_name:
+            base = by_name[name].model_dump()
+            base.update(device="cuda", num_gpus=1, num_replicas=counts[name],
+                        resources={**base["resources"], name: 1.0})
+            tiers.append(TierConfig.model_validate(base))
+        else:
+            tiers.append(card_tier(name, counts[name]))
+    return tiers

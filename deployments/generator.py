@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 
 from cluster.tiers import TierConfig
@@ -16,17 +17,6 @@ from deployments.pipeline import load_pipeline, resolve_model, run_job
 from deployments.schemas import GenerationJob, GenerationResult
 
 logger = logging.getLogger("ray.serve")
-
-
-def _resolve_dtype(tier: TierConfig):
-    import torch
-
-    if tier.dtype != "auto":
-        return getattr(torch, tier.dtype)
-    if tier.device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    # float32 everywhere else: plain float16 gives NaN or black images with this model on cards without bf16.
-    return torch.float32
 
 
 def _replica_name() -> str:
@@ -38,32 +28,89 @@ def _replica_name() -> str:
         return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _in_ray() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized()
+    except ImportError:
+        return False
+
+
 class Generator:
-    """Loads the tier's pipeline once, then runs jobs one at a time.
+    """Finds its card, loads the tier's pipeline under the tier's profile once, then runs jobs one at a time.
+
+    On a real card the pipeline runs on CUDA with the profile applied through diffusers. On a simulated card the tiny
+    model computes on the CPU while the card accounts memory for the real model under the same profile, and refuses
+    (OutOfMemoryError) what would not fit. On the CPU tier there is no card.
 
     The pipeline call runs in a worker thread so the replica keeps answering health checks and stats while a job
     runs; the lock keeps a second job from entering the (not thread-safe) pipeline at the same time.
     """
 
     def __init__(self, tier: TierConfig, model: str):
+        from cluster.memory import predict_peak
+        from cluster.profiles import resolve_profile
+
         started = time.perf_counter()
         self.tier = tier
-        self.dtype = _resolve_dtype(tier)
-        self.device = "cuda" if tier.device == "cuda" else "cpu"
-        self.model_path = resolve_model(model)
-        self.pipe = load_pipeline(self.model_path, self.device, self.dtype)
         self.replica = _replica_name()
+        # 1. Which card: the one of this Ray node (none on the CPU tier).
+        self.card = self._find_card() if tier.device == "cuda" else None
+        snapshot = self.card.read() if self.card else None
+        self.card_info = snapshot.to_dict() if snapshot else None
+        # 2. The profile for this tier and this card's capabilities, with the operator's overrides.
+        bf16 = bool(snapshot and snapshot.bf16)
+        self.profile = resolve_profile(tier.name if self.card else "cpu", bf16, tier.profile or None)
+        # 3. Where the pixels are computed: CUDA for a real card, else the CPU.
+        real_gpu = self.card is not None and not self.card.simulated
+        self.device = "cuda" if real_gpu else "cpu"
+        # 4. Load (and on a real card, apply the profile's memory techniques).
+        import torch
+
+        self.model_path = resolve_model(model)
+        dtype = getattr(torch, self.profile.compute_dtype) if real_gpu else torch.float32
+        self.pipe = load_pipeline(self.model_path, "cpu" if real_gpu else self.device, dtype)
+        if real_gpu:
+            from cluster.profiles import apply_profile
+
+            apply_profile(self.pipe, self.profile, "cuda")
+        self.dtype = dtype
+        # 5. A simulated card holds the real model's resident memory under this profile from now on.
+        self.sim = None
+        if self.card is not None and self.card.simulated:
+            from cluster.simcard import SimulatedCard
+
+            self.sim = SimulatedCard(self.card)
+            idle = predict_peak(64, 64, 1, self.profile)
+            self.sim.hold(idle.weights + idle.context, f"{self.profile.name} resident weights")
         self.load_seconds = time.perf_counter() - started
         self._lock = asyncio.Lock()
         self._step_seconds: float | None = None
         self._busy_since: float | None = None
+        self._jobs = 0
+        self._stop = threading.Event()
+        self._start_reporting()
         logger.info(
-            "Generator %s (tier %s) loaded %s on %s/%s in %.2fs",
-            self.replica, tier.name, self.model_path, self.device, self.dtype, self.load_seconds,
+            "Generator %s (tier %s, profile %s) on %s loaded %s on %s/%s in %.2fs",
+            self.replica, tier.name, self.profile.name,
+            f"{snapshot.name} [{snapshot.uuid}]" + (" (simulated)" if self.sim else "") if snapshot else "the CPU",
+            self.model_path, self.device, str(self.dtype), self.load_seconds,
         )
+
+    @staticmethod
+    def _find_card():
+        from cluster.node import local_card
+
+        card = local_card()
+        if card is None:
+            raise RuntimeError("a cuda tier replica landed on a node without a card; give the tier its vram resource")
+        return card
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """Run one job; seeds and images come back in the same order."""
+        from cluster.memory import predict_peak
+
         if reason := self.tier.accepts(job.width, job.height, job.steps):
             raise ValueError(f"tier {self.tier.name} cannot run this job: {reason}")
         if len(job.seeds) > self.tier.max_batch:
@@ -71,9 +118,16 @@ class Generator:
         async with self._lock:
             self._busy_since = time.monotonic()
             try:
-                images, seconds = await asyncio.to_thread(run_job, self.pipe, job)
+                if self.sim is not None:
+                    peak = predict_peak(job.width, job.height, len(job.seeds), self.profile)
+                    with self.sim.running(peak.total, f"{job.width}x{job.height} n={len(job.seeds)} "
+                                                      f"under {self.profile.name}"):
+                        images, seconds = await asyncio.to_thread(run_job, self.pipe, job)
+                else:
+                    images, seconds = await asyncio.to_thread(run_job, self.pipe, job)
             finally:
                 self._busy_since = None
+        self._jobs += 1
         self._step_seconds = seconds / job.steps
         return GenerationResult(
             images=images,
@@ -85,21 +139,54 @@ class Generator:
             seconds_per_step=self._step_seconds,
         )
 
-    async def info(self) -> dict:
-        """What this replica is and runs (for /v1/fleet and operators)."""
+    def describe(self) -> dict:
+        """What this replica is and runs, with a fresh reading of its card (for /v1/fleet and operators)."""
+        card = None
+        if self.card is not None:
+            try:
+                card = self.card.read().to_dict()
+            except Exception as exc:  # a lost card must not take the replica's reporting down with it
+                card = {**(self.card_info or {}), "error": f"{exc.__class__.__name__}: {exc}"}
         return {
             "replica": self.replica,
             "tier": self.tier.name,
+            "profile": self.profile.name,
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch."),
             "model": str(self.model_path),
-            "node": socket.gethostname(),
+            "host": socket.gethostname(),
             "pid": os.getpid(),
-            "torch_threads": self._torch_threads(),
+            "card": card,
+            "simulated": self.sim is not None,
             "load_seconds": round(self.load_seconds, 3),
             "busy": self._busy_since is not None,
+            "jobs": self._jobs,
             "seconds_per_step": self._step_seconds,
+            "torch_threads": self._torch_threads(),
         }
+
+    async def info(self) -> dict:
+        return self.describe()
+
+    def _start_reporting(self) -> None:
+        """Report to the fleet registry every few seconds from a daemon thread (never from the request path)."""
+        if not _in_ray():
+            return
+        from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S, get_registry
+
+        registry = get_registry()
+
+        def loop() -> None:
+            while True:
+                try:
+                    registry.report.remote(self.describe())
+                except Exception:
+                    logger.exception("fleet report failed")
+                if self._stop.wait(ZIT_FLEET_REPORT_PERIOD_S):
+                    break
+            registry.forget.remote(self.replica)
+
+        threading.Thread(target=loop, name="zit-fleet-report", daemon=True).start()
 
     @staticmethod
     def _torch_threads() -> int:
@@ -111,3 +198,8 @@ class Generator:
         """Serve calls this periodically; a replica whose pipeline is gone is restarted."""
         if self.pipe is None:
             raise RuntimeError("pipeline not loaded")
+
+    def __del__(self):
+        self._stop.set()
+        if getattr(self, "sim", None) is not None:
+            self.sim.release()

@@ -99,6 +99,7 @@ class Ingress:
         self.generators = generators  # tier name -> DeploymentHandle of that tier's Generator
         self.images = ImageStore(config.image_store_mb << 20, config.image_ttl_s)
         self.model_names = {config.model_name, config.model}
+        self._registry = None
 
     # -- API -------------------------------------------------------------------------------------------------
 
@@ -160,6 +161,52 @@ class Ingress:
             "data": [{"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "zit-cluster"}],
         }
 
+    @api.get("/v1/fleet")
+    async def fleet(self) -> dict:
+        """Cards (Ray nodes labelled with a card), tiers, and the replica on each card, as the registry last heard."""
+        from cluster.node import LABEL_BF16, LABEL_CARD, LABEL_CC, LABEL_HOST, LABEL_SIMULATED, LABEL_TIER, LABEL_VRAM
+        from deployments.registry import card_nodes, get_registry
+
+        if self._registry is None:
+            self._registry = get_registry()
+        replicas, nodes = await asyncio.gather(self._registry.replicas.remote(), asyncio.to_thread(card_nodes))
+        on_card = {r["card"]["uuid"]: r for r in replicas if r.get("card")}
+        cards = []
+        for node in sorted(nodes, key=lambda n: (n["labels"].get(LABEL_HOST, ""), n["labels"][LABEL_CARD])):
+            labels = node["labels"]
+            replica = on_card.get(labels[LABEL_CARD])
+            reading = (replica or {}).get("card") or {}
+            cards.append({
+                "uuid": labels[LABEL_CARD],
+                "name": reading.get("name"),
+                "tier": labels.get(LABEL_TIER),
+                "vram_gb": float(labels.get(LABEL_VRAM, 0)),
+                "compute_capability": labels.get(LABEL_CC),
+                "bf16": labels.get(LABEL_BF16) == "true",
+                "simulated": labels.get(LABEL_SIMULATED) == "true",
+                "host": labels.get(LABEL_HOST),
+                "node_id": node["node_id"],
+                "node_alive": node["alive"],
+                "memory_total_gib": reading.get("memory_total_gib"),
+                "memory_used_gib": reading.get("memory_used_gib"),
+                "utilization_pct": reading.get("utilization_pct"),
+                "temperature_c": reading.get("temperature_c"),
+                "replica": replica["replica"] if replica else None,
+                "busy": bool(replica and replica.get("busy")),
+                "error": reading.get("error"),
+            })
+        tiers = []
+        for tier in self.config.tiers:
+            in_tier = [r for r in replicas if r.get("tier") == tier.name]
+            tiers.append({
+                "name": tier.name,
+                "cards": sum(1 for c in cards if c["tier"] == tier.name),
+                "replicas_target": tier.num_replicas,
+                "replicas_running": len(in_tier),
+                "profile": in_tier[0]["profile"] if in_tier else None,
+            })
+        return {"cards": cards, "tiers": tiers, "replicas": replicas}
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.config.model_name, "tiers": [t.name for t in self.config.tiers]}
@@ -168,7 +215,7 @@ class Ingress:
     async def index(self) -> dict:
         return {
             "service": "ZIT Cluster",
-            "endpoints": ["POST /v1/images/generations", "GET /v1/models", "GET /healthz", "GET /docs"],
+            "endpoints": ["POST /v1/images/generations", "GET /v1/models", "GET /v1/fleet", "GET /healthz", "GET /docs"],
         }
 
     # -- helpers ---------------------------------------------------------------------------------------------

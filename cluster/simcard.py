@@ -1,0 +1,70 @@
+"""A simulated card as the replica on it sees it: memory it holds, and work it refuses when it would not fit.
+
+The tiny model computes the pixels on the CPU; the card accounts memory as if the real Z-Image-Turbo ran under the
+replica's profile (the numbers come from the memory model). Work whose predicted peak does not fit in what the card
+has left raises `torch.OutOfMemoryError` with the message PyTorch gives on CUDA, so a routing mistake fails exactly
+as it would on a real card instead of passing silently.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from cluster.node import LocalCard
+from cluster.nvml import FakeNvml
+from cluster.tiers import GIB
+
+
+class SimulatedCard:
+    def __init__(self, card: LocalCard):
+        if not card.simulated or not isinstance(card.nvml, FakeNvml):
+            raise ValueError(f"card {card.uuid} is not simulated")
+        self.card = card
+        self.nvml: FakeNvml = card.nvml
+        self.handle = self.nvml.nvmlDeviceGetHandleByUUID(card.uuid)
+        self.held = 0
+
+    def _available(self) -> tuple[int, int, int]:
+        """(total, held by others, free for this process beyond what it holds)."""
+        snapshot = self.card.read()
+        others = snapshot.memory_used - self.held
+        return snapshot.memory_total, others, snapshot.memory_total - others
+
+    def _refuse(self, need: int, what: str) -> None:
+        total, others, available = self._available()
+        if need > available:
+            import torch
+
+            free = max(0, total - others - self.held)
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {(need - self.held) / GIB:.2f} GiB. GPU {self.card.index} has "
+                f"a total capacity of {total / GIB:.2f} GiB of which {free / GIB:.2f} GiB is free. "
+                f"{others / GIB:.2f} GiB is held by other processes. "
+                f"(simulated {self.nvml.nvmlDeviceGetName(self.handle)}: {what} needs {need / GIB:.2f} GiB)"
+            )
+
+    def hold(self, nbytes: int, what: str = "the resident weights") -> None:
+        """Keep `nbytes` on the card from now on (weights after loading); raises OutOfMemoryError if they do not fit."""
+        self._refuse(nbytes, what)
+        self.held = nbytes
+        self.nvml.update_state(self.handle, _pid(), held=nbytes)
+
+    @contextmanager
+    def running(self, peak: int, what: str):
+        """Run work whose process peak is `peak` bytes; memory goes back to what is held when it ends."""
+        self._refuse(peak, what)
+        self.nvml.update_state(self.handle, _pid(), held=max(peak, self.held), busy=True)
+        try:
+            yield
+        finally:
+            self.nvml.update_state(self.handle, _pid(), held=self.held, busy=False)
+
+    def release(self) -> None:
+        self.held = 0
+        self.nvml.update_state(self.handle, _pid(), held=0, busy=False)
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

@@ -1,0 +1,67 @@
+"""The fleet registry: a small Ray actor where every Generator replica reports what it runs on, every few seconds.
+
+`GET /v1/fleet` joins these reports with the card nodes Ray knows (their labels), so operators and the web UI see
+every card, its tier, its memory, and the replica on it, including cards whose replica is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+REGISTRY_NAME = "zit-fleet-registry"
+REGISTRY_NAMESPACE = "zit"
+# Replicas report this often. Two seconds keeps the fleet view live for people while costing nothing measurable.
+ZIT_FLEET_REPORT_PERIOD_S = float(os.environ.get("ZIT_FLEET_REPORT_PERIOD_S", "2.0"))
+# A replica not heard from for three periods is listed as gone (it died or was scaled down).
+STALE_AFTER_PERIODS = 3
+
+
+class FleetRegistry:
+    def __init__(self):
+        self._reports: dict[str, tuple[float, dict]] = {}
+
+    def report(self, info: dict) -> None:
+        self._reports[info["replica"]] = (time.time(), info)
+
+    def forget(self, replica: str) -> None:
+        self._reports.pop(replica, None)
+
+    def replicas(self, max_age_s: float | None = None) -> list[dict]:
+        max_age_s = max_age_s or ZIT_FLEET_REPORT_PERIOD_S * STALE_AFTER_PERIODS
+        now = time.time()
+        for replica, (seen, _) in list(self._reports.items()):
+            if now - seen > 10 * max_age_s:  # long gone: drop for good
+                del self._reports[replica]
+        return [
+            {**info, "last_report_s": round(now - seen, 2)}
+            for seen, info in self._reports.values()
+            if now - seen <= max_age_s
+        ]
+
+
+def get_registry():
+    """The cluster's registry actor, created on first use (detached: it outlives any one replica)."""
+    import ray
+
+    return (
+        ray.remote(FleetRegistry)
+        .options(name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True, lifetime="detached",
+                 num_cpus=0, max_restarts=-1)
+        .remote()
+    )
+
+
+def card_nodes() -> list[dict]:
+    """Every Ray node that is a card (has a zit/card label), alive or not, from Ray's node table."""
+    import ray
+
+    from cluster.node import LABEL_CARD
+
+    nodes = []
+    for node in ray.nodes():
+        labels = node.get("Labels") or {}
+        if LABEL_CARD in labels:
+            nodes.append({"node_id": node["NodeID"], "alive": bool(node.get("Alive")), "labels": labels,
+                          "resources": node.get("Resources", {})})
+    return nodes

@@ -1,0 +1,108 @@
+"""How cards become Ray nodes, and how a simulated card enforces its memory budget."""
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from cluster.cli import main
+from cluster.node import LocalCard, card_node, nodes_for_cards
+from cluster.nvml import FakeNvml, load_fleet, probe
+from cluster.simcard import SimulatedCard
+
+GIB = 1 << 30
+
+
+@pytest.fixture()
+def mixed(repo_root):
+    return repo_root / "cluster" / "fleets" / "mixed.yaml"
+
+
+def test_a_host_with_two_different_cards_becomes_two_nodes_of_different_tiers(mixed):
+    host_a = [c for c in load_fleet(mixed) if c.host == "host-a"]
+    nodes, skipped = nodes_for_cards(host_a, mixed)
+    assert skipped == []
+    assert [n.resources for n in nodes] == [{"vram_4": 1.0}, {"vram_12": 1.0}]
+    assert [n.labels["zit/card"] for n in nodes] == [c.uuid for c in host_a]
+    assert nodes[0].labels["zit/bf16"] == "false" and nodes[1].labels["zit/bf16"] == "true"
+    assert nodes[1].labels["zit/model"] == "nvidia-geforce-rtx-3060"
+    assert all(n.env == {"ZIT_FLEET_FILE": str(mixed.resolve())} for n in nodes)
+
+
+def test_a_real_card_node_sees_only_its_card(mixed):
+    card = load_fleet(mixed)[1]
+    real = card.__class__(**{**card.__dict__, "simulated": False})
+    assert card_node(real).env == {"CUDA_VISIBLE_DEVICES": card.uuid}
+
+
+def test_too_small_card_is_skipped_with_a_reason(tmp_path):
+    path = tmp_path / "f.yaml"
+    path.write_text(yaml.safe_dump({"name": "f", "cards": [
+        {"model": "GT 1030", "vram_gb": 2, "compute_capability": "6.1"},
+        {"model": "RTX 3060", "vram_gb": 12, "compute_capability": "8.6"}]}))
+    nodes, skipped = nodes_for_cards(load_fleet(path), path)
+    assert len(nodes) == 1 and "GT 1030" in skipped[0] and "below the smallest tier" in skipped[0]
+
+
+def sim_card(path, index, state_dir) -> SimulatedCard:
+    nvml = FakeNvml(path, state_dir=state_dir)
+    nvml.nvmlInit()
+    return SimulatedCard(LocalCard(nvml.cards[index].uuid, index, nvml, simulated=True))
+
+
+def test_simulated_card_refuses_what_does_not_fit_with_cudas_error(mixed, tmp_path):
+    card = sim_card(mixed, 0, tmp_path)  # GTX 1650: 3911 MiB
+    card.hold(2 * GIB)
+    with card.running(3 * GIB, "a small image"):
+        assert probe(FakeNvml(mixed, state_dir=tmp_path))[0].memory_used == 3 * GIB
+    assert probe(FakeNvml(mixed, state_dir=tmp_path))[0].memory_used == 2 * GIB
+    with pytest.raises(torch.OutOfMemoryError, match=r"CUDA out of memory\. Tried to allocate 2\.00 GiB.*GTX 1650"):
+        with card.running(4 * GIB, "1024x1024 n=1"):
+            pass
+    assert probe(FakeNvml(mixed, state_dir=tmp_path))[0].memory_used == 2 * GIB  # nothing leaked
+
+
+def test_simulated_card_counts_memory_held_by_others(tmp_path):
+    path = tmp_path / "f.yaml"
+    path.write_text(yaml.safe_dump({"name": "f", "cards": [
+        {"model": "RTX 3060", "vram_gb": 12, "compute_capability": "8.6", "foreign_memory_mib": 8192}]}))
+    card = sim_card(path, 0, tmp_path / "s")
+    card.hold(3 * GIB)
+    with pytest.raises(torch.OutOfMemoryError, match="8.00 GiB is held by other processes"):
+        card.hold(5 * GIB, "bigger weights")
+
+
+def test_weights_that_do_not_fit_fail_at_load(mixed, tmp_path):
+    with pytest.raises(torch.OutOfMemoryError):
+        sim_card(mixed, 0, tmp_path).hold(5 * GIB)
+
+
+@pytest.mark.parametrize("name", ["mixed", "single-4gb", "large"])
+def test_zit_fleet_json_lists_every_card_with_its_tier(repo_root, capsys, name):
+    path = repo_root / "cluster" / "fleets" / f"{name}.yaml"
+    assert main(["fleet", "--fleet", str(path), "--json"]) == 0
+    cards = json.loads(capsys.readouterr().out)
+    expected = yaml.safe_load(path.read_text())["cards"]
+    assert len(cards) == sum(c.get("count", 1) for c in expected)
+    assert all(c["tier"] and c["tier"].startswith("vram_") and c["simulated"] for c in cards)
+    assert {c["name"] for c in cards} == {c["model"] for c in expected}
+
+
+def test_zit_fleet_without_a_driver_points_at_the_simulated_fleet(capsys):
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        assert main(["fleet"]) == 1
+        assert "zit fleet --fleet" in capsys.readouterr().out
+    else:  # a machine with a driver lists its real cards
+        pynvml.nvmlShutdown()
+        assert main(["fleet"]) == 0 and "card(s)" in capsys.readouterr().out
+
+
+def test_zit_node_refuses_an_unknown_host(mixed, capsys):
+    assert main(["node", "--address", "127.0.0.1:1", "--fleet", str(mixed), "--host", "nowhere"]) == 2
+    assert "no card" in capsys.readouterr().out

@@ -1,0 +1,53 @@
+import pytest
+
+from cluster.tiers import TierConfig, classify, tier_vram_bytes, tiers_for_cards
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    "card, total_mib, tier",
+    [
+        ("GTX 1650 (recent driver)", 3911, "vram_4"),
+        ("GTX 1650", 4096, "vram_4"),
+        ("RTX 2060", 6144, "vram_6"),
+        ("RTX 3070", 8192, "vram_8"),
+        ("RTX 3080 10 GB serves as 8", 10240, "vram_8"),
+        ("RTX 3060", 12288, "vram_12"),
+        ("RTX 4060 Ti 16 GB", 16380, "vram_16"),
+        ("RTX 4090", 24564, "vram_24"),
+        ("RTX 5090 serves as 24+", 32607, "vram_24"),
+        ("2 GB card", 2048, None),
+        ("3.5 GB is below 90 % of 4", 3500, None),
+    ],
+)
+def test_cards_are_classified_by_total_memory_with_a_margin(card, total_mib, tier):
+    assert classify(total_mib * MIB) == tier, card
+
+
+def test_classification_uses_a_configured_table():
+    table = {"small": 4, "big": 16}
+    assert classify(12288 * MIB, table) == "small"
+    assert classify(16384 * MIB, table) == "big"
+
+
+def test_tier_vram_is_the_nominal_size():
+    assert tier_vram_bytes("vram_12") == 12 << 30
+
+
+def test_one_tier_per_class_present_smallest_first_one_replica_per_card():
+    tiers = tiers_for_cards(["vram_24", "vram_4", None, "vram_12", "vram_4"])
+    assert [(t.name, t.num_replicas) for t in tiers] == [("vram_4", 2), ("vram_12", 1), ("vram_24", 1)]
+    assert all(t.device == "cuda" and t.num_gpus == 1 and t.resources == {t.name: 1.0} for t in tiers)
+
+
+def test_configured_tier_keeps_its_settings_but_follows_the_cards():
+    configured = [TierConfig(name="vram_12", max_batch=2, profile={"vae_tiling": True}), TierConfig(name="cpu")]
+    (tier,) = tiers_for_cards(["vram_12", "vram_12", "vram_12"], configured)
+    assert (tier.max_batch, tier.profile, tier.num_replicas, tier.device) == (2, {"vae_tiling": True}, 3, "cuda")
+    assert tier.resources == {"vram_12": 1.0}
+
+
+def test_cuda_tier_without_a_gpu_is_refused_with_both_values():
+    with pytest.raises(ValueError, match="device='cuda' needs num_gpus > 0"):
+        TierConfig(name="vram_8", device="cuda", num_gpus=0)

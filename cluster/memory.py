@@ -1,0 +1,378 @@
+"""The memory model: predicted peak VRAM of a request under a profile, with coefficients from a calibration file.
+
+peak = max over the pipeline's three phases (encode prompt, denoise, decode) of what is on the card in that phase,
+       + CUDA context + safety margin.
+
+Per phase, each component contributes its weights *on the card in that phase* under the profile:
+- resident / fp8_layerwise: all weights at their storage dtype, plus one layer upcast to the compute dtype when the
+  storage dtype differs (diffusers' layerwise casting upcasts leaf by leaf);
+- group offload (block / leaf): the non-block modules plus one block (leaf level: one leaf), two with a prefetch
+  stream, only while that component runs;
+- model CPU offload: the whole component, only while it runs (components are on the card one at a time, so their
+  weights are a max over phases, not a sum); sequential offload: one leaf while it runs.
+Activations: transformer = n x (image tokens + prompt tokens) x bytes per token; image tokens = (W/16) x (H/16)
+(VAE factor 8, patch 2); prompt tokens: the pipeline pads every prompt to 512. VAE decode = bytes per pixel x pixels
+x images decoded at once; tiling caps the pixels at one tile, slicing decodes one image at a time. Activation
+coefficients are for a 2-byte compute dtype and double in float32.
+
+Every term is named in MemoryEstimate. The numbers come from a Calibration (cluster/calibration/default.json, or the
+file in ZIT_CALIBRATION_FILE); the shipped default is an estimate from the model's sizes and published estimates
+until `zit calibrate` measures one (see docs/memory.md for which numbers are measured).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.profiles import DTYPE_BYTES, Profile
+from cluster.tiers import MAX_IMAGE_SIDE
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+GIB = 1 << 30
+
+# Where a deployment points at its own measured calibration without touching the package.
+ZIT_CALIBRATION_FILE_ENV = "ZIT_CALIBRATION_FILE"
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration" / "default.json"
+
+# Image tokens per side: the VAE downsamples by 8 and the transformer patches 2x2 latents into one token.
+PIXELS_PER_TOKEN_SIDE = 16
+
+# Activation and VAE coefficients are stored for this many bytes per element (bf16/fp16) and scale linearly.
+REFERENCE_DTYPE_BYTES = 2
+
+
+class Calibration(BaseModel):
+    """Coefficients of the memory model and where they come from (card, driver, library versions, date)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["estimate", "measured"] = Field(
+        description="'measured' when the coefficients were fitted to GPU measurements, else 'estimate'."
+    )
+    architecture: str = Field(description="What was measured: 'z-image-turbo' (full size) or 'tiny'.")
+    card: str | None = Field(None, description="GPU name the measurements come from (None for an estimate).")
+    driver: str | None = Field(None, description="NVIDIA driver version of the measurements.")
+    torch: str | None = Field(None, description="PyTorch version of the measurements.")
+    diffusers: str | None = Field(None, description="diffusers version of the measurements.")
+    date: str = Field(description="ISO date the file was made.")
+    notes: str = Field("", description="How the numbers were obtained, in words.")
+    transformer_params: int = Field(gt=0, description="Parameters of the transformer.")
+    transformer_blocks: int = Field(gt=0, description="Offloadable blocks (main layers + refiner layers).")
+    transformer_block_params: int = Field(gt=0, description="Parameters of the largest block.")
+    transformer_leaf_params: int = Field(gt=0, description="Parameters of the largest leaf module (one Linear).")
+    text_encoder_params: int = Field(gt=0, description="Parameters of the text encoder.")
+    text_encoder_layer_params: int = Field(gt=0, description="Parameters of one text encoder layer.")
+    text_encoder_embedding_params: int = Field(
+        ge=0, description="Parameters of the token embedding (kept in the compute dtype, never layerwise cast)."
+    )
+    text_encoder_leaf_params: int = Field(gt=0, description="Parameters of the text encoder's largest Linear.")
+    vae_params: int = Field(gt=0, description="Parameters of the VAE.")
+    prompt_tokens: int = Field(gt=0, description="Prompt tokens the transformer sees (the pipeline pads to 512).")
+    activation_bytes_per_token: float = Field(
+        ge=0, description="Transformer activation peak per token per image, at a 2-byte compute dtype."
+    )
+    activation_base_bytes: float = Field(ge=0, description="Transformer activation peak independent of the request.")
+    text_encoder_activation_bytes: float = Field(
+        ge=0, description="Text encoder activation peak for one padded prompt, at a 2-byte compute dtype."
+    )
+    vae_decode_bytes_per_pixel: float = Field(
+        ge=0, description="VAE decode peak per output pixel of one image decoded at once, at a 2-byte dtype."
+    )
+    vae_output_bytes_per_pixel: float = Field(
+        ge=0, description="Decoded image kept per pixel per image (float32 RGB plus tile blending)."
+    )
+    context_bytes: float = Field(ge=0, description="CUDA context, cuBLAS workspace and kernels outside PyTorch's pool.")
+    margin_fraction: float = Field(ge=0, le=1, description="Safety margin as a fraction of the predicted peak.")
+    margin_min_bytes: float = Field(ge=0, description="Smallest safety margin (allocator rounding, fragmentation).")
+    fit: dict = Field(default_factory=dict, description="Fit residuals and point counts when source is 'measured'.")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak bytes of one pipeline call, term by term, at its worst phase."""
+
+    weights: int  # transformer weights on the card in the peak phase
+    activations: int  # transformer activations (denoise phase)
+    vae: int  # VAE weights + decode peak
+    text_encoder: int  # text encoder weights + activations on the card
+    context: int  # CUDA context outside PyTorch's allocator
+    margin: int  # safety margin
+    phase: str = "denoise"  # which phase peaks: encode, denoise or decode
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.vae + self.text_encoder + self.context + self.margin
+
+    def terms(self) -> dict[str, float]:
+        """Every term in GiB (3 decimals), for JSON and tables."""
+        out = {f.name: round(getattr(self, f.name) / GIB, 3) for f in fields(self) if f.name != "phase"}
+        out["total"] = round(self.total / GIB, 3)
+        return out
+
+
+def load_calibration(path: str | Path | None = None) -> Calibration:
+    """The calibration at `path`, else ZIT_CALIBRATION_FILE, else the shipped default (an estimate).
+
+    Fails with ValueError naming the file when it is missing or does not validate.
+    """
+    chosen = Path(path or os.environ.get(ZIT_CALIBRATION_FILE_ENV) or DEFAULT_CALIBRATION)
+    return _load_cached(str(chosen.resolve()), chosen.stat().st_mtime_ns if chosen.exists() else 0)
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int) -> Calibration:
+    try:
+        return Calibration.model_validate_json(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(
+            f"calibration file {path} not found; set {ZIT_CALIBRATION_FILE_ENV} to a file written by `zit calibrate`, "
+            "or unset it to use the shipped estimate"
+        ) from None
+    except ValueError as exc:
+        raise ValueError(f"calibration file {path} is not valid: {exc}") from exc
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Transformer tokens of one image: one per 16x16 pixels (VAE factor 8, patch 2)."""
+    return math.ceil(width / PIXELS_PER_TOKEN_SIDE) * math.ceil(height / PIXELS_PER_TOKEN_SIDE)
+
+
+def predict_peak(
+    width: int, height: int, n: int, profile: Profile, calibration: Calibration | None = None
+) -> MemoryEstimate:
+    """Peak bytes of generating n images of width x height in one call under `profile` (see the module docstring).
+
+    Algorithm: compute the bytes on the card in each phase (encode, denoise, decode), take the phase with the most,
+    add the context and a margin of max(margin_min_bytes, margin_fraction x subtotal). Pure arithmetic; never fails
+    for positive sizes.
+    """
+    cal = calibration or load_calibration()
+    c = DTYPE_BYTES[profile.compute_dtype]
+    scale = c / REFERENCE_DTYPE_BYTES
+    offload_all = profile.weights in ("model_cpu_offload", "sequential_cpu_offload")
+
+    # Transformer weights: while denoising (running) and in the other phases (at rest).
+    t_running = _transformer_running(profile, cal)
+    t_rest = t_running if profile.weights in ("resident", "fp8_layerwise") else 0
+    # Text encoder weights and activations: while encoding and at rest.
+    te_act = int(cal.text_encoder_activation_bytes * scale)
+    te_running, te_rest = _text_encoder_bytes(profile, cal)
+    if profile.text_encoder != "cpu":
+        te_running += te_act
+    # VAE: weights (at rest unless everything is offloaded) and the decode peak.
+    vae_w = cal.vae_params * c
+    vae_rest = 0 if offload_all else vae_w
+    if profile.weights == "sequential_cpu_offload":
+        vae_w = 0  # one small leaf at a time; below the margin
+    per_image_px = width * height
+    if profile.vae_tiling:
+        per_image_px = min(width, profile.vae_tile_px) * min(height, profile.vae_tile_px)
+    decoded_at_once = 1 if profile.vae_slicing else n
+    decode = int(
+        cal.vae_decode_bytes_per_pixel * scale * per_image_px * decoded_at_once
+        + cal.vae_output_bytes_per_pixel * width * height * n
+    )
+    activations = int(
+        cal.activation_base_bytes * scale
+        + cal.activation_bytes_per_token * scale * n * (image_tokens(width, height) + cal.prompt_tokens)
+    )
+
+    phases = {
+        "encode": MemoryEstimate(t_rest, 0, vae_rest, te_running, 0, 0, "encode"),
+        "denoise": MemoryEstimate(t_running, activations, vae_rest, te_rest, 0, 0, "denoise"),
+        "decode": MemoryEstimate(t_rest, 0, int(vae_w + decode), te_rest, 0, 0, "decode"),
+    }
+    peak = max(phases.values(), key=lambda e: e.total)
+    context = int(cal.context_bytes)
+    margin = int(max(cal.margin_min_bytes, cal.margin_fraction * (peak.total + context)))
+    return MemoryEstimate(peak.weights, peak.activations, peak.vae, peak.text_encoder, context, margin, peak.phase)
+
+
+def _transformer_running(profile: Profile, cal: Calibration) -> int:
+    """Transformer weight bytes on the card while it runs."""
+    s = DTYPE_BYTES[profile.transformer_storage]
+    c = DTYPE_BYTES[profile.compute_dtype]
+    upcast = cal.transformer_leaf_params * c if s != c else 0  # one leaf at a time in the compute dtype
+    in_flight = 2 if profile.offload_stream else 1  # the running group and the prefetched one
+    if profile.weights in ("resident", "fp8_layerwise", "model_cpu_offload"):
+        return cal.transformer_params * s + upcast
+    if profile.weights == "group_offload_block":
+        non_block = cal.transformer_params - cal.transformer_blocks * cal.transformer_block_params
+        return max(0, non_block) * s + in_flight * cal.transformer_block_params * s + upcast
+    if profile.weights == "group_offload_leaf":
+        return in_flight * cal.transformer_leaf_params * s + upcast
+    return cal.transformer_leaf_params * (s + (c if s != c else 0))  # sequential: one leaf, no prefetch
+
+
+def _text_encoder_bytes(profile: Profile, cal: Calibration) -> tuple[int, int]:
+    """(bytes while encoding, bytes at rest) of the text encoder's weights on the card."""
+    s = DTYPE_BYTES[profile.text_encoder_storage]
+    c = DTYPE_BYTES[profile.compute_dtype]
+    if profile.text_encoder == "cpu":
+        return 0, 0
+    upcast = cal.text_encoder_leaf_params * c if s != c else 0  # one Linear at a time in the compute dtype
+    embedding = cal.text_encoder_embedding_params * c  # never cast: stays in the compute dtype
+    if profile.text_encoder == "gpu":
+        rest = (cal.text_encoder_params - cal.text_encoder_embedding_params) * s + embedding
+        return rest + upcast, rest
+    if profile.weights == "model_cpu_offload":
+        return (cal.text_encoder_params - cal.text_encoder_embedding_params) * s + embedding + upcast, 0
+    in_flight = 1 if profile.weights == "sequential_cpu_offload" else (2 if profile.offload_stream else 1)
+    return embedding + in_flight * cal.text_encoder_layer_params * s + upcast, 0
+
+
+def effective_budget(profile: Profile, budget_bytes: int) -> int:
+    """The card's budget, lowered to the profile's per-process cap when it has one."""
+    if profile.max_memory_gb:
+        return min(budget_bytes, int(profile.max_memory_gb * GIB))
+    return budget_bytes
+
+
+def fits(
+    width: int, height: int, n: int, profile: Profile, budget_bytes: int, calibration: Calibration | None = None
+) -> str | None:
+    """None when n images of width x height fit `budget_bytes` under `profile`, else why not, with the numbers."""
+    if width * height > profile.max_pixels:
+        return f"{width}x{height} is {width * height} pixels, above profile {profile.name}'s max_pixels {profile.max_pixels}"
+    if n > profile.max_n:
+        return f"n={n} is above profile {profile.name}'s max_n {profile.max_n}; split it into chunks"
+    estimate = predict_peak(width, height, n, profile, calibration)
+    budget = effective_budget(profile, budget_bytes)
+    if estimate.total > budget:
+        worst = max(("weights", "activations", "vae", "text_encoder"), key=lambda k: getattr(estimate, k))
+        return (
+            f"predicted peak {estimate.total / GIB:.2f} GiB ({estimate.phase} phase; largest term {worst} "
+            f"{getattr(estimate, worst) / GIB:.2f} GiB) is above the {budget / GIB:.2f} GiB budget"
+        )
+    return None
+
+
+def largest_batch(
+    width: int, height: int, profile: Profile, budget_bytes: int, calibration: Calibration | None = None
+) -> int:
+    """The most images of width x height one call fits in `budget_bytes` (0 if not even one), at most max_n."""
+    best = 0
+    for n in range(1, profile.max_n + 1):  # at most 16 evaluations of a few multiplications
+        if fits(width, height, n, profile, budget_bytes, calibration) is not None:
+            break
+        best = n
+    return best
+
+
+def largest_square(
+    profile: Profile, budget_bytes: int, n: int = 1, calibration: Calibration | None = None
+) -> int:
+    """The largest side (multiple of 16, at most 2048) of n square images that fit, or 0 if none does.
+
+    Binary search over sides: the peak never decreases as the side grows (every term is non-decreasing in pixels).
+    """
+    lo, hi = 0, MAX_IMAGE_SIDE // PIXELS_PER_TOKEN_SIDE  # in units of 16 pixels; lo always fits (or is 0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        side = mid * PIXELS_PER_TOKEN_SIDE
+        if fits(side, side, n, profile, budget_bytes, calibration) is None:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * PIXELS_PER_TOKEN_SIDE
+
+
+# -- fitting measured runs (used by `zit calibrate`) ---------------------------------------------------------------
+
+
+def fit_calibration(records: "Iterable[dict]", base: Calibration, **provenance) -> Calibration:
+    """A measured Calibration: `base` with its activation, VAE and margin coefficients fitted to `records`.
+
+    Each record (one pipeline call, as `zit calibrate` writes it) has: profile (a Profile dump), width, height, n,
+    rest_bytes (allocated before the call), denoise_peak_bytes (allocated peak up to the last step), decode_peak_bytes
+    (allocated peak during decode), reserved_peak_bytes, context_bytes (NVML used minus PyTorch reserved).
+
+    Algorithm: least squares with one intercept per profile (the offloaded weights each profile has in flight):
+      denoise_peak - rest = a x scale x n x (tokens + prompt tokens) + b_profile
+      decode_peak  - rest = v x scale x decoded pixels + o x pixels x n + d_profile
+    then the context is the median measured context, and the margin fraction is raised until every record's
+    reserved peak is at or under the prediction. Raises ValueError with fewer than two sizes to fit.
+    """
+    import numpy as np
+
+    rows = [r for r in records if not r.get("oom") and r.get("denoise_peak_bytes")]
+    if len({(r["width"], r["height"], r["n"]) for r in rows}) < 2:
+        raise ValueError(f"need runs at two or more sizes to fit a calibration; got {len(rows)} usable run(s)")
+    profiles = sorted({r["profile"]["name"] for r in rows})
+    onehot = lambda r: [1.0 if r["profile"]["name"] == p else 0.0 for p in profiles]  # noqa: E731
+
+    def scale(r):
+        return DTYPE_BYTES[r["profile"]["compute_dtype"]] / REFERENCE_DTYPE_BYTES
+
+    def decoded_px(r):
+        p = Profile.model_validate(r["profile"])
+        w, h = r["width"], r["height"]
+        px = min(w, p.vae_tile_px) * min(h, p.vae_tile_px) if p.vae_tiling else w * h
+        return px * (1 if p.vae_slicing else r["n"])
+
+    tokens = lambda r: r["n"] * (image_tokens(r["width"], r["height"]) + base.prompt_tokens)  # noqa: E731
+    a_rows = np.array([[scale(r) * tokens(r), *onehot(r)] for r in rows])
+    a_y = np.array([r["denoise_peak_bytes"] - r["rest_bytes"] for r in rows], dtype=float)
+    (a, *_), a_res, *_ = np.linalg.lstsq(a_rows, a_y, rcond=None)
+    v_rows = np.array([[scale(r) * decoded_px(r), r["width"] * r["height"] * r["n"], *onehot(r)] for r in rows])
+    v_y = np.array([r["decode_peak_bytes"] - r["rest_bytes"] for r in rows], dtype=float)
+    (v, o, *_), v_res, *_ = np.linalg.lstsq(v_rows, v_y, rcond=None)
+    contexts = sorted(r["context_bytes"] for r in rows if r.get("context_bytes"))
+    fitted = base.model_copy(
+        update={
+            "source": "measured",
+            "activation_bytes_per_token": max(0.0, float(a)),
+            "vae_decode_bytes_per_pixel": max(0.0, float(v)),
+            "vae_output_bytes_per_pixel": max(0.0, float(o)),
+            "context_bytes": float(contexts[len(contexts) // 2]) if contexts else base.context_bytes,
+            **provenance,
+        }
+    )
+    # The margin must cover what the linear terms miss: raise it until every measured reserved peak is predicted.
+    needed = base.margin_fraction
+    for r in rows:
+        est = predict_peak(r["width"], r["height"], r["n"], Profile.model_validate(r["profile"]), fitted)
+        measured = r.get("reserved_peak_bytes", 0) + fitted.context_bytes
+        subtotal = est.total - est.margin
+        if measured > subtotal + fitted.margin_min_bytes:
+            needed = max(needed, (measured - subtotal) / subtotal)
+    fitted = fitted.model_copy(update={"margin_fraction": round(min(1.0, needed + 0.01), 3)})
+    fitted.fit = {
+        "runs": len(rows),
+        "profiles": profiles,
+        "activation_residual_gib": float(np.sqrt(a_res[0] / len(rows)) / GIB) if len(a_res) else None,
+        "vae_residual_gib": float(np.sqrt(v_res[0] / len(rows)) / GIB) if len(v_res) else None,
+    }
+    return fitted
+
+
+def architecture_of(pipe) -> dict[str, int]:
+    """Parameter counts of a loaded ZImagePipeline, in Calibration's field names (exact, read from the modules)."""
+    import torch
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    t, te = pipe.transformer, pipe.text_encoder
+    blocks = [b for name in ("layers", "noise_refiner", "context_refiner") for b in getattr(t, name)]
+    leaves = [m for m in t.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return {
+        "transformer_params": count(t),
+        "transformer_blocks": len(blocks),
+        "transformer_block_params": max(count(b) for b in blocks),
+        "transformer_leaf_params": max(count(m) for m in leaves),
+        "text_encoder_params": count(te),
+        "text_encoder_layer_params": max(count(layer) for layer in te.layers),
+        "text_encoder_embedding_params": count(te.embed_tokens),
+        "text_encoder_leaf_params": max(count(m) for m in te.modules() if isinstance(m, torch.nn.Linear)),
+        "vae_params": count(pipe.vae),
+    }

@@ -371,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default %(default)s)")
     gen.set_defaults(func=cmd_generate)
+
+    from cluster.planning import add_calibrate_parser, add_plan_parser
+
+    add_plan_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 

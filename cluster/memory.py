@@ -156,6 +156,17 @@ def predict_peak(
     for positive sizes.
     """
     cal = calibration or load_calibration()
+    peak = max(predict_phases(width, height, n, profile, cal).values(), key=lambda e: e.total)
+    context = int(cal.context_bytes)
+    margin = int(max(cal.margin_min_bytes, cal.margin_fraction * (peak.total + context)))
+    return MemoryEstimate(peak.weights, peak.activations, peak.vae, peak.text_encoder, context, margin, peak.phase)
+
+
+def predict_phases(
+    width: int, height: int, n: int, profile: Profile, calibration: Calibration | None = None
+) -> dict[str, MemoryEstimate]:
+    """Bytes on the card in each phase ('encode', 'denoise', 'decode'), without context and margin."""
+    cal = calibration or load_calibration()
     c = DTYPE_BYTES[profile.compute_dtype]
     scale = c / REFERENCE_DTYPE_BYTES
     offload_all = profile.weights in ("model_cpu_offload", "sequential_cpu_offload")
@@ -186,15 +197,11 @@ def predict_peak(
         + cal.activation_bytes_per_token * scale * n * (image_tokens(width, height) + cal.prompt_tokens)
     )
 
-    phases = {
+    return {
         "encode": MemoryEstimate(t_rest, 0, vae_rest, te_running, 0, 0, "encode"),
         "denoise": MemoryEstimate(t_running, activations, vae_rest, te_rest, 0, 0, "denoise"),
         "decode": MemoryEstimate(t_rest, 0, int(vae_w + decode), te_rest, 0, 0, "decode"),
     }
-    peak = max(phases.values(), key=lambda e: e.total)
-    context = int(cal.context_bytes)
-    margin = int(max(cal.margin_min_bytes, cal.margin_fraction * (peak.total + context)))
-    return MemoryEstimate(peak.weights, peak.activations, peak.vae, peak.text_encoder, context, margin, peak.phase)
 
 
 def _transformer_running(profile: Profile, cal: Calibration) -> int:

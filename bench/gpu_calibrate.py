@@ -45,7 +45,7 @@ def priority_grid(tiers, cal, device: str, dry_run: bool):
 
     if dry_run:  # tiny model on a CPU: two small sizes per profile exercise the same path in seconds
         return [(t, p, s, s, n) for t, p in calibration_profiles(tiers, [True, False], device)
-                for s, n in ((64, 1), (128, 2)) if n <= p.max_n or n == 1]
+                for s, n in ((64, 1), (128, min(2, p.max_n)))]
     typical = [g for t in tiers for g in largest_request_grid([t], [t not in NO_BF16_TIERS], device, cal)]
     other = [g for t in tiers for g in largest_request_grid([t], [t in NO_BF16_TIERS], device, cal)]
     return typical + other

@@ -1,0 +1,202 @@
+"""The memory model (cluster/memory.py): hand-computed cells, monotonicity, tiling, offload phases, calibration."""
+
+import json
+
+import pytest
+
+from cluster.memory import (
+    GIB,
+    ZIT_CALIBRATION_FILE_ENV,
+    fit_calibration,
+    fits,
+    largest_batch,
+    largest_square,
+    load_calibration,
+    predict_peak,
+    predict_phases,
+)
+from cluster.profiles import default_profile, resolve_profile
+from cluster.tiers import VRAM_TIERS_GIB, tier_vram_bytes
+
+# The shipped default's numbers, copied by hand from cluster/calibration/default.json for the hand-computed cells.
+T_PARAMS = 6_154_908_736
+T_LEAF = 39_321_600
+TE_EMBED = 388_956_160
+TE_LAYER = 100_930_816
+TE_LEAF = 24_903_680
+VAE = 83_819_683
+ACT_PER_TOKEN = 196_608
+ACT_BASE = 67_108_864
+TE_ACT = 167_772_160
+VAE_PER_PX = 2560
+VAE_OUT_PER_PX = 12
+CONTEXT = 536_870_912
+MARGIN_MIN = 268_435_456
+
+
+@pytest.fixture(scope="module")
+def cal():
+    return load_calibration()
+
+
+def test_vram_24_at_1024_peaks_in_the_decode_as_computed_by_hand(cal):
+    est = predict_peak(1024, 1024, 1, default_profile("vram_24", bf16=True), cal)
+    weights = T_PARAMS * 2  # resident bf16
+    vae = VAE * 2 + VAE_PER_PX * 1024 * 1024 + VAE_OUT_PER_PX * 1024 * 1024  # one 1024 tile, sliced
+    subtotal = weights + vae + CONTEXT
+    assert est.phase == "decode"
+    assert (est.weights, est.activations, est.vae, est.text_encoder) == (weights, 0, vae, 0)
+    assert est.margin == int(0.05 * subtotal)
+    assert est.total == subtotal + int(0.05 * subtotal)
+    assert round(est.total / GIB, 2) == 15.36
+
+
+def test_vram_4_without_bf16_at_512_peaks_while_encoding_the_prompt(cal):
+    """Leaf offload leaves the transformer off the card while the offloaded Qwen3 runs in float32 from bf16."""
+    est = predict_peak(512, 512, 1, default_profile("vram_4", bf16=False), cal)
+    text_encoder = TE_EMBED * 4 + 2 * TE_LAYER * 2 + TE_LEAF * 4 + TE_ACT * 2
+    assert est.phase == "encode"
+    assert (est.weights, est.activations, est.text_encoder, est.vae) == (0, 0, text_encoder, VAE * 4)
+    assert est.margin == MARGIN_MIN  # 5 % of 3.0 GiB is below the floor
+    assert est.total == text_encoder + VAE * 4 + CONTEXT + MARGIN_MIN
+
+
+def test_denoise_phase_of_leaf_offload_by_hand(cal):
+    phases = predict_phases(512, 512, 1, default_profile("vram_4", bf16=False), cal)
+    denoise = phases["denoise"]
+    assert denoise.weights == 2 * T_LEAF * 2 + T_LEAF * 4  # two bf16 leaves in flight + one float32 upcast
+    assert denoise.activations == (ACT_BASE + ACT_PER_TOKEN * (32 * 32 + 512)) * 2
+
+
+ALL_PROFILES = [default_profile(t, bf16) for t in VRAM_TIERS_GIB for bf16 in (True, False)]
+
+
+@pytest.mark.parametrize("profile", ALL_PROFILES, ids=lambda p: p.name)
+def test_peak_never_decreases_with_pixels_or_n(profile, cal):
+    sides = range(64, 2049, 64)
+    for n in (1, 2, 4):
+        totals = [predict_peak(s, s, n, profile, cal).total for s in sides]
+        assert totals == sorted(totals)
+    for side in (512, 1024, 2048):
+        totals = [predict_peak(side, side, n, profile, cal).total for n in range(1, 9)]
+        assert totals == sorted(totals)
+    assert predict_peak(2048, 2048, 4, profile, cal).total > predict_peak(512, 512, 1, profile, cal).total
+
+
+def test_tiling_caps_the_vae_decode_term(cal):
+    tiled = resolve_profile("vram_24", True, {"vae_tile_px": 512})
+    untiled = resolve_profile("vram_24", True, {"vae_tiling": False})
+    decode = lambda p, s: predict_phases(s, s, 1, p, cal)["decode"].vae  # noqa: E731
+    # Above one tile only the small per-pixel output buffer grows; without tiling the whole decode does.
+    assert decode(tiled, 2048) - decode(tiled, 512) == VAE_OUT_PER_PX * (2048**2 - 512**2)
+    assert decode(untiled, 2048) - decode(untiled, 512) == (VAE_PER_PX + VAE_OUT_PER_PX) * (2048**2 - 512**2)
+
+
+def test_slicing_decodes_one_image_at_a_time(cal):
+    sliced = default_profile("vram_24", True)
+    batched = resolve_profile("vram_24", True, {"vae_slicing": False})
+    decode = lambda p, n: predict_phases(1024, 1024, n, p, cal)["decode"].vae  # noqa: E731
+    assert decode(sliced, 4) - decode(sliced, 1) == 3 * VAE_OUT_PER_PX * 1024 * 1024
+    assert decode(batched, 4) - decode(batched, 1) == 3 * (VAE_PER_PX + VAE_OUT_PER_PX) * 1024 * 1024
+
+
+def test_model_cpu_offload_peak_is_a_max_over_components_not_a_sum(cal):
+    """With model CPU offload the transformer and the text encoder are never on the card together."""
+    profile = resolve_profile("vram_24", True, {"weights": "model_cpu_offload"})
+    est = predict_peak(512, 512, 1, profile, cal)
+    phases = predict_phases(512, 512, 1, profile, cal)
+    assert phases["denoise"].text_encoder == 0 and phases["encode"].weights == 0
+    assert est.weights + est.text_encoder < T_PARAMS * 2 + TE_EMBED * 2  # not both full components
+    assert est.phase == "denoise" and est.weights == T_PARAMS * 2
+
+
+def test_fp8_storage_halves_the_resident_transformer(cal):
+    bf16 = predict_phases(512, 512, 1, default_profile("vram_24", True), cal)["denoise"].weights
+    fp8 = predict_phases(512, 512, 1, default_profile("vram_12", True), cal)["denoise"].weights
+    assert bf16 == T_PARAMS * 2
+    assert fp8 == T_PARAMS * 1 + T_LEAF * 2  # fp8 storage plus one layer upcast to bf16
+
+
+def test_largest_square_and_batch_sit_on_the_fit_boundary(cal):
+    for profile in ALL_PROFILES:
+        tier = profile.name.split("-")[0]
+        budget = tier_vram_bytes(tier)
+        side = largest_square(profile, budget, 1, cal)
+        assert side % 16 == 0 and fits(side, side, 1, profile, budget, cal) is None
+        if side < 2048:
+            assert fits(side + 16, side + 16, 1, profile, budget, cal) is not None
+        n = largest_batch(512, 512, profile, budget, cal)
+        assert 1 <= n <= profile.max_n
+        if n < profile.max_n:
+            assert fits(512, 512, n + 1, profile, budget, cal) is not None
+
+
+def test_nothing_fits_a_card_too_small(cal):
+    profile = default_profile("vram_24", True)
+    assert largest_square(profile, 8 * GIB, 1, cal) == 0
+    assert largest_batch(512, 512, profile, 8 * GIB, cal) == 0
+    reason = fits(512, 512, 1, profile, 8 * GIB, cal)
+    assert "predicted peak" in reason and "8.00 GiB budget" in reason and "weights" in reason
+
+
+def test_per_process_cap_lowers_the_budget(cal):
+    capped = resolve_profile("vram_24", True, {"max_memory_gb": 10})
+    assert fits(512, 512, 1, default_profile("vram_24", True), 24 * GIB, cal) is None
+    assert "10.00 GiB budget" in fits(512, 512, 1, capped, 24 * GIB, cal)
+
+
+def test_limits_of_the_profile_come_first(cal):
+    profile = default_profile("vram_4", False)
+    assert "max_n 1" in fits(512, 512, 2, profile, 4 * GIB, cal)
+    small = resolve_profile("vram_24", True, {"max_pixels": 512 * 512})
+    assert "max_pixels" in fits(1024, 1024, 1, small, 24 * GIB, cal)
+
+
+def test_calibration_file_from_the_environment(tmp_path, monkeypatch, cal):
+    data = json.loads(cal.model_dump_json())
+    data["context_bytes"] = cal.context_bytes + GIB
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv(ZIT_CALIBRATION_FILE_ENV, str(path))
+    profile = default_profile("vram_12", True)
+    assert predict_peak(512, 512, 1, profile).context == predict_peak(512, 512, 1, profile, cal).context + GIB
+
+
+def test_a_bad_calibration_file_is_named(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"source": "guess"}')
+    with pytest.raises(ValueError, match="bad.json"):
+        load_calibration(bad)
+    with pytest.raises(ValueError, match="not found"):
+        load_calibration(tmp_path / "missing.json")
+
+
+def test_fit_recovers_the_coefficients_of_synthetic_measurements(cal):
+    """Records made from known coefficients (different from the default) are fitted back to those coefficients."""
+    truth = cal.model_copy(update={"activation_bytes_per_token": 150_000.0, "vae_decode_bytes_per_pixel": 3000.0,
+                                   "vae_output_bytes_per_pixel": 12.0})
+    records = []
+    for tier, bf16 in (("vram_24", True), ("vram_8", True), ("vram_4", False)):
+        profile = default_profile(tier, bf16)
+        for side, n in ((256, 1), (512, 1), (768, 1), (512, 2) if profile.max_n > 1 else (384, 1)):
+            phases = predict_phases(side, side, n, profile, truth)
+            rest = 100 * 2**20
+            records.append({
+                "profile": profile.model_dump(), "width": side, "height": side, "n": n, "rest_bytes": rest,
+                "denoise_peak_bytes": rest + phases["denoise"].activations + 7 * 2**20,
+                "decode_peak_bytes": rest + phases["decode"].vae,
+                "reserved_peak_bytes": rest + phases["decode"].total, "context_bytes": 400 * 2**20,
+            })
+    fitted = fit_calibration(records, cal, card="test card")
+    assert fitted.source == "measured" and fitted.card == "test card"
+    assert fitted.activation_bytes_per_token == pytest.approx(150_000.0, rel=1e-6)
+    assert fitted.vae_decode_bytes_per_pixel == pytest.approx(3000.0, rel=1e-6)
+    assert fitted.context_bytes == 400 * 2**20
+    assert fitted.fit["runs"] == len(records)
+
+
+def test_fit_needs_two_sizes(cal):
+    record = {"profile": default_profile("vram_24", True).model_dump(), "width": 512, "height": 512, "n": 1,
+              "rest_bytes": 0, "denoise_peak_bytes": 1, "decode_peak_bytes": 1}
+    with pytest.raises(ValueError, match="two or more sizes"):
+        fit_calibration([record], cal)

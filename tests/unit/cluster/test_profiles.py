@@ -1,0 +1,109 @@
+"""Tier profiles (cluster/profiles.py): choice by bf16 support, overrides, and applying them to the real tiny pipeline."""
+
+import pytest
+import torch
+
+from cluster.memory import fits, load_calibration
+from cluster.profiles import ProfileError, apply_profile, default_profile, resolve_profile
+from cluster.tiers import VRAM_TIERS_GIB, tier_vram_bytes
+
+TIERS = list(VRAM_TIERS_GIB)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_no_plain_fp16_compute_on_any_card(tier):
+    """Cards without bf16 compute in float32 (fp16 gives black images); cards with bf16 compute in bf16."""
+    assert default_profile(tier, bf16=False).compute_dtype == "float32"
+    assert default_profile(tier, bf16=True).compute_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("bf16", [True, False])
+def test_every_shipped_profile_accepts_512_n1_on_its_nominal_vram(tier, bf16):
+    profile = default_profile(tier, bf16)
+    assert fits(512, 512, 1, profile, tier_vram_bytes(tier), load_calibration()) is None, profile.technique()
+
+
+def test_float32_profiles_keep_weights_stored_small():
+    """A float32 card stores the 12.3 GB transformer in bf16 or fp8 and upcasts layer by layer, never 24.6 GB."""
+    for tier in TIERS:
+        assert default_profile(tier, bf16=False).transformer_storage in ("bfloat16", "float8_e4m3fn")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_override_on_a_card_without_bf16_is_refused(dtype):
+    with pytest.raises(ProfileError, match="compute_dtype='float32'"):
+        resolve_profile("vram_6", bf16=False, overrides={"compute_dtype": dtype})
+
+
+def test_unknown_override_is_named_with_the_known_knobs():
+    with pytest.raises(ProfileError, match=r"\['offload_to_cpu'\].*known knobs.*vae_tiling"):
+        resolve_profile("vram_12", True, {"offload_to_cpu": True})
+
+
+def test_overrides_apply_and_are_validated():
+    profile = resolve_profile("vram_12", True, {"vae_tile_px": 512, "attention": "xformers", "max_memory_gb": 10})
+    assert (profile.vae_tile_px, profile.attention, profile.max_memory_gb) == (512, "xformers", 10)
+    with pytest.raises(ProfileError, match="vae_tile_px"):
+        resolve_profile("vram_12", True, {"vae_tile_px": 100})
+    with pytest.raises(ProfileError, match="text_encoder='offload'"):
+        resolve_profile("vram_24", True, {"weights": "model_cpu_offload", "text_encoder": "gpu"})
+
+
+def test_unknown_tier_lists_the_known_ones():
+    with pytest.raises(ProfileError, match="vram_4"):
+        default_profile("vram_10", True)
+
+
+@pytest.fixture
+def tiny_pipe(tiny_model_dir):
+    from deployments.pipeline import load_pipeline
+
+    return load_pipeline(tiny_model_dir, "cpu")
+
+
+def _generate(pipe, n=1):
+    from deployments.pipeline import run_job
+    from deployments.schemas import GenerationJob
+
+    job = GenerationJob(prompt="a fox", width=64, height=64, steps=2, guidance_scale=0.0, seeds=list(range(n)))
+    images, seconds = run_job(pipe, job)
+    return images
+
+
+CPU_PROFILES = {
+    "bf16 resident": ("vram_24", True, {}),
+    "fp8 storage, bf16 compute": ("vram_12", True, {}),
+    "fp8 storage, fp32 compute": ("vram_12", False, {}),
+    "block offload, bf16 storage, fp32 compute": ("vram_6", False, {}),
+    "leaf offload, bf16 storage, fp32 compute": ("vram_4", False, {}),
+    "text encoder on the cpu, no tiling": ("vram_24", True, {"text_encoder": "cpu", "vae_tiling": False}),
+}
+
+
+@pytest.mark.parametrize("case", list(CPU_PROFILES))
+def test_apply_profile_runs_the_real_tiny_pipeline_on_cpu(case, tiny_pipe):
+    tier, bf16, overrides = CPU_PROFILES[case]
+    profile = resolve_profile(tier, bf16, overrides)
+    apply_profile(tiny_pipe, profile, "cpu")
+    linear = tiny_pipe.transformer.layers[0].feed_forward.w1
+    assert linear.weight.dtype == getattr(torch, profile.transformer_storage)
+    assert tiny_pipe.vae.use_tiling == profile.vae_tiling and tiny_pipe.vae.use_slicing == profile.vae_slicing
+    if profile.vae_tiling:
+        assert tiny_pipe.vae.tile_sample_min_size == profile.vae_tile_px
+    images = _generate(tiny_pipe, n=2 if profile.max_n > 1 else 1)
+    assert images and all(image.startswith(b"\x89PNG") for image in images)
+
+
+def test_float32_profile_gives_finite_images_from_bf16_storage(tiny_pipe):
+    """The no-bf16 path: weights stored in bf16, every layer upcast to float32; the output must be finite."""
+    apply_profile(tiny_pipe, default_profile("vram_4", bf16=False), "cpu")
+    out = tiny_pipe(prompt="a fox", width=64, height=64, num_inference_steps=2, guidance_scale=0.0, output_type="pt")
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("weights", ["model_cpu_offload", "sequential_cpu_offload"])
+def test_accelerator_only_placements_refuse_the_cpu_with_the_fix(weights, tiny_pipe):
+    profile = resolve_profile("vram_24", True, {"weights": weights})
+    with pytest.raises(ProfileError, match="needs a CUDA device.*group_offload_block"):
+        apply_profile(tiny_pipe, profile, "cpu")

@@ -109,7 +109,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             _say("error: no card is large enough to serve (the smallest tier is 4 GB); use --cpu")
             return 2
         configured = config.tiers if "tiers" in config.model_fields_set else None
-        config = config.model_copy(update={"tiers": tiers_for_cards([n.card.tier for n in nodes], configured)})
+        config = config.model_copy(update={"tiers": tiers_for_cards([n.card for n in nodes], configured)})
         for node in nodes:
             _say(f"  {node.card.name:<32} {node.card.memory_total / 2**30:5.1f} GiB  -> {node.card.tier}")
 

@@ -29,6 +29,9 @@ LABEL_HOST = "zit/host"
 # Logical CPUs each card's node offers: one for its Generator replica, one for the odd Ray task beside it. Logical
 # CPUs are scheduling slots, not cores; the replica's torch threads follow its own num_cpus.
 CARD_NODE_CPUS = 2
+# Card nodes started at once on one host. Raylets started together on one machine can pick the same free port
+# and die with "bind: Address already in use", so one host starts its cards one after another (about 5 s each).
+START_PARALLEL = 1
 
 
 def _slug(text: str) -> str:
@@ -73,7 +76,7 @@ def card_node(card: GpuSnapshot, fleet_file: str | Path | None = None) -> CardNo
 def start_card_nodes(
     address: str, nodes: list[CardNode], node_ip: str | None = None, num_cpus: int = CARD_NODE_CPUS
 ) -> list[str]:
-    """`ray start --address` once per card, in parallel. Returns one line per card saying what joined."""
+    """`ray start --address` once per card, one after another. Returns one line per card saying what joined."""
     import json
 
     from cluster.local import ensure_auth_mode, ray_executable
@@ -95,7 +98,7 @@ def start_card_nodes(
                                f"{(proc.stdout + proc.stderr)[-2000:]}")
         return f"{node.card.name} [{node.card.uuid}] joined as a {node.card.tier} node"
 
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(nodes)))) as pool:
+    with ThreadPoolExecutor(max_workers=START_PARALLEL) as pool:
         return list(pool.map(start, nodes))
 
 

@@ -45,7 +45,11 @@ def tier_vram_bytes(tier: str) -> int:
 
 
 class TierConfig(BaseModel):
-    """One tier: the cards it runs on, the Ray options of its Generator deployment, and the largest request it takes."""
+    """One tier: the cards it runs on and the Ray options of its Generator deployment.
+
+    What a tier's replicas can hold (limits, memory techniques) is its *profile* (cluster/profiles.py): the tier's
+    default profile with `profile` overrides applied.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -57,11 +61,6 @@ class TierConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype; 'auto' is float32 on CPU and bfloat16 on CUDA cards that support it."
     )
-    max_pixels: int = Field(
-        MAX_IMAGE_SIDE * MAX_IMAGE_SIDE, ge=64 * 64, description="Largest width x height this tier accepts."
-    )
-    max_batch: int = Field(4, ge=1, le=16, description="Most images one pipeline call generates; n above it is split.")
-    max_steps: int = Field(50, ge=1, le=50, description="Most denoising steps this tier accepts per request.")
     num_replicas: int = Field(1, ge=0, description="Generator replicas of this tier (one per card on GPU tiers).")
     max_ongoing_requests: int = Field(
         2, ge=1, description="Requests a replica holds at once; one runs, the rest wait for its pipeline lock."
@@ -74,9 +73,13 @@ class TierConfig(BaseModel):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Extra Ray resources a replica needs, e.g. {'vram_12': 1} to pin a tier."
     )
+    bf16: bool = Field(False, description="Every card of this tier supports bf16 (decides the compute dtype).")
+    vram_bytes: int | None = Field(
+        None, gt=0, description="Memory of the tier's smallest card as NVML reports it; None on the CPU tier."
+    )
     profile: dict[str, Any] = Field(
         default_factory=dict,
-        description="Overrides of the tier profile's knobs (cluster/profiles.py), e.g. {'vae_tiling': true}.",
+        description="Overrides of the tier profile's knobs (cluster/profiles.py), e.g. {'max_n': 2, 'vae_tiling': true}.",
     )
 
     @model_validator(mode="after")
@@ -87,45 +90,45 @@ class TierConfig(BaseModel):
             raise ValueError(f"tier {self.name!r}: device='cpu' with num_gpus={self.num_gpus}; use device='cuda'")
         return self
 
-    def accepts(self, width: int, height: int, steps: int) -> str | None:
-        """Why this tier cannot take one image of this size and steps, or None when it can."""
-        if width * height > self.max_pixels:
-            return f"{width}x{height} is {width * height} pixels, above this tier's {self.max_pixels}"
-        if steps > self.max_steps:
-            return f"steps={steps} is above this tier's {self.max_steps}"
-        return None
-
 
 def cpu_tier() -> TierConfig:
     """One CPU replica running whatever model is configured (no card at all; `zit up --cpu`)."""
     return TierConfig(name="cpu")
 
 
-def card_tier(name: str, cards: int, **fields) -> TierConfig:
+def card_tier(name: str, cards: int, bf16: bool, vram_bytes: int, **fields) -> TierConfig:
     """A VRAM tier with one replica per card, each pinned to a card of this tier by the tier's Ray resource."""
     return TierConfig(
-        name=name, device="cuda", num_gpus=1, num_cpus=1, num_replicas=cards, resources={name: 1.0}, **fields
+        name=name, device="cuda", num_gpus=1, num_cpus=1, num_replicas=cards, resources={name: 1.0}, bf16=bf16,
+        vram_bytes=vram_bytes, **fields,
     )
 
 
-def tiers_for_cards(card_tiers: list[str | None], configured: list[TierConfig] | None = None) -> list[TierConfig]:
+def tiers_for_cards(cards: list, configured: list[TierConfig] | None = None) -> list[TierConfig]:
     """One tier per VRAM class present, smallest first, with one replica per card.
 
-    A tier the operator configured keeps its settings (limits, profile overrides); only its replica count and
-    placement follow the cards found. Configured tiers with no card are dropped.
+    `cards` are NVML snapshots (anything with `.tier`, `.bf16`, `.memory_total`). A tier's profile must be safe on
+    every card in it, so it has bf16 only if all its cards do, and its memory budget is its smallest card's. A tier
+    the operator configured keeps its settings (limits, profile overrides); its replica count, placement, bf16 and
+    budget follow the cards found. Configured tiers with no card are dropped.
     """
     by_name = {t.name: t for t in configured or []}
-    counts: dict[str, int] = {}
-    for tier in card_tiers:
-        if tier is not None:
-            counts[tier] = counts.get(tier, 0) + 1
+    groups: dict[str, list] = {}
+    for card in cards:
+        if card.tier is not None:
+            groups.setdefault(card.tier, []).append(card)
     tiers = []
-    for name in sorted(counts, key=lambda n: VRAM_TIERS_GIB[n]):
+    for name in sorted(groups, key=lambda n: VRAM_TIERS_GIB[n]):
+        members = groups[name]
+        found = {
+            "num_replicas": len(members),
+            "bf16": all(c.bf16 for c in members),
+            "vram_bytes": min(c.memory_total for c in members),
+        }
         if name in by_name:
             base = by_name[name].model_dump()
-            base.update(device="cuda", num_gpus=1, num_replicas=counts[name],
-                        resources={**base["resources"], name: 1.0})
+            base.update(device="cuda", num_gpus=1, resources={**base["resources"], name: 1.0}, **found)
             tiers.append(TierConfig.model_validate(base))
         else:
-            tiers.append(card_tier(name, counts[name]))
+            tiers.append(card_tier(name, found.pop("num_replicas"), **found))
     return tiers

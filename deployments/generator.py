@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 
+from cluster.nvml import NvmlMonitor
 from cluster.tiers import TierConfig
 from deployments.pipeline import load_pipeline, resolve_model, run_job
 from deployments.schemas import GenerationJob, GenerationResult
@@ -50,7 +51,7 @@ class Generator:
 
     def __init__(self, tier: TierConfig, model: str):
         from cluster.memory import predict_peak
-        from cluster.profiles import resolve_profile
+        from deployments.routing import tier_profile
 
         started = time.perf_counter()
         self.tier = tier
@@ -59,9 +60,12 @@ class Generator:
         self.card = self._find_card() if tier.device == "cuda" else None
         snapshot = self.card.read() if self.card else None
         self.card_info = snapshot.to_dict() if snapshot else None
-        # 2. The profile for this tier and this card's capabilities, with the operator's overrides.
-        bf16 = bool(snapshot and snapshot.bf16)
-        self.profile = resolve_profile(tier.name if self.card else "cpu", bf16, tier.profile or None)
+        # NVML is read by a background thread; stats and reports use its cached reading, never the driver.
+        self.monitor = NvmlMonitor(self.card.nvml, indices=[self.card.index]) if self.card else None
+        # 2. The tier's profile (the same one the ingress plans with: safe for every card of the tier).
+        self.profile = tier_profile(tier)
+        if snapshot is not None and tier.bf16 and not snapshot.bf16:
+            raise RuntimeError(f"{snapshot.name} has no bf16 but tier {tier.name} was configured with bf16=true")
         # 3. Where the pixels are computed: CUDA for a real card, else the CPU.
         real_gpu = self.card is not None and not self.card.simulated
         self.device = "cuda" if real_gpu else "cpu"
@@ -111,10 +115,9 @@ class Generator:
         """Run one job; seeds and images come back in the same order."""
         from cluster.memory import predict_peak
 
-        if reason := self.tier.accepts(job.width, job.height, job.steps):
-            raise ValueError(f"tier {self.tier.name} cannot run this job: {reason}")
-        if len(job.seeds) > self.tier.max_batch:
-            raise ValueError(f"tier {self.tier.name} runs at most {self.tier.max_batch} images per call")
+        if job.steps > self.profile.max_steps or len(job.seeds) > self.profile.max_n:
+            raise ValueError(f"profile {self.profile.name} takes at most {self.profile.max_n} images and "
+                             f"{self.profile.max_steps} steps per call; got {len(job.seeds)} and {job.steps}")
         async with self._lock:
             self._busy_since = time.monotonic()
             try:
@@ -142,11 +145,12 @@ class Generator:
     def describe(self) -> dict:
         """What this replica is and runs, with a fresh reading of its card (for /v1/fleet and operators)."""
         card = None
-        if self.card is not None:
-            try:
-                card = self.card.read().to_dict()
-            except Exception as exc:  # a lost card must not take the replica's reporting down with it
-                card = {**(self.card_info or {}), "error": f"{exc.__class__.__name__}: {exc}"}
+        if self.monitor is not None:
+            readings = self.monitor.latest()
+            if readings:
+                card = readings[0].to_dict()
+            else:  # a lost card must not take the replica's reporting down with it
+                card = {**(self.card_info or {}), "error": self.monitor.error}
         return {
             "replica": self.replica,
             "tier": self.tier.name,
@@ -155,6 +159,7 @@ class Generator:
             "dtype": str(self.dtype).removeprefix("torch."),
             "model": str(self.model_path),
             "host": socket.gethostname(),
+            "node_id": self._node_id(),
             "pid": os.getpid(),
             "card": card,
             "simulated": self.sim is not None,
@@ -189,6 +194,14 @@ class Generator:
         threading.Thread(target=loop, name="zit-fleet-report", daemon=True).start()
 
     @staticmethod
+    def _node_id() -> str | None:
+        if not _in_ray():
+            return None
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    @staticmethod
     def _torch_threads() -> int:
         import torch
 
@@ -201,5 +214,7 @@ class Generator:
 
     def __del__(self):
         self._stop.set()
+        if getattr(self, "monitor", None) is not None:
+            self.monitor.close()
         if getattr(self, "sim", None) is not None:
             self.sim.release()

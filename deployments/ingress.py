@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import ServiceConfig
 from deployments.image_store import CONTENT_TYPES, ImageStore
-from deployments.routing import NoTierFits, plan_chunks
+from deployments.routing import NoTierFits, plan_chunks, tier_profile
 from deployments.schemas import (
     MAX_SEED,
     GenerationJob,
@@ -99,6 +99,7 @@ class Ingress:
         self.generators = generators  # tier name -> DeploymentHandle of that tier's Generator
         self.images = ImageStore(config.image_store_mb << 20, config.image_ttl_s)
         self.model_names = {config.model_name, config.model}
+        self.profiles = {tier.name: tier_profile(tier) for tier in config.tiers}
         self._registry = None
 
     # -- API -------------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class Ingress:
             raise ApiError(422, f"seed + n - 1 must be at most {MAX_SEED}; lower seed", "seed")
         # 2. Plan: which tier, which chunks.
         try:
-            chunks = plan_chunks(self.config.tiers, width, height, body.steps, body.n, seed)
+            chunks = plan_chunks(self.config.tiers, self.profiles, width, height, body.steps, body.n, seed)
         except NoTierFits as exc:
             raise ApiError(422, f"{exc}. Largest request each tier accepts: {exc.largest}", "size") from exc
         # 3. Run the chunks in parallel and keep their order.

@@ -1,20 +1,90 @@
-"""Which tier takes a request, and how its n images are split into chunks. Pure functions: no Ray, no torch."""
+"""Which tier takes a request, and how its n images are cut into chunks. Pure functions of their arguments.
+
+A tier can take a request when its profile's limits allow the size and steps and the memory model predicts that
+one image fits the tier's smallest card; its chunk size is the most images one call fits there (auto batch size).
+The CPU tier has no card: only its profile's limits apply.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cluster.memory import fits, largest_batch, largest_square
+from cluster.profiles import Profile, resolve_profile
 from cluster.tiers import TierConfig
+
+# A budget no request reaches: the CPU tier's memory is host RAM, which the memory model does not cover.
+UNBOUNDED_BYTES = 1 << 62
+
+
+def tier_profile(tier: TierConfig) -> Profile:
+    """The profile a tier's replicas run: the tier's default for its cards' bf16 support, plus overrides."""
+    return resolve_profile(tier.name if tier.device == "cuda" else "cpu", tier.bf16, tier.profile or None)
+
+
+def tier_budget(tier: TierConfig) -> int:
+    return tier.vram_bytes if tier.vram_bytes is not None else UNBOUNDED_BYTES
+
+
+@dataclass(frozen=True)
+class TierFit:
+    """Whether a tier takes one image of a size: `chunk` images per call (0 when it cannot), else `reason`."""
+
+    tier: str
+    chunk: int
+    reason: str | None
+
+
+def tier_fit(tier: TierConfig, profile: Profile, width: int, height: int, steps: int) -> TierFit:
+    if tier.num_replicas == 0:
+        return TierFit(tier.name, 0, "tier has no replicas")
+    if steps > profile.max_steps:
+        return TierFit(tier.name, 0, f"steps={steps} is above profile {profile.name}'s max_steps {profile.max_steps}")
+    budget = tier_budget(tier)
+    reason = fits(width, height, 1, profile, budget)
+    if reason is not None:
+        return TierFit(tier.name, 0, reason)
+    return TierFit(tier.name, largest_batch(width, height, profile, budget), None)
 
 
 class NoTierFits(ValueError):
-    """No configured tier accepts the request; `reasons` says why for each tier."""
+    """No tier accepts the request; `reasons` says why for each, `largest` what each accepts at most."""
 
-    def __init__(self, width: int, height: int, steps: int, reasons: dict[str, str], tiers: list[TierConfig]):
+    def __init__(self, width: int, height: int, steps: int, reasons: dict[str, str], largest: dict[str, dict]):
         self.reasons = reasons
-        self.largest = {t.name: {"max_pixels": t.max_pixels, "max_steps": t.max_steps} for t in tiers}
+        self.largest = largest
         detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
         super().__init__(f"no tier can generate {width}x{height} with {steps} steps ({detail})")
+
+
+def largest_requests(tiers: list[TierConfig], profiles: dict[str, Profile], width: int, height: int) -> dict:
+    """For each tier: the largest square image it takes at n=1, and the most images of this size per call."""
+    out = {}
+    for tier in tiers:
+        profile, budget = profiles[tier.name], tier_budget(tier)
+        side = largest_square(profile, budget)
+        out[tier.name] = {
+            "largest_size": f"{side}x{side}" if side else None,
+            "max_n_at_this_size": largest_batch(width, height, profile, budget),
+            "max_steps": profile.max_steps,
+        }
+    return out
+
+
+def choose_tier(
+    tiers: list[TierConfig], profiles: dict[str, Profile], width: int, height: int, steps: int
+) -> TierFit:
+    """The first tier, in configured order (cheapest first), that takes one image of this size.
+
+    Raises NoTierFits with every tier's reason and the largest request each accepts when none does.
+    """
+    reasons: dict[str, str] = {}
+    for tier in tiers:
+        fit = tier_fit(tier, profiles[tier.name], width, height, steps)
+        if fit.reason is None:
+            return fit
+        reasons[tier.name] = fit.reason
+    raise NoTierFits(width, height, steps, reasons, largest_requests(tiers, profiles, width, height))
 
 
 @dataclass(frozen=True)
@@ -25,27 +95,15 @@ class Chunk:
     seeds: tuple[int, ...]
 
 
-def choose_tier(tiers: list[TierConfig], width: int, height: int, steps: int) -> TierConfig:
-    """The first tier, in configured order (cheapest first), that accepts the image size and steps.
-
-    Raises NoTierFits with every tier's reason when none does.
-    """
-    reasons: dict[str, str] = {}
-    for tier in tiers:
-        reason = tier.accepts(width, height, steps) if tier.num_replicas > 0 else "tier has no replicas"
-        if reason is None:
-            return tier
-        reasons[tier.name] = reason
-    raise NoTierFits(width, height, steps, reasons, tiers)
-
-
-def split_seeds(first_seed: int, n: int, max_batch: int) -> list[tuple[int, ...]]:
-    """Seeds first_seed .. first_seed+n-1 in order, cut into consecutive chunks of at most max_batch."""
+def split_seeds(first_seed: int, n: int, chunk: int) -> list[tuple[int, ...]]:
+    """Seeds first_seed .. first_seed+n-1 in order, cut into consecutive chunks of at most `chunk`."""
     seeds = [first_seed + i for i in range(n)]
-    return [tuple(seeds[i : i + max_batch]) for i in range(0, n, max_batch)]
+    return [tuple(seeds[i : i + chunk]) for i in range(0, n, chunk)]
 
 
-def plan_chunks(tiers: list[TierConfig], width: int, height: int, steps: int, n: int, first_seed: int) -> list[Chunk]:
+def plan_chunks(
+    tiers: list[TierConfig], profiles: dict[str, Profile], width: int, height: int, steps: int, n: int, first_seed: int
+) -> list[Chunk]:
     """Choose the tier and cut the request into chunks that its replicas run in parallel."""
-    tier = choose_tier(tiers, width, height, steps)
-    return [Chunk(tier.name, seeds) for seeds in split_seeds(first_seed, n, tier.max_batch)]
+    fit = choose_tier(tiers, profiles, width, height, steps)
+    return [Chunk(fit.tier, seeds) for seeds in split_seeds(first_seed, n, fit.chunk)]

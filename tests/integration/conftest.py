@@ -30,10 +30,10 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def service_config() -> ServiceConfig:
-    # max_batch=2 so that n > 2 is split into chunks run in parallel by two replicas.
+    # max_n=2 so that n > 2 is split into chunks run in parallel by two replicas.
     return ServiceConfig(
         model="tiny",
-        tiers=[TierConfig(name="cpu", num_replicas=2, max_batch=2, num_cpus=1)],
+        tiers=[TierConfig(name="cpu", num_replicas=2, num_cpus=1, profile={"max_n": 2})],
         max_prompt_chars=200,
     )
 

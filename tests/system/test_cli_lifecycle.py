@@ -1,13 +1,17 @@
-"""`zit up --detach`, the README's curl, `zit generate`, `zit down`: the commands a newcomer types, as processes.
+"""The commands a newcomer types, as processes: `zit up` (default, --fleet, --cpu), the README's curl,
+`zit generate`, `zit node`, `zit down`.
 
-These start and stop a whole Ray cluster with `ray start` / `ray stop`, which ends every Ray process on the machine,
+These start and stop whole Ray clusters with `ray start` / `ray stop`, which ends every Ray process on the machine,
 so `make test` runs them in a pytest process of their own (marker `lifecycle`).
 """
 
+import json
 import os
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -16,7 +20,7 @@ pytestmark = [pytest.mark.system, pytest.mark.lifecycle]
 ZIT = [sys.executable, "-m", "cluster.cli"]
 
 
-def zit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def zit(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run([*ZIT, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
 
 
@@ -25,27 +29,80 @@ def raylets() -> int:
     return sum(1 for line in out.splitlines() if line.strip() == "raylet")
 
 
-@pytest.fixture()
-def running_service(tmp_path):
-    from tests.integration.conftest import free_port
+def ray_nodes() -> list[dict]:
+    """Alive nodes of the running cluster with their labels and resources, read by a separate driver."""
+    code = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
+            "print(json.dumps([{'id': n['NodeID'], 'labels': n['Labels'], 'resources': n['Resources']} "
+            "for n in ray.nodes() if n['Alive']]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
+
+def free_port() -> int:
+    from tests.integration.conftest import free_port as pick
+
+    return pick()
+
+
+@pytest.fixture()
+def stop_afterwards():
+    yield
+    down = zit("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert raylets() == 0
+
+
+def test_default_up_serves_the_simulated_mixed_fleet_one_replica_per_card(stop_afterwards, tmp_path, repo_root):
     port = free_port()
     up = zit("up", "--detach", "--port", str(port))
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        yield port, up.stdout
-    finally:
-        down = zit("down")
-        assert down.returncode == 0, down.stdout + down.stderr
-
-
-def test_up_curl_generate_down(running_service, tmp_path, repo_root):
-    port, up_output = running_service
+    assert up.returncode == 0, up.stdout + up.stderr
     url = f"http://127.0.0.1:{port}"
-    assert f"ZIT Cluster is serving at {url}" in up_output
-    assert "zit down" in up_output
+    # 1. It says plainly what it serves on.
+    assert "Serving on the SIMULATED fleet mixed.yaml" in up.stdout
+    assert f"ZIT Cluster is serving at {url}" in up.stdout and "zit down" in up.stdout
 
-    # The README's curl, run as written (with this test's port): it writes fox.png.
+    # 2. One replica per card, each on the Ray node of its own card and tier.
+    fleet = httpx.get(f"{url}/v1/fleet", timeout=30).json()
+    expected = {c["uuid"]: c["tier"] for c in json.loads(zit("fleet", "--fleet", str(repo_root / "cluster" /
+                                                                                    "fleets" / "mixed.yaml"),
+                                                             "--json").stdout)}
+    nodes = {n["id"]: n for n in ray_nodes()}
+    for _ in range(10):  # replicas report every 2 s; the first reports may still be on their way
+        if len(fleet["replicas"]) == len(expected):
+            break
+        time.sleep(2)
+        fleet = httpx.get(f"{url}/v1/fleet", timeout=30).json()
+    assert len(fleet["replicas"]) == len(expected) == 5
+    assert {c["uuid"] for c in fleet["cards"]} == set(expected)
+    for replica in fleet["replicas"]:
+        node = nodes[replica["node_id"]]
+        card = replica["card"]
+        assert node["labels"]["zit/card"] == card["uuid"]  # the card it reports is its node's card
+        assert replica["tier"] == node["labels"]["zit/tier"] == card["tier"] == expected[card["uuid"]]
+        assert node["resources"].get(replica["tier"]) == 1.0
+        assert replica["simulated"] and card["memory_used"] > 0  # it holds the real model's resident weights
+    assert all(c["replica"] for c in fleet["cards"])
+    assert [t["replicas_running"] for t in fleet["tiers"]] == [1, 1, 1, 1, 1]
+
+    # 3. A simulated card refuses what the real model could not hold on it, with PyTorch's CUDA error: a job sent
+    #    past the router straight to the 4 GB card fails, the same job on the 24 GB card succeeds.
+    code = (
+        "import ray; from ray import serve; from deployments.schemas import GenerationJob\n"
+        "ray.init(address='auto', logging_level='ERROR')\n"
+        "job = GenerationJob(prompt='x', width=2048, height=2048, steps=2, guidance_scale=0, seeds=[1, 2])\n"
+        "print('24GB', len(serve.get_deployment_handle('Generator_vram_24', 'zit').generate.remote(job)"
+        ".result().images))\n"
+        "try:\n"
+        "    serve.get_deployment_handle('Generator_vram_4', 'zit').generate.remote(job).result()\n"
+        "except Exception as exc:\n"
+        "    print('4GB', type(exc).__name__, str(exc)[-600:])\n"
+    )
+    direct = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "24GB 2" in direct.stdout, direct.stdout + direct.stderr
+    assert "OutOfMemoryError" in direct.stdout and "CUDA out of memory" in direct.stdout, direct.stdout
+    assert "simulated NVIDIA GeForce GTX 1650" in direct.stdout
+
+    # 4. The README's curl, run as written (with this test's port), writes fox.png.
     readme = (repo_root / "README.md").read_text()
     curl_line = next(line for line in readme.splitlines() if line.startswith("curl ") and "generations" in line)
     curl = subprocess.run(curl_line.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), shell=True, cwd=tmp_path,
@@ -54,32 +111,33 @@ def test_up_curl_generate_down(running_service, tmp_path, repo_root):
     image = Image.open(tmp_path / "fox.png")
     assert image.format == "PNG" and image.size == (256, 256)
 
-    generated = zit("generate", "a red fox", "--size", "128x64", "--n", "2", "--seed", "9", "-o", str(tmp_path / "out"),
-                    "--url", url)
+    # 5. zit generate writes one file per image; a bad size is refused with the reason.
+    generated = zit("generate", "a red fox", "--size", "128x64", "--n", "2", "--seed", "9", "-o",
+                    str(tmp_path / "out"), "--url", url)
     assert generated.returncode == 0, generated.stdout + generated.stderr
     files = sorted((tmp_path / "out").glob("*.png"))
     assert [f.name for f in files] == ["zit-10.png", "zit-9.png"]
     assert all(Image.open(f).size == (128, 64) for f in files)
-
     bad = zit("generate", "a red fox", "--size", "100x100", "--url", url)
     assert bad.returncode == 1 and "multiple of 16" in bad.stdout
 
 
-def test_down_stops_every_ray_process(tmp_path):
-    from tests.integration.conftest import free_port
-
-    up = zit("up", "--detach", "--port", str(free_port()))
+def test_cpu_up_then_a_host_joins_its_cards_as_nodes_of_their_tiers(stop_afterwards, repo_root):
+    up = zit("up", "--cpu", "--detach", "--port", str(free_port()))
     assert up.returncode == 0, up.stdout + up.stderr
-    assert raylets() >= 1
-    down = zit("down")
-    assert down.returncode == 0 and "Stopped." in down.stdout
-    assert raylets() == 0
+    assert "Serving on the CPU" in up.stdout
+    fleet = repo_root / "cluster" / "fleets" / "mixed.yaml"
+    joined = zit("node", "--address", "127.0.0.1:6379", "--fleet", str(fleet), "--host", "host-a",
+                 "--node-ip", "127.0.0.1")
+    assert joined.returncode == 0, joined.stdout + joined.stderr
+    cards = [n for n in ray_nodes() if "zit/card" in n["labels"]]
+    assert sorted(n["labels"]["zit/tier"] for n in cards) == ["vram_12", "vram_4"]
+    assert all(n["resources"].get("GPU") == 1.0 and n["resources"].get(n["labels"]["zit/tier"]) == 1.0 for n in cards)
+    assert {n["labels"]["zit/model"] for n in cards} == {"nvidia-geforce-gtx-1650", "nvidia-geforce-rtx-3060"}
+
+
+def test_down_twice_is_harmless_and_generate_without_a_service_says_to_start_one():
     again = zit("down")
     assert again.returncode == 0 and "No Ray cluster is running" in again.stdout
-
-
-def test_generate_without_a_service_says_to_start_one(tmp_path):
-    from tests.integration.conftest import free_port
-
     result = zit("generate", "a fox", "--url", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 1 and "zit up" in result.stdout

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 
 from cluster.tiers import TierConfig, classify, tier_vram_bytes, tiers_for_cards
@@ -35,17 +37,26 @@ def test_tier_vram_is_the_nominal_size():
     assert tier_vram_bytes("vram_12") == 12 << 30
 
 
+def card(mib: int, bf16: bool = True):
+    return SimpleNamespace(tier=classify(mib * MIB), bf16=bf16, memory_total=mib * MIB)
+
+
 def test_one_tier_per_class_present_smallest_first_one_replica_per_card():
-    tiers = tiers_for_cards(["vram_24", "vram_4", None, "vram_12", "vram_4"])
+    tiers = tiers_for_cards([card(24564), card(3911, False), card(2048), card(12288), card(4096, False)])
     assert [(t.name, t.num_replicas) for t in tiers] == [("vram_4", 2), ("vram_12", 1), ("vram_24", 1)]
     assert all(t.device == "cuda" and t.num_gpus == 1 and t.resources == {t.name: 1.0} for t in tiers)
 
 
+def test_a_tier_is_as_safe_and_as_small_as_its_weakest_card():
+    (tier,) = tiers_for_cards([card(8192, bf16=True), card(8000, bf16=False)])  # RTX 3070 + RTX 2070 Super
+    assert (tier.name, tier.bf16, tier.vram_bytes) == ("vram_8", False, 8000 * MIB)
+
+
 def test_configured_tier_keeps_its_settings_but_follows_the_cards():
-    configured = [TierConfig(name="vram_12", max_batch=2, profile={"vae_tiling": True}), TierConfig(name="cpu")]
-    (tier,) = tiers_for_cards(["vram_12", "vram_12", "vram_12"], configured)
-    assert (tier.max_batch, tier.profile, tier.num_replicas, tier.device) == (2, {"vae_tiling": True}, 3, "cuda")
-    assert tier.resources == {"vram_12": 1.0}
+    configured = [TierConfig(name="vram_12", profile={"max_n": 2, "vae_tiling": True}), TierConfig(name="cpu")]
+    (tier,) = tiers_for_cards([card(12288)] * 3, configured)
+    assert (tier.profile, tier.num_replicas, tier.device) == ({"max_n": 2, "vae_tiling": True}, 3, "cuda")
+    assert tier.resources == {"vram_12": 1.0} and tier.bf16 and tier.vram_bytes == 12288 * MIB
 
 
 def test_cuda_tier_without_a_gpu_is_refused_with_both_values():

@@ -1,33 +1,70 @@
+"""Tier choice and chunking on constructed tiers, with the real memory model and profiles."""
+
 import pytest
 
-from cluster.tiers import TierConfig
-from deployments.routing import Chunk, NoTierFits, choose_tier, plan_chunks, split_seeds
+from cluster.memory import largest_batch, predict_peak
+from cluster.tiers import TierConfig, tier_vram_bytes
+from deployments.routing import Chunk, NoTierFits, choose_tier, plan_chunks, split_seeds, tier_profile
+
+GIB = 1 << 30
 
 
-def tiers():
-    return [
-        TierConfig(name="small", max_pixels=512 * 512, max_batch=2, max_steps=20),
-        TierConfig(name="large", max_pixels=2048 * 2048, max_batch=4),
-    ]
+def card_tier(name, bf16=True, replicas=1, **profile):
+    return TierConfig(name=name, device="cuda", num_gpus=1, num_replicas=replicas, bf16=bf16,
+                      vram_bytes=tier_vram_bytes(name), resources={name: 1}, profile=profile)
 
 
-def test_first_tier_that_accepts_wins():
-    assert choose_tier(tiers(), 512, 512, 9).name == "small"
-    assert choose_tier(tiers(), 1024, 1024, 9).name == "large"
-    assert choose_tier(tiers(), 512, 512, 30).name == "large"
+def mixed():
+    tiers = [card_tier("vram_4", bf16=False), card_tier("vram_12"), card_tier("vram_24")]
+    return tiers, {t.name: tier_profile(t) for t in tiers}
+
+
+def test_the_cheapest_tier_that_holds_one_image_wins():
+    tiers, profiles = mixed()
+    assert choose_tier(tiers, profiles, 512, 512, 9).tier == "vram_4"
+    big = choose_tier(tiers, profiles, 2048, 2048, 9)
+    for tier in tiers:
+        if tier.name == big.tier:
+            break
+        assert predict_peak(2048, 2048, 1, profiles[tier.name]).total > tier.vram_bytes or \
+            2048 * 2048 > profiles[tier.name].max_pixels
+
+
+def test_chunk_is_the_largest_batch_the_smallest_card_holds():
+    tiers, profiles = mixed()
+    fit = choose_tier(tiers, profiles, 1024, 1024, 9)
+    tier = next(t for t in tiers if t.name == fit.tier)
+    assert fit.chunk == largest_batch(1024, 1024, profiles[fit.tier], tier.vram_bytes) >= 1
 
 
 def test_tier_without_replicas_is_skipped():
-    config = tiers()
-    config[0].num_replicas = 0
-    assert choose_tier(config, 256, 256, 9).name == "large"
+    tiers, profiles = mixed()
+    tiers[0].num_replicas = 0
+    assert choose_tier(tiers, profiles, 256, 256, 9).tier == "vram_12"
 
 
-def test_no_tier_fits_gives_every_reason_and_the_largest_accepted():
+def test_steps_above_the_profile_limit_are_refused_with_the_limit():
+    tiers = [card_tier("vram_12", max_steps=20)]
+    with pytest.raises(NoTierFits, match="steps=30 is above profile vram_12's max_steps 20"):
+        choose_tier(tiers, {t.name: tier_profile(t) for t in tiers}, 512, 512, 30)
+
+
+def test_no_tier_fits_gives_every_reason_and_the_largest_each_accepts():
+    tiers = [card_tier("vram_4", bf16=False)]
+    profiles = {t.name: tier_profile(t) for t in tiers}
     with pytest.raises(NoTierFits) as info:
-        choose_tier([TierConfig(name="small", max_pixels=512 * 512)], 1024, 1024, 9)
-    assert "1048576 pixels, above this tier's 262144" in str(info.value)
-    assert info.value.largest == {"small": {"max_pixels": 262144, "max_steps": 50}}
+        choose_tier(tiers, profiles, 2048, 2048, 9)
+    assert "vram_4" in info.value.reasons
+    largest = info.value.largest["vram_4"]
+    side = int(largest["largest_size"].split("x")[0])
+    assert 0 < side < 2048 and largest["max_n_at_this_size"] == 0
+    assert choose_tier(tiers, profiles, side, side, 9).tier == "vram_4"  # what it says it accepts, it accepts
+
+
+def test_cpu_tier_has_no_memory_budget_only_profile_limits():
+    tiers = [TierConfig(name="cpu")]
+    profiles = {"cpu": tier_profile(tiers[0])}
+    assert choose_tier(tiers, profiles, 2048, 2048, 9).chunk == profiles["cpu"].max_n
 
 
 def test_seeds_are_consecutive_and_split_in_order():
@@ -35,6 +72,7 @@ def test_seeds_are_consecutive_and_split_in_order():
     assert split_seeds(0, 1, 4) == [(0,)]
 
 
-def test_plan_uses_the_chosen_tiers_batch_limit():
-    assert plan_chunks(tiers(), 256, 256, 9, 3, 7) == [Chunk("small", (7, 8)), Chunk("small", (9,))]
-    assert plan_chunks(tiers(), 1024, 1024, 9, 5, 0) == [Chunk("large", (0, 1, 2, 3)), Chunk("large", (4,))]
+def test_plan_uses_the_chosen_tiers_chunk():
+    tiers = [TierConfig(name="cpu", profile={"max_n": 2})]
+    profiles = {"cpu": tier_profile(tiers[0])}
+    assert plan_chunks(tiers, profiles, 256, 256, 9, 3, 7) == [Chunk("cpu", (7, 8)), Chunk("cpu", (9,))]

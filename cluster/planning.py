@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,6 +30,7 @@ from cluster.memory import (
     predict_peak,
 )
 from cluster.profiles import ACCELERATOR_ONLY_PLACEMENTS, Profile, default_profile
+from deployments.schemas import parse_size
 from cluster.tiers import MAX_IMAGE_SIDE, VRAM_TIERS_GIB, tier_vram_bytes
 
 if TYPE_CHECKING:
@@ -50,20 +52,11 @@ def default_tiers() -> dict[str, tuple[int, bool]]:
 
 
 def fleet_tiers(path: str | Path) -> dict[str, tuple[int, bool]]:
-    """The tiers present in a fleet file: per tier the smallest card's memory, bf16 only if every card has it.
-
-    A tier must serve on each of its cards, so it is planned for the weakest one. Cards below the smallest tier are
-    left out (they serve nothing).
-    """
+    """The tiers present in a fleet file, each planned for its weakest card (as the service runs them)."""
     from cluster.nvml import load_fleet  # lazily: the fleet module needs NVML bindings only here
+    from cluster.tiers import tiers_for_cards
 
-    tiers: dict[str, tuple[int, bool]] = {}
-    for card in load_fleet(path):
-        if card.tier is None:
-            continue
-        memory, bf16 = tiers.get(card.tier, (card.memory_total, True))
-        tiers[card.tier] = (min(memory, card.memory_total), bf16 and bool(card.bf16))
-    return tiers
+    return {t.name: (t.vram_bytes, t.bf16) for t in tiers_for_cards(load_fleet(path))}
 
 
 def split_n(n: int, batch: int) -> list[int]:
@@ -71,6 +64,49 @@ def split_n(n: int, batch: int) -> list[int]:
     chunks = math.ceil(n / batch)
     base, extra = divmod(n, chunks)
     return [base + 1] * extra + [base] * (chunks - extra)
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """How one tier would run a request: chunk sizes (empty when it cannot), or why not."""
+
+    tier: str
+    profile: Profile
+    budget: int
+    chunks: list[int]
+    reason: str | None
+
+    @property
+    def fits(self) -> bool:
+        return self.reason is None
+
+
+def plan_tier(
+    tier: str, profile: Profile, budget: int, width: int, height: int, n: int, steps: int,
+    calibration: Calibration | None = None,
+) -> TierPlan:
+    """Whether `tier` (its profile, its smallest card's `budget` bytes) takes n images of width x height.
+
+    Algorithm: the steps must be within the profile's limit; the largest batch that fits the budget at this size is
+    the chunk size (auto batch size), and n is split into even chunks of at most that. When not even one image fits,
+    `reason` is the memory model's, with the numbers. The ingress routes and `zit plan` reports with this function.
+    """
+    if steps > profile.max_steps:
+        return TierPlan(tier, profile, budget, [],
+                        f"steps={steps} is above profile {profile.name}'s max_steps {profile.max_steps}")
+    batch = largest_batch(width, height, profile, budget, calibration)
+    if batch == 0:
+        return TierPlan(tier, profile, budget, [], fits(width, height, 1, profile, budget, calibration))
+    return TierPlan(tier, profile, budget, split_n(n, batch), None)
+
+
+def largest_request(profile: Profile, budget: int, width: int, height: int,
+                    calibration: Calibration | None = None) -> dict[str, int]:
+    """The largest square side a tier takes at n=1, and the most images of width x height it takes per call."""
+    return {
+        "side_at_n1": largest_square(profile, budget, 1, calibration),
+        "n_at_size": largest_batch(width, height, profile, budget, calibration),
+    }
 
 
 def plan(
@@ -83,54 +119,30 @@ def plan(
 ) -> list[dict]:
     """For each tier: whether n images of width x height fit, the predicted peak, the profile, the chunks.
 
-    Algorithm per tier: take the tier's default profile for its bf16 support; the largest batch that fits the tier's
-    memory at this size is the chunk size (auto batch size), and n is split into even chunks of at most that; the
-    predicted peak is that of the largest chunk. When the tier cannot take even one image (or the steps), `reason`
-    says why with the numbers and `largest` gives the largest square side it accepts at n=1 and the most images of
-    this size.
+    Each tier runs its default profile for its bf16 support (see `plan_tier`); the predicted peak is that of the
+    largest chunk. `largest` gives the largest square side the tier accepts at n=1 and the most images of this size.
     """
     cal = calibration or load_calibration()
     rows = []
     for name, (budget, bf16) in (tiers or default_tiers()).items():
         profile = default_profile(name, bf16)
-        batch = largest_batch(width, height, profile, budget, cal)
-        row: dict[str, Any] = {
+        tier_plan = plan_tier(name, profile, budget, width, height, n, steps, cal)
+        estimate = predict_peak(width, height, max(tier_plan.chunks, default=1), profile, cal)
+        rows.append({
             "tier": name,
             "vram_gb": round(budget / GIB, 2),
             "bf16": bf16,
             "profile": profile.name,
             "technique": profile.technique(),
-            "largest": {"side_at_n1": largest_square(profile, budget, 1, cal), "n_at_size": batch},
-        }
-        reason = None
-        if steps > profile.max_steps:
-            reason = f"steps={steps} is above profile {profile.name}'s max_steps {profile.max_steps}"
-        elif batch == 0:
-            reason = fits(width, height, 1, profile, budget, cal)
-        chunks = split_n(n, batch) if batch else []
-        estimate = predict_peak(width, height, max(chunks) if chunks else 1, profile, cal)
-        row.update(
-            fits=reason is None,
-            peak_gb=round(estimate.total / GIB, 2),
-            phase=estimate.phase,
-            terms=estimate.terms(),
-            chunks=chunks if reason is None else [],
-            reason=reason,
-        )
-        rows.append(row)
+            "largest": largest_request(profile, budget, width, height, cal),
+            "fits": tier_plan.fits,
+            "peak_gb": round(estimate.total / GIB, 2),
+            "phase": estimate.phase,
+            "terms": estimate.terms(),
+            "chunks": tier_plan.chunks,
+            "reason": tier_plan.reason,
+        })
     return rows
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (W, H); each side a multiple of 16 in 64..2048, else ValueError saying so."""
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size must look like 1024x768; got {text!r}") from None
-    for side in (width, height):
-        if side % 16 or not 64 <= side <= MAX_IMAGE_SIDE:
-            raise ValueError(f"each side must be a multiple of 16 between 64 and {MAX_IMAGE_SIDE}; got {text!r}")
-    return width, height
 
 
 def _format_table(rows: list[dict], width: int, height: int, n: int, cal: Calibration) -> str:

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.memory import load_calibration
 from deployments.config import ServiceConfig
 from deployments.image_store import CONTENT_TYPES, ImageStore
 from deployments.routing import NoTierFits, plan_chunks, tier_profile
@@ -100,6 +101,7 @@ class Ingress:
         self.images = ImageStore(config.image_store_mb << 20, config.image_ttl_s)
         self.model_names = {config.model_name, config.model}
         self.profiles = {tier.name: tier_profile(tier) for tier in config.tiers}
+        self.calibration = load_calibration()
         self._registry = None
 
     # -- API -------------------------------------------------------------------------------------------------
@@ -114,7 +116,8 @@ class Ingress:
             raise ApiError(422, f"seed + n - 1 must be at most {MAX_SEED}; lower seed", "seed")
         # 2. Plan: which tier, which chunks.
         try:
-            chunks = plan_chunks(self.config.tiers, self.profiles, width, height, body.steps, body.n, seed)
+            chunks = plan_chunks(self.config.tiers, self.profiles, width, height, body.steps, body.n, seed,
+                                 self.calibration)
         except NoTierFits as exc:
             raise ApiError(422, f"{exc}. Largest request each tier accepts: {exc.largest}", "size") from exc
         # 3. Run the chunks in parallel and keep their order.

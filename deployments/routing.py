@@ -1,15 +1,17 @@
 """Which tier takes a request, and how its n images are cut into chunks. Pure functions of their arguments.
 
-A tier can take a request when its profile's limits allow the size and steps and the memory model predicts that
-one image fits the tier's smallest card; its chunk size is the most images one call fits there (auto batch size).
-The CPU tier has no card: only its profile's limits apply.
+A tier can take a request when its profile's limits allow the steps and the memory model predicts that one image
+fits the tier's smallest card; its chunks are the most images one call fits there (auto batch size), split evenly
+(`cluster.planning.plan_tier`, the same function `zit plan` reports with). The CPU tier has no card: only its
+profile's limits apply.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.memory import fits, largest_batch, largest_square
+from cluster.memory import Calibration
+from cluster.planning import TierPlan, largest_request, plan_tier
 from cluster.profiles import Profile, resolve_profile
 from cluster.tiers import TierConfig
 
@@ -26,27 +28,6 @@ def tier_budget(tier: TierConfig) -> int:
     return tier.vram_bytes if tier.vram_bytes is not None else UNBOUNDED_BYTES
 
 
-@dataclass(frozen=True)
-class TierFit:
-    """Whether a tier takes one image of a size: `chunk` images per call (0 when it cannot), else `reason`."""
-
-    tier: str
-    chunk: int
-    reason: str | None
-
-
-def tier_fit(tier: TierConfig, profile: Profile, width: int, height: int, steps: int) -> TierFit:
-    if tier.num_replicas == 0:
-        return TierFit(tier.name, 0, "tier has no replicas")
-    if steps > profile.max_steps:
-        return TierFit(tier.name, 0, f"steps={steps} is above profile {profile.name}'s max_steps {profile.max_steps}")
-    budget = tier_budget(tier)
-    reason = fits(width, height, 1, profile, budget)
-    if reason is not None:
-        return TierFit(tier.name, 0, reason)
-    return TierFit(tier.name, largest_batch(width, height, profile, budget), None)
-
-
 class NoTierFits(ValueError):
     """No tier accepts the request; `reasons` says why for each, `largest` what each accepts at most."""
 
@@ -57,34 +38,38 @@ class NoTierFits(ValueError):
         super().__init__(f"no tier can generate {width}x{height} with {steps} steps ({detail})")
 
 
-def largest_requests(tiers: list[TierConfig], profiles: dict[str, Profile], width: int, height: int) -> dict:
-    """For each tier: the largest square image it takes at n=1, and the most images of this size per call."""
-    out = {}
+def tier_plans(
+    tiers: list[TierConfig], profiles: dict[str, Profile], width: int, height: int, steps: int, n: int,
+    calibration: Calibration | None = None,
+) -> list[TierPlan]:
+    """Every tier's plan for the request, in configured order (cheapest first)."""
+    plans = []
     for tier in tiers:
-        profile, budget = profiles[tier.name], tier_budget(tier)
-        side = largest_square(profile, budget)
-        out[tier.name] = {
-            "largest_size": f"{side}x{side}" if side else None,
-            "max_n_at_this_size": largest_batch(width, height, profile, budget),
-            "max_steps": profile.max_steps,
-        }
-    return out
+        profile = profiles[tier.name]
+        if tier.num_replicas == 0:
+            plans.append(TierPlan(tier.name, profile, tier_budget(tier), [], "tier has no replicas"))
+        else:
+            plans.append(plan_tier(tier.name, profile, tier_budget(tier), width, height, n, steps, calibration))
+    return plans
 
 
 def choose_tier(
-    tiers: list[TierConfig], profiles: dict[str, Profile], width: int, height: int, steps: int
-) -> TierFit:
-    """The first tier, in configured order (cheapest first), that takes one image of this size.
+    tiers: list[TierConfig], profiles: dict[str, Profile], width: int, height: int, steps: int, n: int = 1,
+    calibration: Calibration | None = None,
+) -> TierPlan:
+    """The first tier, in configured order (cheapest first), that takes the request.
 
     Raises NoTierFits with every tier's reason and the largest request each accepts when none does.
     """
-    reasons: dict[str, str] = {}
-    for tier in tiers:
-        fit = tier_fit(tier, profiles[tier.name], width, height, steps)
-        if fit.reason is None:
-            return fit
-        reasons[tier.name] = fit.reason
-    raise NoTierFits(width, height, steps, reasons, largest_requests(tiers, profiles, width, height))
+    plans = tier_plans(tiers, profiles, width, height, steps, n, calibration)
+    for plan in plans:
+        if plan.fits:
+            return plan
+    largest = {
+        p.tier: {**largest_request(p.profile, p.budget, width, height, calibration), "max_steps": p.profile.max_steps}
+        for p in plans
+    }
+    raise NoTierFits(width, height, steps, {p.tier: p.reason for p in plans}, largest)
 
 
 @dataclass(frozen=True)
@@ -95,15 +80,19 @@ class Chunk:
     seeds: tuple[int, ...]
 
 
-def split_seeds(first_seed: int, n: int, chunk: int) -> list[tuple[int, ...]]:
-    """Seeds first_seed .. first_seed+n-1 in order, cut into consecutive chunks of at most `chunk`."""
-    seeds = [first_seed + i for i in range(n)]
-    return [tuple(seeds[i : i + chunk]) for i in range(0, n, chunk)]
+def seed_chunks(first_seed: int, sizes: list[int]) -> list[tuple[int, ...]]:
+    """Consecutive seeds from first_seed, cut into chunks of the given sizes, in order."""
+    chunks, seed = [], first_seed
+    for size in sizes:
+        chunks.append(tuple(range(seed, seed + size)))
+        seed += size
+    return chunks
 
 
 def plan_chunks(
-    tiers: list[TierConfig], profiles: dict[str, Profile], width: int, height: int, steps: int, n: int, first_seed: int
+    tiers: list[TierConfig], profiles: dict[str, Profile], width: int, height: int, steps: int, n: int,
+    first_seed: int, calibration: Calibration | None = None,
 ) -> list[Chunk]:
     """Choose the tier and cut the request into chunks that its replicas run in parallel."""
-    fit = choose_tier(tiers, profiles, width, height, steps)
-    return [Chunk(fit.tier, seeds) for seeds in split_seeds(first_seed, n, fit.chunk)]
+    plan = choose_tier(tiers, profiles, width, height, steps, n, calibration)
+    return [Chunk(plan.tier, seeds) for seeds in seed_chunks(first_seed, plan.chunks)]

@@ -4,7 +4,7 @@ import pytest
 
 from cluster.memory import largest_batch, predict_peak
 from cluster.tiers import TierConfig, tier_vram_bytes
-from deployments.routing import Chunk, NoTierFits, choose_tier, plan_chunks, split_seeds, tier_profile
+from deployments.routing import Chunk, NoTierFits, choose_tier, plan_chunks, seed_chunks, tier_profile
 
 GIB = 1 << 30
 
@@ -30,11 +30,13 @@ def test_the_cheapest_tier_that_holds_one_image_wins():
             2048 * 2048 > profiles[tier.name].max_pixels
 
 
-def test_chunk_is_the_largest_batch_the_smallest_card_holds():
+def test_chunks_are_at_most_the_largest_batch_the_smallest_card_holds_and_even():
     tiers, profiles = mixed()
-    fit = choose_tier(tiers, profiles, 1024, 1024, 9)
-    tier = next(t for t in tiers if t.name == fit.tier)
-    assert fit.chunk == largest_batch(1024, 1024, profiles[fit.tier], tier.vram_bytes) >= 1
+    plan = choose_tier(tiers, profiles, 1024, 1024, 9, n=7)
+    tier = next(t for t in tiers if t.name == plan.tier)
+    batch = largest_batch(1024, 1024, profiles[plan.tier], tier.vram_bytes)
+    assert sum(plan.chunks) == 7 and max(plan.chunks) <= batch
+    assert max(plan.chunks) - min(plan.chunks) <= 1
 
 
 def test_tier_without_replicas_is_skipped():
@@ -56,23 +58,25 @@ def test_no_tier_fits_gives_every_reason_and_the_largest_each_accepts():
         choose_tier(tiers, profiles, 2048, 2048, 9)
     assert "vram_4" in info.value.reasons
     largest = info.value.largest["vram_4"]
-    side = int(largest["largest_size"].split("x")[0])
-    assert 0 < side < 2048 and largest["max_n_at_this_size"] == 0
+    side = largest["side_at_n1"]
+    assert 0 < side < 2048 and largest["n_at_size"] == 0
     assert choose_tier(tiers, profiles, side, side, 9).tier == "vram_4"  # what it says it accepts, it accepts
 
 
 def test_cpu_tier_has_no_memory_budget_only_profile_limits():
     tiers = [TierConfig(name="cpu")]
     profiles = {"cpu": tier_profile(tiers[0])}
-    assert choose_tier(tiers, profiles, 2048, 2048, 9).chunk == profiles["cpu"].max_n
+    assert choose_tier(tiers, profiles, 2048, 2048, 9, n=profiles["cpu"].max_n).chunks == [profiles["cpu"].max_n]
 
 
-def test_seeds_are_consecutive_and_split_in_order():
-    assert split_seeds(10, 5, 2) == [(10, 11), (12, 13), (14,)]
-    assert split_seeds(0, 1, 4) == [(0,)]
+def test_seeds_are_consecutive_and_cut_in_order():
+    assert seed_chunks(10, [2, 2, 1]) == [(10, 11), (12, 13), (14,)]
+    assert seed_chunks(0, [1]) == [(0,)]
 
 
 def test_plan_uses_the_chosen_tiers_chunk():
     tiers = [TierConfig(name="cpu", profile={"max_n": 2})]
     profiles = {"cpu": tier_profile(tiers[0])}
     assert plan_chunks(tiers, profiles, 256, 256, 9, 3, 7) == [Chunk("cpu", (7, 8)), Chunk("cpu", (9,))]
+    assert plan_chunks(tiers, profiles, 256, 256, 9, 5, 0) == [Chunk("cpu", (0, 1)), Chunk("cpu", (2, 3)),
+                                                               Chunk("cpu", (4,))]

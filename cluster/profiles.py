@@ -289,7 +289,14 @@ def apply_profile(pipe: "ZImagePipeline", profile: Profile, device: str) -> None
         )
     # 4. Placement.
     _place(pipe, profile, torch.device(device), use_stream)
-    # 5. VAE: tiles of vae_tile_px pixels (the AutoencoderKL attributes enable_tiling reads), one image at a time.
+    # 5. VAE tiling and slicing.
+    apply_vae(pipe, profile)
+    # 6. Attention backend.
+    _apply_attention(pipe, profile)
+
+
+def apply_vae(pipe: "ZImagePipeline", profile: Profile) -> None:
+    """VAE tiles of vae_tile_px pixels (the AutoencoderKL attributes enable_tiling reads), one image at a time."""
     if profile.vae_tiling:
         pipe.vae.enable_tiling()
         pipe.vae.tile_sample_min_size = profile.vae_tile_px
@@ -300,8 +307,22 @@ def apply_profile(pipe: "ZImagePipeline", profile: Profile, device: str) -> None
         pipe.vae.enable_slicing()
     else:
         pipe.vae.disable_slicing()
-    # 6. Attention backend.
-    _apply_attention(pipe, profile)
+
+
+# The smallest VAE tile a degraded retry goes down to: below it the tile seams show and the saving is small.
+MIN_DEGRADED_TILE_PX = 256
+
+
+def degraded_profile(profile: Profile) -> Profile | None:
+    """The profile an out-of-memory retry runs with on the same card: VAE tiled and sliced, tiles half as large.
+
+    None when there is nothing left to degrade (then the work must go to a larger card).
+    """
+    tile = max(MIN_DEGRADED_TILE_PX, profile.vae_tile_px // 2) if profile.vae_tiling else profile.vae_tile_px
+    if profile.vae_tiling and profile.vae_slicing and tile == profile.vae_tile_px:
+        return None
+    return profile.model_copy(update={"name": f"{profile.name}-degraded", "vae_tiling": True, "vae_slicing": True,
+                                      "vae_tile_px": tile})
 
 
 def _offloads(profile: Profile) -> bool:

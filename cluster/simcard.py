@@ -8,11 +8,17 @@ as it would on a real card instead of passing silently.
 
 from __future__ import annotations
 
+import os
+import time
 from contextlib import contextmanager
 
 from cluster.node import LocalCard
 from cluster.nvml import FakeNvml
 from cluster.tiers import GIB
+
+# Simulated cards take the time model's seconds times this. 0.02 makes a 1024x1024 image on the simulated RTX 4090
+# take about 0.1 s and on the GTX 1650 about 1.5 s: the fleet's speed differences show without making tests wait.
+ZIT_SIM_TIME_SCALE = float(os.environ.get("ZIT_SIM_TIME_SCALE", "0.02"))
 
 
 class SimulatedCard:
@@ -22,6 +28,7 @@ class SimulatedCard:
         self.card = card
         self.nvml: FakeNvml = card.nvml
         self.handle = self.nvml.nvmlDeviceGetHandleByUUID(card.uuid)
+        self.spec = self.handle.spec
         self.held = 0
 
     def _available(self) -> tuple[int, int, int]:
@@ -58,6 +65,18 @@ class SimulatedCard:
             yield
         finally:
             self.nvml.update_state(self.handle, _pid(), held=self.held, busy=False)
+
+    def pace(self, started: float, predicted_s: float) -> None:
+        """Sleep until `predicted_s` x ZIT_SIM_TIME_SCALE has passed since `started` (the card's simulated speed)."""
+        remaining = predicted_s * ZIT_SIM_TIME_SCALE - (time.perf_counter() - started)
+        if remaining > 0:
+            time.sleep(remaining)
+
+    def latents_hook(self):
+        """What this card does to latents: NaN on a card with the black_images fault, else nothing."""
+        if not self.spec.black_images:
+            return None
+        return lambda latents: latents * float("nan")
 
     def release(self) -> None:
         self.held = 0

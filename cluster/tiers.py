@@ -74,6 +74,9 @@ class TierConfig(BaseModel):
         default_factory=dict, description="Extra Ray resources a replica needs, e.g. {'vram_12': 1} to pin a tier."
     )
     bf16: bool = Field(False, description="Every card of this tier supports bf16 (decides the compute dtype).")
+    speed: float | None = Field(
+        None, gt=0, description="Relative speed of the tier's slowest card (RTX 4090 = 1); None when unknown."
+    )
     vram_bytes: int | None = Field(
         None, gt=0, description="Memory of the tier's smallest card as NVML reports it; None on the CPU tier."
     )
@@ -96,11 +99,11 @@ def cpu_tier() -> TierConfig:
     return TierConfig(name="cpu")
 
 
-def card_tier(name: str, cards: int, bf16: bool, vram_bytes: int, **fields) -> TierConfig:
+def card_tier(name: str, cards: int, bf16: bool, vram_bytes: int, speed: float | None = None, **fields) -> TierConfig:
     """A VRAM tier with one replica per card, each pinned to a card of this tier by the tier's Ray resource."""
     return TierConfig(
         name=name, device="cuda", num_gpus=1, num_cpus=1, num_replicas=cards, resources={name: 1.0}, bf16=bf16,
-        vram_bytes=vram_bytes, **fields,
+        vram_bytes=vram_bytes, speed=speed, **fields,
     )
 
 
@@ -124,6 +127,7 @@ def tiers_for_cards(cards: list, configured: list[TierConfig] | None = None) -> 
             "num_replicas": len(members),
             "bf16": all(c.bf16 for c in members),
             "vram_bytes": min(c.memory_total for c in members),
+            "speed": min((c.speed for c in members if c.speed), default=None),
         }
         if name in by_name:
             base = by_name[name].model_dump()

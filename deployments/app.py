@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.config import ServiceConfig
 from deployments.generator import Generator
 from deployments.ingress import HttpIngress
+from deployments.router import ZIT_ROUTING_STATS_PERIOD_S, VramAwareRouter
 
 # Seconds Serve waits for a replica to finish its requests when it is scaled down or redeployed.
 GRACEFUL_SHUTDOWN_S = 30.0
@@ -32,6 +34,10 @@ def build_app(config: ServiceConfig) -> Application:
             max_ongoing_requests=tier.max_ongoing_requests,
             max_queued_requests=tier.max_queued_requests,
             graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+            request_router_config=RequestRouterConfig(
+                request_router_class=VramAwareRouter,
+                request_routing_stats_period_s=ZIT_ROUTING_STATS_PERIOD_S,
+            ),
             ray_actor_options={
                 "num_cpus": tier.num_cpus,
                 "num_gpus": tier.num_gpus,

@@ -14,7 +14,9 @@ import time
 
 from cluster.nvml import NvmlMonitor
 from cluster.tiers import TierConfig
-from deployments.pipeline import load_pipeline, resolve_model, run_job
+from cluster.profiles import apply_vae, degraded_profile
+from deployments.errors import ChunkBadImage, ChunkOutOfMemory
+from deployments.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from deployments.schemas import GenerationJob, GenerationResult
 
 logger = logging.getLogger("ray.serve")
@@ -112,22 +114,39 @@ class Generator:
         return card
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
-        """Run one job; seeds and images come back in the same order."""
-        from cluster.memory import predict_peak
+        """Run one job; seeds and images come back in the same order.
+
+        Out of memory: free the cache and retry once on this card with the degraded profile (smaller VAE tiles,
+        slicing); if that fails too, raise ChunkOutOfMemory so the ingress moves the chunk to a larger tier.
+        All-black or NaN images raise ChunkBadImage so the ingress moves the chunk to a card with bf16.
+        """
+        import torch
 
         if job.steps > self.profile.max_steps or len(job.seeds) > self.profile.max_n:
             raise ValueError(f"profile {self.profile.name} takes at most {self.profile.max_n} images and "
                              f"{self.profile.max_steps} steps per call; got {len(job.seeds)} and {job.steps}")
         async with self._lock:
             self._busy_since = time.monotonic()
+            degraded = None
             try:
-                if self.sim is not None:
-                    peak = predict_peak(job.width, job.height, len(job.seeds), self.profile)
-                    with self.sim.running(peak.total, f"{job.width}x{job.height} n={len(job.seeds)} "
-                                                      f"under {self.profile.name}"):
-                        images, seconds = await asyncio.to_thread(run_job, self.pipe, job)
-                else:
-                    images, seconds = await asyncio.to_thread(run_job, self.pipe, job)
+                try:
+                    images, seconds = await asyncio.to_thread(self._run, job, self.profile)
+                except torch.OutOfMemoryError as exc:
+                    self._free_cache()
+                    degraded = degraded_profile(self.profile)
+                    if degraded is None:
+                        raise ChunkOutOfMemory(f"{self.tier.name}: {str(exc).splitlines()[0]}") from None
+                    logger.warning("out of memory on %s; retrying with %s", self.replica, degraded.technique())
+                    try:
+                        images, seconds = await asyncio.to_thread(self._run, job, degraded)
+                    except torch.OutOfMemoryError as again:
+                        self._free_cache()
+                        raise ChunkOutOfMemory(f"{self.tier.name}: {str(again).splitlines()[0]}") from None
+                    finally:
+                        if self.device == "cuda":
+                            apply_vae(self.pipe, self.profile)
+            except BadImages as exc:
+                raise ChunkBadImage(f"{self.tier.name} ({self.profile.compute_dtype}): {exc}") from None
             finally:
                 self._busy_since = None
         self._jobs += 1
@@ -140,7 +159,55 @@ class Generator:
             device=self.device,
             seconds=seconds,
             seconds_per_step=self._step_seconds,
+            degraded=degraded is not None,
         )
+
+    def _run(self, job: GenerationJob, profile) -> tuple[list[bytes], float]:
+        """One pipeline call under `profile` (a worker thread). A simulated card accounts the real model's memory,
+        refuses what does not fit, and takes the time the real model would take there (scaled)."""
+        from cluster.memory import predict_peak
+        from cluster.speed import predict_seconds
+
+        if self.device == "cuda" and profile is not self.profile:
+            apply_vae(self.pipe, profile)
+        if self.sim is None:
+            return run_job(self.pipe, job)
+        started = time.perf_counter()
+        n = len(job.seeds)
+        peak = predict_peak(job.width, job.height, n, profile)
+        with self.sim.running(peak.total, f"{job.width}x{job.height} n={n} under {profile.name}"):
+            images, _ = run_job(self.pipe, job, latents_hook=self.sim.latents_hook())
+            predicted = predict_seconds(job.width, job.height, n, job.steps, profile, self.sim.spec.speed)
+            self.sim.pace(started, predicted.total_s)
+        return images, time.perf_counter() - started
+
+    def _free_cache(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def record_routing_stats(self) -> dict:
+        """What the in-tier router ranks replicas by (Serve polls this; it reads only cached values)."""
+        capacity = None
+        free = None
+        if self.monitor is not None:
+            readings = self.monitor.latest()
+            if readings:
+                card = readings[0]
+                capacity = card.memory_total - card.foreign_memory  # what this replica could grow into
+                free = card.memory_free
+            else:
+                capacity = 0  # the card is lost: route nothing here
+        return {
+            "capacity_bytes": capacity,
+            "free_bytes": free,
+            "busy": self._busy_since is not None,
+            "seconds_per_step": self._step_seconds,
+        }
 
     def describe(self) -> dict:
         """What this replica is and runs, with a fresh reading of its card (for /v1/fleet and operators)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import secrets
 import time
 
@@ -20,11 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.memory import load_calibration
 from deployments.config import ServiceConfig
 from deployments.image_store import CONTENT_TYPES, ImageStore
-from deployments.routing import NoTierFits, plan_chunks, tier_profile
+from deployments.dispatch import ChunkExhausted, Dispatcher
+from deployments.routing import NoTierFits, tier_profile
+from deployments.scheduler import TiersFull
 from deployments.schemas import (
     MAX_SEED,
-    GenerationJob,
-    GenerationResult,
     ImageData,
     ImageGenerationRequest,
     ImageGenerationResponse,
@@ -101,7 +102,8 @@ class Ingress:
         self.images = ImageStore(config.image_store_mb << 20, config.image_ttl_s)
         self.model_names = {config.model_name, config.model}
         self.profiles = {tier.name: tier_profile(tier) for tier in config.tiers}
-        self.calibration = load_calibration()
+        self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration())
+        self._poller: asyncio.Future | None = None
         self._registry = None
 
     # -- API -------------------------------------------------------------------------------------------------
@@ -110,22 +112,38 @@ class Ingress:
     async def generations(self, body: ImageGenerationRequest, request: Request) -> ImageGenerationResponse:
         # 1. Check what the schema cannot: configured limits and the model name.
         self._check_limits(body)
+        self._start_polling()
         width, height = body.width, body.height
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - body.n + 1)
         if seed + body.n - 1 > MAX_SEED:
             raise ApiError(422, f"seed + n - 1 must be at most {MAX_SEED}; lower seed", "seed")
-        # 2. Plan: which tier, which chunks.
+        # 2. Admit, choose tiers, run the chunks (with retries elsewhere), within the request's time.
+        started = time.perf_counter()
+        task = asyncio.ensure_future(self.dispatcher.run(body, width, height, seed))
         try:
-            chunks = plan_chunks(self.config.tiers, self.profiles, width, height, body.steps, body.n, seed,
-                                 self.calibration)
+            outcome = await asyncio.wait_for(asyncio.shield(task), timeout=self.config.request_timeout_s)
         except NoTierFits as exc:
             raise ApiError(422, f"{exc}. Largest request each tier accepts: {exc.largest}", "size") from exc
-        # 3. Run the chunks in parallel and keep their order.
-        started = time.perf_counter()
-        results = await self._run_chunks(body, width, height, chunks)
-        # 4. Assemble.
+        except TiersFull as exc:
+            retry_after = max(1, math.ceil(exc.retry_after_s))
+            raise ApiError(503, f"{exc}", kind="server_busy", headers={"Retry-After": str(retry_after)}) from exc
+        except ChunkExhausted as exc:
+            raise ApiError(503, f"generation failed after retries: {exc}", kind="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        except asyncio.TimeoutError as exc:
+            task.cancel()
+            raise ApiError(504, f"generation took longer than {self.config.request_timeout_s:.0f} s; ask for fewer "
+                                "or smaller images", kind="timeout") from exc
+        except asyncio.CancelledError:
+            task.cancel()  # the client went away: stop queued chunks from running for nobody
+            raise
+        except Exception as exc:
+            logger.exception("generation failed")
+            raise ApiError(500, f"generation failed: {exc.__class__.__name__}: {str(exc)[:500]}",
+                           kind="server_error") from exc
+        # 3. Assemble, in seed order.
         data = []
-        for result in results:
+        for result in outcome.results:
             for image, image_seed in zip(result.images, result.seeds):
                 if body.response_format == "b64_json":
                     data.append(ImageData(b64_json=base64.b64encode(image).decode(), seed=image_seed))
@@ -143,9 +161,11 @@ class Ingress:
                 "seconds": round(time.perf_counter() - started, 4),
                 "chunks": [
                     {"tier": r.tier, "replica": r.replica, "device": r.device, "seeds": r.seeds,
-                     "seconds": round(r.seconds, 4), "seconds_per_step": round(r.seconds_per_step, 5)}
-                    for r in results
+                     "seconds": round(r.seconds, 4), "seconds_per_step": round(r.seconds_per_step, 5),
+                     "degraded": r.degraded}
+                    for r in outcome.results
                 ],
+                "retries": [retry.as_dict() for retry in outcome.retries],
             },
         )
 
@@ -237,37 +257,22 @@ class Ingress:
             raise ApiError(422, f"size {body.size} is larger than this service's {cfg.max_image_side} pixels per "
                                 "side", "size")
 
-    async def _run_chunks(self, body: ImageGenerationRequest, width: int, height: int, chunks) -> list[GenerationResult]:
-        from ray.serve.exceptions import BackPressureError
+    def _start_polling(self) -> None:
+        """Follow the fleet registry (live replicas, free memory per tier) from the first request on."""
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._poll_registry())
 
-        responses = []
-        for chunk in chunks:
-            job = GenerationJob(
-                prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height,
-                steps=body.steps, guidance_scale=body.guidance_scale, seeds=list(chunk.seeds),
-                output_format=body.output_format, quality=body.output_compression,
-            )
-            responses.append(self.generators[chunk.tier].generate.remote(job))
-        try:
-            return await asyncio.wait_for(asyncio.gather(*responses), timeout=self.config.request_timeout_s)
-        except BackPressureError as exc:
-            self._cancel(responses)
-            raise ApiError(503, "every replica that can serve this request is busy; retry later", kind="server_busy",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
-        except asyncio.TimeoutError as exc:
-            self._cancel(responses)
-            raise ApiError(504, f"generation took longer than {self.config.request_timeout_s:.0f} s; ask for fewer "
-                                "or smaller images", kind="timeout") from exc
-        except Exception as exc:
-            self._cancel(responses)
-            logger.exception("generation failed")
-            raise ApiError(500, f"generation failed: {exc.__class__.__name__}: {str(exc)[:500]}",
-                           kind="server_error") from exc
+    async def _poll_registry(self) -> None:
+        from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S, get_registry
 
-    @staticmethod
-    def _cancel(responses) -> None:
-        for response in responses:
-            response.cancel()
+        while True:
+            try:
+                if self._registry is None:
+                    self._registry = get_registry()
+                self.dispatcher.update_from_reports(await self._registry.replicas.remote())
+            except Exception:
+                logger.exception("reading the fleet registry failed; keeping the last known state")
+            await asyncio.sleep(ZIT_FLEET_REPORT_PERIOD_S)
 
     def _url(self, request: Request, path: str) -> str:
         base = self.config.public_url or str(request.base_url)

@@ -77,19 +77,34 @@ def load_pipeline(folder: Path, device: str = "cpu", dtype: "torch.dtype | None"
     return pipe
 
 
+class BadImages(RuntimeError):
+    """The pipeline produced NaN or all-black images."""
+
+
+# An image whose brightest pixel is at most this (of 255) is black: what NaN latents decode to.
+BLACK_MAX_LEVEL = 2
+
+
 def run_job(
-    pipe: "ZImagePipeline", job: "GenerationJob", on_step: Callable[[int, int], None] | None = None
+    pipe: "ZImagePipeline",
+    job: "GenerationJob",
+    on_step: Callable[[int, int], None] | None = None,
+    latents_hook: Callable | None = None,
 ) -> tuple[list[bytes], float]:
     """Generate the images of `job` and return them encoded, with the seconds the pipeline call took.
 
     Image i is drawn from its own generator seeded with job.seeds[i], on the CPU, so the same seed gives the same
-    image whether it is generated alone, in a batch, or on another replica.
+    image whether it is generated alone, in a batch, or on another replica. `latents_hook` sees the latents after
+    every step (a simulated faulty card uses it). Raises BadImages when an image comes out all black (NaN latents).
     """
+    import numpy as np
     import torch
 
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
 
     def step_end(pipeline, step: int, timestep, kwargs: dict) -> dict:
+        if latents_hook is not None:
+            kwargs["latents"] = latents_hook(kwargs["latents"])
         if on_step is not None:
             on_step(step + 1, job.steps)
         return kwargs
@@ -107,6 +122,9 @@ def run_job(
         callback_on_step_end=step_end,
     )
     seconds = time.perf_counter() - started
+    black = [seed for seed, image in zip(job.seeds, output.images) if np.asarray(image).max() <= BLACK_MAX_LEVEL]
+    if black:
+        raise BadImages(f"seeds {black} came out all black (NaN latents)")
     return [encode_image(image, job.output_format, job.quality) for image in output.images], seconds
 
 

@@ -40,17 +40,31 @@ class NoTierFits(ValueError):
 
 def tier_plans(
     tiers: list[TierConfig], profiles: dict[str, Profile], width: int, height: int, steps: int, n: int,
-    calibration: Calibration | None = None,
+    calibration: Calibration | None = None, budgets: dict[str, int] | None = None,
 ) -> list[TierPlan]:
-    """Every tier's plan for the request, in configured order (cheapest first)."""
+    """Every tier's plan for the request, in configured order (cheapest first).
+
+    `budgets` overrides a tier's memory budget (the live one: less when other processes hold memory on its cards).
+    """
     plans = []
     for tier in tiers:
         profile = profiles[tier.name]
+        budget = (budgets or {}).get(tier.name, tier_budget(tier))
         if tier.num_replicas == 0:
-            plans.append(TierPlan(tier.name, profile, tier_budget(tier), [], "tier has no replicas"))
+            plans.append(TierPlan(tier.name, profile, budget, [], "tier has no replicas"))
         else:
-            plans.append(plan_tier(tier.name, profile, tier_budget(tier), width, height, n, steps, calibration))
+            plans.append(plan_tier(tier.name, profile, budget, width, height, n, steps, calibration))
     return plans
+
+
+def no_tier_fits(plans: list[TierPlan], width: int, height: int, steps: int,
+                 calibration: Calibration | None = None) -> NoTierFits:
+    """The error for a request no tier takes: every tier's reason and the largest request it accepts."""
+    largest = {
+        p.tier: {**largest_request(p.profile, p.budget, width, height, calibration), "max_steps": p.profile.max_steps}
+        for p in plans
+    }
+    return NoTierFits(width, height, steps, {p.tier: p.reason for p in plans}, largest)
 
 
 def choose_tier(
@@ -65,11 +79,7 @@ def choose_tier(
     for plan in plans:
         if plan.fits:
             return plan
-    largest = {
-        p.tier: {**largest_request(p.profile, p.budget, width, height, calibration), "max_steps": p.profile.max_steps}
-        for p in plans
-    }
-    raise NoTierFits(width, height, steps, {p.tier: p.reason for p in plans}, largest)
+    raise no_tier_fits(plans, width, height, steps, calibration)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ class ImageGenerationRequest(BaseModel):
     background: str | None = Field(None, description="Ignored (OpenAI compatibility).")
     moderation: str | None = Field(None, description="Ignored (OpenAI compatibility).")
     output_compression: int | None = Field(None, ge=0, le=100, description="JPEG/WebP quality, 0..100.")
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive", description="Queue order on a busy tier: interactive requests go before batch ones."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -108,6 +111,7 @@ class GenerationJob(BaseModel):
     seeds: list[int] = Field(min_length=1)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int | None = None
+    predicted_peak: int = Field(0, ge=0, description="Bytes the memory model predicts on the tier's card; 0 unknown.")
 
 
 class GenerationResult(BaseModel):
@@ -120,3 +124,4 @@ class GenerationResult(BaseModel):
     device: str
     seconds: float
     seconds_per_step: float
+    degraded: bool = False

@@ -38,7 +38,7 @@ def test_tier_vram_is_the_nominal_size():
 
 
 def card(mib: int, bf16: bool = True):
-    return SimpleNamespace(tier=classify(mib * MIB), bf16=bf16, memory_total=mib * MIB)
+    return SimpleNamespace(tier=classify(mib * MIB), bf16=bf16, memory_total=mib * MIB, speed=None)
 
 
 def test_one_tier_per_class_present_smallest_first_one_replica_per_card():

@@ -1,0 +1,66 @@
+"""The time model: predicted seconds of a request on a card, before any step has been measured there.
+
+It is the prior the router starts from (the ingress replaces it with measured step times as chunks finish) and the
+clock of simulated cards. An ESTIMATE, not a measurement:
+
+- denoising, per step: the transformer's arithmetic, 2 x parameters x tokens for the linear layers plus
+  4 x layers x tokens^2 x width for attention, at EFFECTIVE_FLOPS of an RTX 4090 (speed 1.0) times the card's
+  relative `speed`; tokens = image tokens + the 512 prompt tokens, per image;
+- weights streamed over PCIe while denoising (group offload, sequential offload): the transformer's stored bytes
+  every step at PCIE_BYTES_S, overlapped with compute when a prefetch stream is used (max), added otherwise;
+- prompt encoding: the text encoder's arithmetic over 512 tokens, plus its stored bytes streamed when offloaded;
+- decode: VAE_SECONDS_PER_MEGAPIXEL per megapixel per image on an RTX 4090, divided by speed.
+float32 compute on cards without bf16 is already in their `speed` (fleet files give the speed the card reaches
+with the profile it runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.memory import Calibration, image_tokens, load_calibration
+from cluster.profiles import DTYPE_BYTES, Profile
+
+# Dense tensor throughput an RTX 4090 sustains on this transformer (its fp16-accumulate peak is 165 TFLOP/s).
+# Gives about 0.45 s per step at 1024x1024, about 5 s per image: the few seconds users report for 8 steps.
+EFFECTIVE_FLOPS = 150e12
+# Host-to-device copy rate a consumer board sustains with pinned memory (PCIe 4.0 x16 peaks at 32 GB/s; PCIe 3.0
+# boards and x8 slots are common in mixed fleets).
+PCIE_BYTES_S = 12e9
+# Flux-VAE decode of one megapixel on an RTX 4090 in bf16, tiled: about a quarter second.
+VAE_SECONDS_PER_MEGAPIXEL = 0.25
+# Transformer shape (Z-Image-Turbo): layers and width for the attention term.
+LAYERS, WIDTH = 30, 3840
+
+
+@dataclass(frozen=True)
+class Timing:
+    encode_s: float
+    denoise_s: float
+    decode_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.encode_s + self.denoise_s + self.decode_s
+
+    def per_step_s(self, steps: int) -> float:
+        return self.denoise_s / max(1, steps)
+
+
+def predict_seconds(
+    width: int, height: int, n: int, steps: int, profile: Profile, speed: float = 1.0,
+    calibration: Calibration | None = None,
+) -> Timing:
+    """Seconds to generate n images of width x height in `steps` steps under `profile` on a card of `speed`."""
+    cal = calibration or load_calibration()
+    tokens = image_tokens(width, height) + cal.prompt_tokens
+    flops_per_step = n * (2 * cal.transformer_params * tokens + 4 * LAYERS * tokens * tokens * WIDTH)
+    compute_s = flops_per_step / (EFFECTIVE_FLOPS * speed)
+    streamed = profile.weights in ("group_offload_block", "group_offload_leaf", "sequential_cpu_offload")
+    copy_s = cal.transformer_params * DTYPE_BYTES[profile.transformer_storage] / PCIE_BYTES_S if streamed else 0.0
+    step_s = max(compute_s, copy_s) if profile.offload_stream else compute_s + copy_s
+    encode_s = 2 * cal.text_encoder_params * cal.prompt_tokens / (EFFECTIVE_FLOPS * speed)
+    if profile.text_encoder != "gpu":
+        encode_s += cal.text_encoder_params * DTYPE_BYTES[profile.text_encoder_storage] / PCIE_BYTES_S
+    decode_s = n * VAE_SECONDS_PER_MEGAPIXEL * width * height / 1e6 / speed
+    return Timing(encode_s, steps * step_s, decode_s)

@@ -1,0 +1,224 @@
+"""From an admitted request to finished chunks: tier choice under load, bounded queues, retries elsewhere.
+
+For one request: 1. plan every tier for this size (memory model): which can hold an image and how many per call;
+2. cut the n images into chunks, choosing a tier for each with the live loads (`scheduler.choose_chunk_tier`);
+3. run the chunks in parallel, each through its tier's bounded queue and the tier's VRAM-aware router;
+4. retry a failed chunk where it can succeed: out of memory (after the replica's own degraded retry) on a larger
+   tier, NaN/black images on a tier with bf16, a dead replica on the same tier or another, at most MAX_ATTEMPTS
+   times; every retry is listed in the response. Results come back in seed order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cluster.memory import image_tokens, predict_peak
+from cluster.speed import predict_seconds
+from deployments.errors import ChunkBadImage, ChunkOutOfMemory
+from deployments.routing import NoTierFits, no_tier_fits, tier_budget, tier_plans
+from deployments.scheduler import SpeedBook, TierQueue, TiersFull, choose_chunk_tier
+from deployments.schemas import GenerationJob, GenerationResult, ImageGenerationRequest
+
+logger = logging.getLogger("ray.serve")
+
+# Attempts per chunk, the first included: one retry for a transient fault and one more after moving tier.
+MAX_ATTEMPTS = 3
+# Prompt tokens the pipeline pads every prompt to: part of each image's work.
+PROMPT_TOKENS = 512
+
+
+class ChunkExhausted(RuntimeError):
+    """A chunk failed on every tier it could go to; the message says where and why."""
+
+
+@dataclass
+class Retry:
+    seeds: list[int]
+    reason: str
+    from_tier: str
+    to_tier: str
+
+    def as_dict(self) -> dict:
+        return {"seeds": self.seeds, "reason": self.reason, "from": self.from_tier, "to": self.to_tier}
+
+
+@dataclass
+class Outcome:
+    results: list[GenerationResult]
+    retries: list[Retry] = field(default_factory=list)
+
+
+def work_units(width: int, height: int, n: int, steps: int) -> float:
+    """A chunk's work: image tokens (with the prompt's) x images x steps."""
+    return float((image_tokens(width, height) + PROMPT_TOKENS) * n * steps)
+
+
+class Dispatcher:
+    def __init__(self, tiers, profiles, generators, calibration):
+        self.tiers = {t.name: t for t in tiers}
+        self.order = [t.name for t in tiers]
+        self.profiles = profiles
+        self.generators = generators
+        self.calibration = calibration
+        self.queues = {t.name: TierQueue(t.name, t.num_replicas, t.max_queued_requests) for t in tiers}
+        self.speed = SpeedBook()
+        self.budgets = {t.name: tier_budget(t) for t in tiers}
+
+    # -- live state from the replicas' reports -----------------------------------------------------------------
+
+    def update_from_reports(self, replicas: list[dict]) -> None:
+        """Replica counts and memory budgets per tier from the fleet registry (called every few seconds)."""
+        live: dict[str, list[dict]] = {}
+        for report in replicas:
+            live.setdefault(report.get("tier"), []).append(report)
+        for name, tier in self.tiers.items():
+            reports = live.get(name, [])
+            if reports:
+                self.queues[name].set_replicas(len(reports))
+            capacities = [r["card"]["memory_total"] - r["card"].get("foreign_memory", 0)
+                          for r in reports if r.get("card") and "memory_total" in r["card"]]
+            if capacities and tier.vram_bytes is not None:
+                # A chunk needs one card that holds it; the router sends it only to such a card.
+                self.budgets[name] = min(tier.vram_bytes, max(capacities))
+
+    # -- one request ---------------------------------------------------------------------------------------------
+
+    def plan(self, width: int, height: int, steps: int, n: int):
+        """Tiers that can hold one image of this size now, cheapest first, with their chunks. NoTierFits if none."""
+        plans = tier_plans(list(self.tiers.values()), self.profiles, width, height, steps, n, self.calibration,
+                           self.budgets)
+        fitting = [p for p in plans if p.fits]
+        if not fitting:
+            raise no_tier_fits(plans, width, height, steps, self.calibration)
+        return fitting
+
+    def _seconds_per_unit(self, tier: str, width: int, height: int, steps: int) -> float:
+        predicted = predict_seconds(width, height, 1, steps, self.profiles[tier], self.tiers[tier].speed or 1.0,
+                                    self.calibration).total_s
+        return predicted / work_units(width, height, 1, steps) * self.speed.correction(tier)
+
+    def assign(self, fitting, width: int, height: int, steps: int, n: int, first_seed: int) -> list[tuple[str, list[int]]]:
+        """Cut n images into chunks and choose each chunk's tier with the loads as they would be. TiersFull if none."""
+        batch = {p.tier: max(p.chunks) for p in fitting}
+        loads = {
+            p.tier: self.queues[p.tier].load(self.tiers[p.tier].max_queued_requests,
+                                             self._seconds_per_unit(p.tier, width, height, steps))
+            for p in fitting
+        }
+        chunks, seed, remaining = [], first_seed, n
+        while remaining:
+            candidates = [(loads[p.tier], work_units(width, height, min(remaining, batch[p.tier]), steps))
+                          for p in fitting]
+            load = choose_chunk_tier(candidates)
+            size = min(remaining, batch[load.tier])
+            chunks.append((load.tier, list(range(seed, seed + size))))
+            if load.idle:
+                load.running += 1
+            else:
+                load.waiting += 1
+            load.backlog_units += work_units(width, height, size, steps)
+            seed += size
+            remaining -= size
+        return chunks
+
+    async def run(self, body: ImageGenerationRequest, width: int, height: int, first_seed: int) -> Outcome:
+        fitting = self.plan(width, height, body.steps, body.n)
+        chunks = self.assign(fitting, width, height, body.steps, body.n, first_seed)
+        outcome = Outcome([])
+        parts = await gather_or_cancel(*(self._chunk(body, width, height, tier, seeds, fitting, outcome)
+                                         for tier, seeds in chunks))
+        outcome.results = [result for part in parts for result in part]
+        return outcome
+
+    # -- one chunk, with retries ---------------------------------------------------------------------------------
+
+    async def _chunk(self, body, width, height, tier, seeds, fitting, outcome, attempt=1, tried=()) -> list:
+        tried = (*tried, tier)
+        try:
+            return [await self._attempt(body, width, height, tier, seeds)]
+        except Exception as exc:
+            reason = _failure_reason(exc)
+            if reason is None:
+                raise
+            if attempt >= MAX_ATTEMPTS:
+                raise ChunkExhausted(f"seeds {seeds[0]}..{seeds[-1]} failed {attempt} times, last on {tier}: "
+                                     f"{reason} ({str(exc).splitlines()[0][:300]})") from exc
+            target = self._fallback(reason, tier, fitting, tried)
+            if target is None:
+                raise ChunkExhausted(f"seeds {seeds[0]}..{seeds[-1]} failed on {tier} ({reason}) and no other tier "
+                                     f"can take them: {str(exc).splitlines()[0][:300]}") from exc
+            logger.warning("chunk %s failed on %s (%s); retrying on %s", seeds, tier, reason, target.tier)
+            outcome.retries.append(Retry(list(seeds), reason, tier, target.tier))
+            # The new tier may hold fewer images per call: cut the chunk to its batch, keep the seeds in order.
+            size = max(target.chunks)
+            parts = [seeds[i:i + size] for i in range(0, len(seeds), size)]
+            done = await gather_or_cancel(*(self._chunk(body, width, height, target.tier, part, fitting, outcome,
+                                                        attempt + 1, tried) for part in parts))
+            return [result for part in done for result in part]
+
+    def _fallback(self, reason: str, tier: str, fitting, tried):
+        """Where a failed chunk goes next: a larger tier after out-of-memory, a bf16 tier after black images, any
+        tier that can hold it (its own first) after a replica died."""
+        budget = self.budgets[tier]
+        for plan in fitting:
+            if reason == "replica_died" and (plan.tier == tier or plan.tier not in tried):
+                return plan
+            if plan.tier in tried:
+                continue
+            if reason == "out_of_memory" and self.budgets[plan.tier] > budget:
+                return plan
+            if reason == "bad_image" and self.tiers[plan.tier].bf16:
+                return plan
+        return None
+
+    async def _attempt(self, body, width, height, tier, seeds) -> GenerationResult:
+        n = len(seeds)
+        units = work_units(width, height, n, body.steps)
+        profile = self.profiles[tier]
+        job = GenerationJob(
+            prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
+            guidance_scale=body.guidance_scale, seeds=list(seeds), output_format=body.output_format,
+            quality=body.output_compression,
+            predicted_peak=predict_peak(width, height, n, profile, self.calibration).total,
+        )
+        queue = self.queues[tier]
+        await queue.acquire(body.priority, units)
+        try:
+            started = time.perf_counter()
+            result = await self.generators[tier].generate.remote(job)
+            predicted = predict_seconds(width, height, n, body.steps, profile, self.tiers[tier].speed or 1.0,
+                                        self.calibration).total_s
+            self.speed.record(tier, time.perf_counter() - started, predicted)
+            return result
+        finally:
+            queue.release(units)
+
+
+async def gather_or_cancel(*coros) -> list:
+    """asyncio.gather, but when one fails the others are cancelled (their chunks stop holding queue slots)."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+def _failure_reason(exc: BaseException) -> str | None:
+    """The retryable kind of a chunk failure, or None when it must not be retried."""
+    from ray.exceptions import RayActorError
+
+    if isinstance(exc, ChunkOutOfMemory):
+        return "out_of_memory"
+    if isinstance(exc, ChunkBadImage):
+        return "bad_image"
+    if isinstance(exc, RayActorError):
+        return "replica_died"
+    return None
+
+
+__all__ = ["ChunkExhausted", "Dispatcher", "Outcome", "Retry", "TiersFull", "NoTierFits"]

@@ -198,6 +198,9 @@ class CardSpec(BaseModel):
     foreign_memory_mib: int = Field(0, ge=0, description="Memory held by a process outside the cluster, MiB.")
     count: int = Field(1, ge=1, le=10000, description="Identical cards of this kind on this host.")
     fail: bool = Field(False, description="The card is lost: every NVML call on it fails with GPU-is-lost.")
+    oom_above_mib: int | None = Field(
+        None, gt=0, description="Fault: allocations fail above this much memory although NVML reports more."
+    )
     black_images: bool = Field(
         False, description="Fault: the card turns latents into NaN, as plain fp16 does on a card without bf16."
     )

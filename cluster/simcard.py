@@ -32,10 +32,14 @@ class SimulatedCard:
         self.held = 0
 
     def _available(self) -> tuple[int, int, int]:
-        """(total, held by others, free for this process beyond what it holds)."""
+        """(total, held by others, what this process can hold in all). A card with the oom_above fault gives less
+        than it reports."""
         snapshot = self.card.read()
         others = snapshot.memory_used - self.held
-        return snapshot.memory_total, others, snapshot.memory_total - others
+        usable = snapshot.memory_total
+        if self.spec.oom_above_mib is not None:
+            usable = min(usable, self.spec.oom_above_mib << 20)
+        return snapshot.memory_total, others, usable - others
 
     def _refuse(self, need: int, what: str) -> None:
         total, others, available = self._available()

@@ -35,8 +35,8 @@ def build_app(config: ServiceConfig) -> Application:
             max_queued_requests=tier.max_queued_requests,
             graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
             request_router_config=RequestRouterConfig(
-                request_router_class=VramAwareRouter,
                 request_routing_stats_period_s=ZIT_ROUTING_STATS_PERIOD_S,
+                **({"request_router_class": VramAwareRouter} if config.in_tier_router == "vram_aware" else {}),
             ),
             ray_actor_options={
                 "num_cpus": tier.num_cpus,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.tiers import MAX_IMAGE_SIDE, TierConfig, cpu_tier
@@ -50,7 +52,20 @@ class ServiceConfig(BaseModel):
     public_url: str | None = Field(
         None, description="Base URL clients reach the service at (for url responses); default: the request's host."
     )
-    ingress_replicas: int = Field(1, ge=1, description="Ingress replicas (URL-mode images live in the replica that made them).")
+    ingress_replicas: int = Field(
+        1, ge=1, description="Ingress replicas. Each keeps its own tier queues and URL-mode images; 1 is exact."
+    )
+    tier_policy: Literal["tier_aware", "round_robin", "largest"] = Field(
+        "tier_aware",
+        description=(
+            "How chunks choose a tier: tier_aware (memory model, load, retries elsewhere). round_robin and largest "
+            "are the baselines the benchmarks and tests measure against: they ignore the memory model (round_robin) "
+            "or use only the largest tier (largest), and never retry."
+        ),
+    )
+    in_tier_router: Literal["vram_aware", "ray_default"] = Field(
+        "vram_aware", description="Replica choice within a tier: VramAwareRouter, or Ray's PowerOfTwoChoices."
+    )
 
     @model_validator(mode="after")
     def _tier_names_unique(self) -> "ServiceConfig":

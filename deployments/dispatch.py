@@ -57,7 +57,10 @@ def work_units(width: int, height: int, n: int, steps: int) -> float:
 
 
 class Dispatcher:
-    def __init__(self, tiers, profiles, generators, calibration):
+    def __init__(self, tiers, profiles, generators, calibration, policy: str = "tier_aware"):
+        self.policy = policy
+        self.max_attempts = MAX_ATTEMPTS if policy == "tier_aware" else 1
+        self._rotation = 0
         self.tiers = {t.name: t for t in tiers}
         self.order = [t.name for t in tiers]
         self.profiles = profiles
@@ -124,9 +127,34 @@ class Dispatcher:
             remaining -= size
         return chunks
 
+    def assign_baseline(self, width: int, height: int, steps: int, n: int, first_seed: int):
+        """The baselines: `largest` sends every chunk to the largest tier (sized by the memory model there);
+        `round_robin` rotates chunks over all tiers, as many images per call as the profile allows, without asking
+        the memory model whether they fit."""
+        names = [name for name in self.order if self.tiers[name].num_replicas > 0]
+        chunks, seed, remaining = [], first_seed, n
+        while remaining:
+            if self.policy == "largest":
+                plan = self.plan(width, height, steps, n)[-1]
+                if plan.tier != names[-1]:
+                    raise no_tier_fits([plan], width, height, steps, self.calibration)
+                tier, size = plan.tier, min(remaining, max(plan.chunks))
+            else:
+                tier = names[self._rotation % len(names)]
+                self._rotation += 1
+                size = min(remaining, self.profiles[tier].max_n)
+            chunks.append((tier, list(range(seed, seed + size))))
+            seed += size
+            remaining -= size
+        return chunks, [p for p in tier_plans(list(self.tiers.values()), self.profiles, width, height, steps, n,
+                                              self.calibration, self.budgets) if p.fits]
+
     async def run(self, body: ImageGenerationRequest, width: int, height: int, first_seed: int) -> Outcome:
-        fitting = self.plan(width, height, body.steps, body.n)
-        chunks = self.assign(fitting, width, height, body.steps, body.n, first_seed)
+        if self.policy == "tier_aware":
+            fitting = self.plan(width, height, body.steps, body.n)
+            chunks = self.assign(fitting, width, height, body.steps, body.n, first_seed)
+        else:
+            chunks, fitting = self.assign_baseline(width, height, body.steps, body.n, first_seed)
         outcome = Outcome([])
         parts = await gather_or_cancel(*(self._chunk(body, width, height, tier, seeds, fitting, outcome)
                                          for tier, seeds in chunks))
@@ -143,7 +171,7 @@ class Dispatcher:
             reason = _failure_reason(exc)
             if reason is None:
                 raise
-            if attempt >= MAX_ATTEMPTS:
+            if attempt >= self.max_attempts:
                 raise ChunkExhausted(f"seeds {seeds[0]}..{seeds[-1]} failed {attempt} times, last on {tier}: "
                                      f"{reason} ({str(exc).splitlines()[0][:300]})") from exc
             target = self._fallback(reason, tier, fitting, tried)

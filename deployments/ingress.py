@@ -102,7 +102,7 @@ class Ingress:
         self.images = ImageStore(config.image_store_mb << 20, config.image_ttl_s)
         self.model_names = {config.model_name, config.model}
         self.profiles = {tier.name: tier_profile(tier) for tier in config.tiers}
-        self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration())
+        self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration(), config.tier_policy)
         self._poller: asyncio.Future | None = None
         self._registry = None
 

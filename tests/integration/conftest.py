@@ -1,4 +1,4 @@
-"""One local Ray cluster (CPU only) and one deployed service for the whole integration session."""
+"""One local Ray cluster (CPU only) and one deployed service per test module (system tests start their own)."""
 
 import socket
 
@@ -15,7 +15,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     import ray
 
@@ -33,12 +33,12 @@ def service_config() -> ServiceConfig:
     # max_n=2 so that n > 2 is split into chunks run in parallel by two replicas.
     return ServiceConfig(
         model="tiny",
-        tiers=[TierConfig(name="cpu", num_replicas=2, num_cpus=1, profile={"max_n": 2})],
+        tiers=[TierConfig(name="cpu", num_replicas=2, num_cpus=1, profile={"max_n": 2, "max_pixels": 1024 * 1024})],
         max_prompt_chars=200,
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def base_url(ray_cluster, service_config) -> str:
     from ray import serve
 

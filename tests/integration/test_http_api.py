@@ -96,6 +96,16 @@ def test_bad_requests_get_422_saying_what_to_change(client, body, param, says):
     assert says in error["message"]
 
 
+def test_request_too_large_for_every_tier_gets_422_with_the_largest_each_accepts(client):
+    response = client.post(GENERATE, json={"prompt": "a fox", "size": "2048x1024"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "size"
+    assert "no tier can generate 2048x1024" in error["message"]
+    assert "above profile cpu's max_pixels 1048576" in error["message"]
+    assert "'side_at_n1': 1024" in error["message"]  # the largest square it does accept
+
+
 def test_malformed_json_and_huge_body_are_refused(client):
     response = client.post(GENERATE, content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422 and "not valid JSON" in response.json()["error"]["message"]

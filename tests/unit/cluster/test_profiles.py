@@ -107,3 +107,59 @@ def test_accelerator_only_placements_refuse_the_cpu_with_the_fix(weights, tiny_p
     profile = resolve_profile("vram_24", True, {"weights": weights})
     with pytest.raises(ProfileError, match="needs a CUDA device.*group_offload_block"):
         apply_profile(tiny_pipe, profile, "cpu")
+
+
+# -- degraded_profile: the same card's out-of-memory retry ----------------------------------------------------------
+# (imported here: these tests were appended to the file)
+
+from cluster.memory import predict_peak  # noqa: E402
+from cluster.profiles import MIN_DEGRADED_TILE_PX, degraded_profile  # noqa: E402
+
+
+def test_degraded_profile_tiles_and_slices_with_half_the_tile():
+    profile = resolve_profile("vram_12", True, {"vae_tile_px": 1024})
+    degraded = degraded_profile(profile)
+    assert degraded.vae_tiling and degraded.vae_slicing
+    assert degraded.vae_tile_px == profile.vae_tile_px // 2
+    assert degraded.name != profile.name
+    assert degraded.weights == profile.weights and degraded.max_n == profile.max_n
+
+
+@pytest.mark.parametrize("overrides", [{"vae_tiling": False}, {"vae_slicing": False}, {"vae_tiling": False,
+                                                                                        "vae_slicing": False}])
+def test_degraded_profile_turns_on_what_was_off(overrides):
+    profile = resolve_profile("vram_24", True, overrides)
+    degraded = degraded_profile(profile)
+    assert degraded.vae_tiling and degraded.vae_slicing
+    assert degraded.vae_tile_px <= profile.vae_tile_px
+
+
+def test_degraded_tiles_never_go_below_the_minimum_and_then_nothing_is_left():
+    profile, tiles = resolve_profile("vram_24", True, {"vae_tile_px": 1984}), []
+    while (profile := degraded_profile(profile)) is not None:
+        assert len(tiles) < 10, tiles
+        tiles.append(profile.vae_tile_px)
+    assert tiles == sorted(tiles, reverse=True) and len(set(tiles)) == len(tiles)
+    assert min(tiles) == MIN_DEGRADED_TILE_PX
+    assert tiles[-2] // 2 < MIN_DEGRADED_TILE_PX  # halving again would have gone below it
+
+
+def test_nothing_left_to_degrade_at_the_smallest_tile_tiled_and_sliced():
+    smallest = resolve_profile("vram_4", False, {"vae_tile_px": MIN_DEGRADED_TILE_PX})
+    assert degraded_profile(smallest) is None
+    for off in ("vae_tiling", "vae_slicing"):
+        degraded = degraded_profile(resolve_profile("vram_4", False, {"vae_tile_px": MIN_DEGRADED_TILE_PX, off: False}))
+        assert degraded is not None and getattr(degraded, off)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"vae_tiling": False},
+    {"vae_tiling": False, "vae_slicing": False},
+    {"vae_tile_px": 2048},
+], ids=["untiled", "untiled unsliced", "tile as large as the image"])
+def test_degraded_profile_lowers_the_peak_of_a_decode_bound_request(overrides):
+    profile = resolve_profile("vram_24", True, {"max_n": 2, **overrides})
+    before = predict_peak(2048, 2048, 2, profile)
+    assert before.phase == "decode"
+    after = predict_peak(2048, 2048, 2, degraded_profile(profile))
+    assert after.vae < before.vae and after.total < before.total

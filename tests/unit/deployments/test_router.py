@@ -1,0 +1,54 @@
+"""The in-tier replica ranking (deployments/router.py `rank_replicas`): a pure function, no Ray Serve needed."""
+
+from deployments.router import ReplicaView, rank_replicas
+
+GIB = 1 << 30
+
+
+def ids(ranks):
+    assert all(len(rank) == 1 for rank in ranks), ranks
+    return [rank[0] for rank in ranks]
+
+
+def test_replicas_that_cannot_hold_the_need_are_never_ranked():
+    replicas = [ReplicaView("small", 4 * GIB), ReplicaView("exact", 6 * GIB), ReplicaView("large", 12 * GIB)]
+    assert sorted(ids(rank_replicas(replicas, 6 * GIB))) == ["exact", "large"]
+
+
+def test_a_replica_without_a_card_is_always_eligible():
+    replicas = [ReplicaView("cpu", None), ReplicaView("card", 2 * GIB)]
+    assert ids(rank_replicas(replicas, 100 * GIB)) == ["cpu"]
+
+
+def test_nothing_fits_gives_no_rank():
+    replicas = [ReplicaView("a", 4 * GIB), ReplicaView("b", 8 * GIB, busy=True)]
+    assert rank_replicas(replicas, 9 * GIB) == []
+    assert rank_replicas([], 1) == []
+
+
+def test_shorter_queue_ranks_first_whatever_the_speed_and_room():
+    replicas = [
+        ReplicaView("long", 24 * GIB, queue_len=3, seconds_per_step=0.1),
+        ReplicaView("short", 8 * GIB, queue_len=1, seconds_per_step=2.0),
+        ReplicaView("empty", 8 * GIB, queue_len=0, seconds_per_step=5.0),
+    ]
+    assert ids(rank_replicas(replicas, GIB)) == ["empty", "short", "long"]
+
+
+def test_a_busy_replica_counts_as_one_queued_request():
+    replicas = [
+        ReplicaView("busy", 24 * GIB, busy=True, seconds_per_step=0.1),
+        ReplicaView("two", 24 * GIB, queue_len=2, seconds_per_step=0.1),
+        ReplicaView("free", 8 * GIB, seconds_per_step=1.0),
+    ]
+    assert ids(rank_replicas(replicas, GIB)) == ["free", "busy", "two"]
+
+
+def test_at_equal_load_the_faster_replica_ranks_first():
+    replicas = [ReplicaView("slow", 24 * GIB, seconds_per_step=1.0), ReplicaView("fast", 8 * GIB, seconds_per_step=0.5)]
+    assert ids(rank_replicas(replicas, GIB)) == ["fast", "slow"]
+
+
+def test_at_equal_load_and_speed_more_room_ranks_first():
+    replicas = [ReplicaView("tight", 8 * GIB, seconds_per_step=0.5), ReplicaView("roomy", 12 * GIB, seconds_per_step=0.5)]
+    assert ids(rank_replicas(replicas, GIB)) == ["roomy", "tight"]

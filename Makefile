@@ -29,7 +29,7 @@ unit: $(STAMP)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/serve_overhead.py
+	$(BIN)/python -m bench.serve_overhead
 
 lock: $(STAMP)
 	( echo "# Exact versions the project is tested with; the Makefile and Dockerfile.gpu install with \`pip install -c requirements.lock\`."; \

@@ -4,7 +4,7 @@ Both sides run the tiny model at 256x256 with 9 steps, interleaved request by re
 both alike. The replica gets the same number of torch threads as this process. Prints a Markdown table; with
 --write it also appends it to docs/benchmarks.md.
 
-  .venv/bin/python bench/serve_overhead.py [--requests 60] [--size 256x256] [--write]
+  .venv/bin/python -m bench.serve_overhead [--requests 60] [--size 256x256] [--write]
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or "?"
+    except OSError:
+        return "?"
 
 
 def machine() -> str:
@@ -100,16 +108,12 @@ def main() -> None:
 
     p50_http, p50_local = statistics.median(http_s), statistics.median(local_s)
     p95_http, p95_local = percentile(http_s, 95), percentile(local_s, 95)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
     report = "\n".join([
         f"### Serve path overhead, {args.size}, {args.steps} steps, tiny model",
         "",
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit or '?'}, {machine()}, "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}, {machine()}, "
         f"torch {torch.__version__} with {threads} threads on both sides, {args.requests} requests each "
-        f"(after {args.warmup} warm-up), interleaved. Command: `python bench/serve_overhead.py`.",
+        f"(after {args.warmup} warm-up), interleaved. Command: `python -m bench.serve_overhead`.",
         "",
         "| path | p50 ms | p95 ms |",
         "| --- | --- | --- |",

@@ -8,8 +8,10 @@ children it starts (token auth, Ray's default, unless the operator set something
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 # Ray's GCS port on the head. 6379 is Ray's own default, so other Ray tools find the cluster without flags.
@@ -80,3 +82,48 @@ def stop() -> None:
     """Stop every Ray process started on this machine."""
     ensure_auth_mode()
     subprocess.run([ray_executable(), "stop", "--force"], capture_output=True, text=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None):
+    """Yield (cards, port) with Ray and Serve running in this process on one node per card of `fleet_file`.
+
+    Each card node gets what `zit up --fleet` gives it (cluster.node.card_node: num_gpus=1, its vram_<tier>
+    resource, labels, ZIT_FLEET_FILE), through ray.cluster_utils.Cluster instead of `ray start`, so tests and
+    benchmarks start and stop it without ending other Ray processes. `env` is set on every node.
+    """
+    import tempfile
+
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from cluster.node import nodes_for_cards
+    from cluster.nvml import ZIT_SIM_STATE_DIR_ENV, load_fleet
+
+    # A private driver-state folder: simulated memory held by earlier runs must not leak into this one.
+    state = tempfile.mkdtemp(prefix="zit-sim-state-")
+    os.environ[ZIT_SIM_STATE_DIR_ENV] = state
+    env = {**(env or {}), ZIT_SIM_STATE_DIR_ENV: state}
+    cards = load_fleet(fleet_file)
+    nodes, _ = nodes_for_cards(cards, fleet_file)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "env_vars": env})
+    for node in nodes:
+        cluster.add_node(num_cpus=2, num_gpus=1, resources=node.resources, labels=node.labels,
+                         env_vars={**node.env, **env})
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield [node.card for node in nodes], port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+        os.environ.pop(ZIT_SIM_STATE_DIR_ENV, None)

@@ -314,7 +314,8 @@ MIN_DEGRADED_TILE_PX = 256
 
 
 def degraded_profile(profile: Profile) -> Profile | None:
-    """The profile an out-of-memory retry runs with on the same card: VAE tiled and sliced, tiles half as large.
+    """The profile an out-of-memory retry runs with on the same card: VAE tiled and sliced; when it already was,
+    with tiles half as large (down to MIN_DEGRADED_TILE_PX).
 
     None when there is nothing left to degrade (then the work must go to a larger card).
     """

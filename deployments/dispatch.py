@@ -191,9 +191,11 @@ class Dispatcher:
         """Where a failed chunk goes next: a larger tier after out-of-memory, a bf16 tier after black images, any
         tier that can hold it (its own first) after a replica died."""
         budget = self.budgets[tier]
+        if reason == "replica_died":  # Serve replaces the replica; the tier's other cards can take the chunk now
+            own = [plan for plan in fitting if plan.tier == tier]
+            others = [plan for plan in fitting if plan.tier not in tried]
+            return (own or others or [None])[0]
         for plan in fitting:
-            if reason == "replica_died" and (plan.tier == tier or plan.tier not in tried):
-                return plan
             if plan.tier in tried:
                 continue
             if reason == "out_of_memory" and self.budgets[plan.tier] > budget:

@@ -2,8 +2,8 @@
 
 `rank_replicas` is the decision, a pure function: replicas whose card cannot hold the chunk's predicted peak (its
 capacity: total memory minus what other processes hold, from NVML via `record_routing_stats`) are never chosen;
-the rest are ranked by work on them (queue length, busy), then measured seconds per step (faster first), then
-capacity (more room first). With no replica able to hold the chunk it returns no rank and Serve keeps retrying
+the rest are ranked by work on them (queue length, busy), then measured seconds per step (faster first; a replica
+not measured yet counts as fastest, so new replicas get measured), then capacity (more room first). With no replica able to hold the chunk it returns no rank and Serve keeps retrying
 with backoff, so the chunk waits for memory to come back (bounded by the request's timeout) instead of failing on a
 card that is too full. `VramAwareRouter` adapts it to Ray Serve's RequestRouter interface.
 """

@@ -1,18 +1,11 @@
 """One local Ray cluster (CPU only) and one deployed service per test module (system tests start their own)."""
 
-import socket
-
 import httpx
 import pytest
 
+from cluster.local import free_port
 from cluster.tiers import TierConfig
 from deployments.config import ServiceConfig
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

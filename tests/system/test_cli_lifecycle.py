@@ -15,6 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from cluster.local import free_port
+
 pytestmark = [pytest.mark.system, pytest.mark.lifecycle]
 
 ZIT = [sys.executable, "-m", "cluster.cli"]
@@ -36,12 +38,6 @@ def ray_nodes() -> list[dict]:
             "for n in ray.nodes() if n['Alive']]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    from tests.integration.conftest import free_port as pick
-
-    return pick()
 
 
 @pytest.fixture()

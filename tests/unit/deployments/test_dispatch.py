@@ -221,8 +221,6 @@ def test_a_dead_replica_off_the_plan_goes_to_an_untried_tier_or_nowhere():
     assert fallback("replica_died", "vram_12", tuple(d.order), leave_out=("vram_12",))[1] is None
 
 
-@pytest.mark.xfail(strict=True, reason="_fallback's docstring says a dead replica's chunk retries on 'any tier that "
-                   "can hold it (its own first)', but it returns the cheapest untried tier before its own")
 def test_a_dead_replica_retries_on_its_own_tier_first():
     assert fallback("replica_died", "vram_12", ("vram_12",))[1].tier == "vram_12"
 

@@ -1,7 +1,5 @@
-"""The HTTP front door: OpenAI Images API, models, health. Validates, plans, fans chunks out to Generators.
-
-Errors use the OpenAI error shape `{"error": {"message", "type", "param", "code"}}` so OpenAI clients raise their
-usual exception types; every 4xx message says what to change.
+"""The HTTP front door: OpenAI Images API, models, fleet, health. Every API family reaches images through
+`Ingress.generate` (limits, admission, tier choice, chunks, retries); the app and its error shape are in http.py.
 """
 
 from __future__ import annotations
@@ -13,15 +11,14 @@ import math
 import secrets
 import time
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Request
+from fastapi.responses import Response
 
 from cluster.memory import load_calibration
 from deployments.config import ServiceConfig
+from deployments.dispatch import ChunkExhausted, Dispatcher, Outcome
+from deployments.http import ApiError, api
 from deployments.image_store import CONTENT_TYPES, ImageStore
-from deployments.dispatch import ChunkExhausted, Dispatcher
 from deployments.routing import NoTierFits, tier_profile
 from deployments.scheduler import TiersFull
 from deployments.schemas import (
@@ -33,64 +30,8 @@ from deployments.schemas import (
 
 logger = logging.getLogger("ray.serve")
 
-# A JSON body larger than this is refused before parsing (a 4000-character prompt is ~16 KB even fully escaped).
-MAX_BODY_BYTES = 1 << 20
-# What a client is told to wait after a 503 because every tier that could serve it is full.
+# What a client is told to wait after a 503 because a chunk failed everywhere it could go.
 RETRY_AFTER_S = 5
-
-api = FastAPI(title="ZIT Cluster", version="0.1.0", description="Z-Image-Turbo on a mixed GPU fleet.")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status, headers=exc.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """Turn pydantic's error list into one sentence per problem, naming the field."""
-    messages, first_param = [], None
-    for error in exc.errors():
-        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-        field = ".".join(loc) or "body"
-        first_param = first_param or field
-        if error.get("type") == "extra_forbidden":
-            messages.append(f"unknown field {field!r}: remove it (see /docs for the accepted fields)")
-        elif error.get("type") == "json_invalid":
-            messages.append("request body is not valid JSON")
-        elif error.get("type") == "missing":
-            messages.append(f"{field} is required")
-        else:
-            msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-            messages.append(f"{field}: {msg}")
-    return JSONResponse(error_body("; ".join(messages), "invalid_request_error", first_param), status_code=422)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
-
-
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        return JSONResponse(
-            error_body(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}", "invalid_request_error"),
-            status_code=413,
-        )
-    return await call_next(request)
 
 
 class Ingress:
@@ -110,38 +51,11 @@ class Ingress:
 
     @api.post("/v1/images/generations", response_model=ImageGenerationResponse, response_model_exclude_none=True)
     async def generations(self, body: ImageGenerationRequest, request: Request) -> ImageGenerationResponse:
-        # 1. Check what the schema cannot: configured limits and the model name.
-        self._check_limits(body)
-        self._start_polling()
-        width, height = body.width, body.height
-        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - body.n + 1)
-        if seed + body.n - 1 > MAX_SEED:
-            raise ApiError(422, f"seed + n - 1 must be at most {MAX_SEED}; lower seed", "seed")
-        # 2. Admit, choose tiers, run the chunks (with retries elsewhere), within the request's time.
+        """The OpenAI Images API."""
         started = time.perf_counter()
-        task = asyncio.ensure_future(self.dispatcher.run(body, width, height, seed))
-        try:
-            outcome = await asyncio.wait_for(asyncio.shield(task), timeout=self.config.request_timeout_s)
-        except NoTierFits as exc:
-            raise ApiError(422, f"{exc}. Largest request each tier accepts: {exc.largest}", "size") from exc
-        except TiersFull as exc:
-            retry_after = max(1, math.ceil(exc.retry_after_s))
-            raise ApiError(503, f"{exc}", kind="server_busy", headers={"Retry-After": str(retry_after)}) from exc
-        except ChunkExhausted as exc:
-            raise ApiError(503, f"generation failed after retries: {exc}", kind="server_busy",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
-        except asyncio.TimeoutError as exc:
-            task.cancel()
-            raise ApiError(504, f"generation took longer than {self.config.request_timeout_s:.0f} s; ask for fewer "
-                                "or smaller images", kind="timeout") from exc
-        except asyncio.CancelledError:
-            task.cancel()  # the client went away: stop queued chunks from running for nobody
-            raise
-        except Exception as exc:
-            logger.exception("generation failed")
-            raise ApiError(500, f"generation failed: {exc.__class__.__name__}: {str(exc)[:500]}",
-                           kind="server_error") from exc
-        # 3. Assemble, in seed order.
+        outcome = await self.generate(body)
+        width, height = body.width, body.height
+        # Assemble, in seed order.
         data = []
         for result in outcome.results:
             for image, image_seed in zip(result.images, result.seeds):
@@ -168,6 +82,38 @@ class Ingress:
                 "retries": [retry.as_dict() for retry in outcome.retries],
             },
         )
+
+    async def generate(self, body: ImageGenerationRequest) -> Outcome:
+        """Every API's one path to images: check, admit, route, run, retry; errors as ApiError with the fix."""
+        # 1. Check what the schema cannot: configured limits and the model name.
+        self._check_limits(body)
+        self._start_polling()
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - body.n + 1)
+        if seed + body.n - 1 > MAX_SEED:
+            raise ApiError(422, f"seed + n - 1 must be at most {MAX_SEED}; lower seed", "seed")
+        # 2. Admit, choose tiers, run the chunks (with retries elsewhere), within the request's time.
+        task = asyncio.ensure_future(self.dispatcher.run(body, body.width, body.height, seed))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout=self.config.request_timeout_s)
+        except NoTierFits as exc:
+            raise ApiError(422, f"{exc}. Largest request each tier accepts: {exc.largest}", "size") from exc
+        except TiersFull as exc:
+            retry_after = max(1, math.ceil(exc.retry_after_s))
+            raise ApiError(503, f"{exc}", kind="server_busy", headers={"Retry-After": str(retry_after)}) from exc
+        except ChunkExhausted as exc:
+            raise ApiError(503, f"generation failed after retries: {exc}", kind="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        except asyncio.TimeoutError as exc:
+            task.cancel()
+            raise ApiError(504, f"generation took longer than {self.config.request_timeout_s:.0f} s; ask for fewer "
+                                "or smaller images", kind="timeout") from exc
+        except asyncio.CancelledError:
+            task.cancel()  # the client went away: stop queued chunks from running for nobody
+            raise
+        except Exception as exc:
+            logger.exception("generation failed")
+            raise ApiError(500, f"generation failed: {exc.__class__.__name__}: {str(exc)[:500]}",
+                           kind="server_error") from exc
 
     @api.get("/v1/images/{name}")
     async def image(self, name: str) -> Response:

@@ -1,0 +1,72 @@
+"""The FastAPI app every HTTP route hangs on, its error shape, and request-level limits.
+
+Errors use the OpenAI error shape `{"error": {"message", "type", "param", "code"}}` so OpenAI clients raise their
+usual exception types; every 4xx message says what to change. Routes live on the Ingress class (and classes it
+inherits from, one per API family); Serve binds them to the replica (deployments/ingress.py).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# A JSON body larger than this is refused before parsing (a 4000-character prompt is ~16 KB even fully escaped).
+MAX_BODY_BYTES = 1 << 20
+
+api = FastAPI(title="ZIT Cluster", version="0.1.0", description="Z-Image-Turbo on a mixed GPU fleet.")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Turn pydantic's error list into one sentence per problem, naming the field."""
+    messages, first_param = [], None
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+        field = ".".join(loc) or "body"
+        first_param = first_param or field
+        if error.get("type") == "extra_forbidden":
+            messages.append(f"unknown field {field!r}: remove it (see /docs for the accepted fields)")
+        elif error.get("type") == "json_invalid":
+            messages.append("request body is not valid JSON")
+        elif error.get("type") == "missing":
+            messages.append(f"{field} is required")
+        else:
+            msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+            messages.append(f"{field}: {msg}")
+    return JSONResponse(error_body("; ".join(messages), "invalid_request_error", first_param), status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        return JSONResponse(
+            error_body(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}", "invalid_request_error"),
+            status_code=413,
+        )
+    return await call_next(request)
+
+

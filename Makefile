@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(BIN)/zit up $(ARGS)
 
+# The real tools the system tests drive (prometheus, chromium, helm) are installed by tests/tools/install.sh.
 # Lifecycle tests start and stop whole Ray clusters (`ray stop` ends every Ray process), so they run on their own.
 test: $(STAMP)
+	bash tests/tools/install.sh
 	$(BIN)/pytest -m "not lifecycle" $(PYTEST_ARGS)
 	$(BIN)/pytest -m lifecycle $(PYTEST_ARGS)
 

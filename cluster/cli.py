@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import signal
 import sys
 import threading
@@ -90,11 +91,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     except (ValidationError, OSError) as exc:
         _say(f"error: bad configuration: {exc}")
         return 2
+    from deployments.auth import KeyFileError, load_keys
     from deployments.pipeline import ModelNotFound, resolve_model
 
     try:  # fail here, with the fix, rather than in a replica's log
         model_path = resolve_model(config.model)
-    except ModelNotFound as exc:
+        if config.api_keys_file:
+            _say(f"API keys: {len(load_keys(config.api_keys_file))} from {config.api_keys_file}")
+    except (ModelNotFound, KeyFileError) as exc:
         _say(f"error: {exc}")
         return 2
 
@@ -298,7 +302,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         body["seed"] = args.seed
     _say(f"Generating {args.n} image(s) of {args.size} at {args.url} ...")
     try:
-        response = httpx.post(f"{args.url.rstrip('/')}/v1/images/generations", json=body, timeout=args.timeout)
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        response = httpx.post(f"{args.url.rstrip('/')}/v1/images/generations", json=body, timeout=args.timeout,
+                              headers=headers)
     except httpx.HTTPError as exc:
         _say(f"error: cannot reach {args.url} ({exc}); is the service up (`zit up`)?")
         return 1
@@ -370,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", type=Path, default=Path("out"))
     gen.add_argument("--url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default %(default)s)")
+    gen.add_argument("--api-key", default=os.environ.get("ZIT_API_KEY"), help="API key (default: $ZIT_API_KEY)")
     gen.set_defaults(func=cmd_generate)
 
     from cluster.planning import add_calibrate_parser, add_plan_parser

@@ -55,6 +55,12 @@ class ServiceConfig(BaseModel):
     ingress_replicas: int = Field(
         1, ge=1, description="Ingress replicas. Each keeps its own tier queues and URL-mode images; 1 is exact."
     )
+    api_keys_file: str | None = Field(
+        None, description="File of API keys (one per line, `name:key`); when set, every API call needs one."
+    )
+    rate_limit_per_minute: int | None = Field(
+        None, ge=1, description="Requests each API key may make per minute (token bucket); none when unset."
+    )
     tier_policy: Literal["tier_aware", "round_robin", "largest"] = Field(
         "tier_aware",
         description=(

@@ -59,6 +59,41 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
 
 
+class _AuthHolder:
+    """The replica's Authenticator (or None): one per process, set by the Ingress from its configuration."""
+
+    current = None
+
+
+AUTH = _AuthHolder()
+
+
+@api.middleware("http")
+async def _authenticate(request: Request, call_next):
+    """API keys and per-key rate limits, when the service has keys (`AUTH.current`, set by the Ingress)."""
+    import math
+
+    from deployments.auth import is_open
+
+    auth = AUTH.current
+    if auth is None or is_open(request.method, request.url.path):
+        return await call_next(request)
+    name = auth.identify(request.headers.get("authorization"))
+    if name is None:
+        return JSONResponse(
+            error_body("missing or unknown API key: send `Authorization: Bearer <key>`", "authentication_error"),
+            status_code=401, headers={"WWW-Authenticate": "Bearer"},
+        )
+    wait_s = auth.admit(name)
+    if wait_s is not None:
+        return JSONResponse(
+            error_body(f"rate limit of {auth.rate_per_minute} requests per minute reached for this key; retry in "
+                       f"{math.ceil(wait_s)} s", "rate_limit_error"),
+            status_code=429, headers={"Retry-After": str(math.ceil(wait_s))},
+        )
+    return await call_next(request)
+
+
 @api.middleware("http")
 async def _limit_body(request: Request, call_next):
     length = request.headers.get("content-length")

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from cluster.memory import load_calibration
 from deployments.config import ServiceConfig
 from deployments.dispatch import ChunkExhausted, Dispatcher, Outcome
-from deployments.http import ApiError, api
+from deployments.http import AUTH, ApiError, api
 from deployments.image_store import CONTENT_TYPES, ImageStore
 from deployments.routing import NoTierFits, tier_profile
 from deployments.scheduler import TiersFull
@@ -42,6 +42,10 @@ class Ingress:
         self.generators = generators  # tier name -> DeploymentHandle of that tier's Generator
         self.images = ImageStore(config.image_store_mb << 20, config.image_ttl_s)
         self.model_names = {config.model_name, config.model}
+        if config.api_keys_file:
+            from deployments.auth import Authenticator, load_keys
+
+            AUTH.current = Authenticator(load_keys(config.api_keys_file), config.rate_limit_per_minute)
         self.profiles = {tier.name: tier_profile(tier) for tier in config.tiers}
         self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration(), config.tier_policy)
         self._poller: asyncio.Future | None = None

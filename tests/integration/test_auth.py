@@ -1,0 +1,53 @@
+"""API keys and rate limits over real HTTP on a local Ray Serve."""
+
+import httpx
+import pytest
+
+from cluster.local import free_port
+from cluster.tiers import TierConfig
+from deployments.config import ServiceConfig
+
+pytestmark = pytest.mark.integration
+
+KEY = "zit-test-key-" + "k" * 24
+OTHER = "zit-other-key-" + "o" * 24
+GENERATE = "/v1/images/generations"
+BODY = {"prompt": "a fox", "size": "64x64", "steps": 1}
+
+
+@pytest.fixture(scope="module")
+def url(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from deployments.app import build_app
+
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(f"ci:{KEY}\nother:{OTHER}\n")
+    config = ServiceConfig(tiers=[TierConfig(name="cpu")], api_keys_file=str(keys), rate_limit_per_minute=4)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="zit", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def test_requests_without_a_valid_key_get_401(url):
+    for headers in ({}, {"Authorization": "Bearer wrong-key-wrong-key-wrong"}, {"Authorization": KEY}):
+        response = httpx.post(url + GENERATE, json=BODY, headers=headers, timeout=60)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert "Authorization: Bearer" in response.json()["error"]["message"]
+    assert httpx.get(url + "/v1/fleet", timeout=60).status_code == 401
+
+
+def test_health_stays_open_for_load_balancers(url):
+    assert httpx.get(url + "/healthz", timeout=60).status_code == 200
+
+
+def test_a_key_works_until_its_rate_limit_then_429_with_retry_after(url):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    statuses = [httpx.post(url + GENERATE, json=BODY, headers=headers, timeout=120).status_code for _ in range(5)]
+    assert statuses[:4] == [200] * 4 and statuses[4] == 429
+    limited = httpx.post(url + GENERATE, json=BODY, headers=headers, timeout=60)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    # Another key has its own budget.
+    assert httpx.post(url + GENERATE, json=BODY, headers={"Authorization": f"Bearer {OTHER}"},
+                      timeout=120).status_code == 200

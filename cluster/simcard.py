@@ -70,11 +70,15 @@ class SimulatedCard:
         finally:
             self.nvml.update_state(self.handle, _pid(), held=self.held, busy=False)
 
-    def pace(self, started: float, predicted_s: float) -> None:
-        """Sleep until `predicted_s` x ZIT_SIM_TIME_SCALE has passed since `started` (the card's simulated speed)."""
+    def pace(self, started: float, predicted_s: float, cancel=None) -> None:
+        """Wait until `predicted_s` x ZIT_SIM_TIME_SCALE has passed since `started` (the card's simulated speed), or
+        until `cancel` (a threading.Event) is set."""
         remaining = predicted_s * ZIT_SIM_TIME_SCALE - (time.perf_counter() - started)
         if remaining > 0:
-            time.sleep(remaining)
+            if cancel is None:
+                time.sleep(remaining)
+            else:
+                cancel.wait(remaining)
 
     def latents_hook(self):
         """What this card does to latents: NaN on a card with the black_images fault, else nothing."""

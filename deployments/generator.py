@@ -17,9 +17,14 @@ from cluster.tiers import TierConfig
 from cluster.profiles import apply_vae, degraded_profile
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.pipeline import BadImages, load_pipeline, resolve_model, run_job
+from deployments.progress import ReplicaProgress
 from deployments.schemas import GenerationJob, GenerationResult
 
 logger = logging.getLogger("ray.serve")
+
+
+class JobCancelled(RuntimeError):
+    """The caller went away; the pipeline stopped early."""
 
 
 def _replica_name() -> str:
@@ -96,6 +101,7 @@ class Generator:
         self._busy_since: float | None = None
         self._jobs = 0
         self._stop = threading.Event()
+        self.progress = ReplicaProgress()  # per-step reports for progress bars
         self._start_reporting()
         logger.info(
             "Generator %s (tier %s, profile %s) on %s loaded %s on %s/%s in %.2fs",
@@ -130,7 +136,7 @@ class Generator:
             degraded = None
             try:
                 try:
-                    images, seconds = await asyncio.to_thread(self._run, job, self.profile)
+                    images, seconds = await self._in_thread(job, self.profile)
                 except torch.OutOfMemoryError as exc:
                     self._free_cache()
                     degraded = degraded_profile(self.profile)
@@ -138,7 +144,7 @@ class Generator:
                         raise ChunkOutOfMemory(f"{self.tier.name}: {str(exc).splitlines()[0]}") from None
                     logger.warning("out of memory on %s; retrying with %s", self.replica, degraded.technique())
                     try:
-                        images, seconds = await asyncio.to_thread(self._run, job, degraded)
+                        images, seconds = await self._in_thread(job, degraded)
                     except torch.OutOfMemoryError as again:
                         self._free_cache()
                         raise ChunkOutOfMemory(f"{self.tier.name}: {str(again).splitlines()[0]}") from None
@@ -162,23 +168,48 @@ class Generator:
             degraded=degraded is not None,
         )
 
-    def _run(self, job: GenerationJob, profile) -> tuple[list[bytes], float]:
+    async def _in_thread(self, job: GenerationJob, profile) -> tuple[list[bytes], float]:
+        """Run the job in a worker thread. If the caller goes away (client disconnected, request timed out), the
+        pipeline stops at its next step and the card is free; the lock is held until the thread has really ended,
+        so the next job never shares the pipeline with an abandoned one."""
+        cancel = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(self._run, job, profile, cancel))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cancel.set()
+            try:
+                await work
+            except BaseException:  # the job was abandoned; how it ended does not matter
+                pass
+            logger.info("job %s cancelled by its caller; the pipeline stopped", job.seeds)
+            raise
+
+    def _run(self, job: GenerationJob, profile, cancel: threading.Event) -> tuple[list[bytes], float]:
         """One pipeline call under `profile` (a worker thread). A simulated card accounts the real model's memory,
         refuses what does not fit, and takes the time the real model would take there (scaled)."""
         from cluster.memory import predict_peak
         from cluster.speed import predict_seconds
 
+        report = self.progress.reporter(job)  # per-step progress of the request (deployments/progress.py)
+
+        def on_step(step: int, steps: int) -> None:
+            if cancel.is_set():
+                raise JobCancelled(f"cancelled at step {step} of {steps}")
+            if report is not None:
+                report(step, steps)
+
         if self.device == "cuda" and profile is not self.profile:
             apply_vae(self.pipe, profile)
         if self.sim is None:
-            return run_job(self.pipe, job)
+            return run_job(self.pipe, job, on_step=on_step)
         started = time.perf_counter()
         n = len(job.seeds)
         peak = predict_peak(job.width, job.height, n, profile)
         with self.sim.running(peak.total, f"{job.width}x{job.height} n={n} under {profile.name}"):
-            images, _ = run_job(self.pipe, job, latents_hook=self.sim.latents_hook())
+            images, _ = run_job(self.pipe, job, on_step=on_step, latents_hook=self.sim.latents_hook())
             predicted = predict_seconds(job.width, job.height, n, job.steps, profile, self.sim.spec.speed)
-            self.sim.pace(started, predicted.total_s)
+            self.sim.pace(started, predicted.total_s, cancel)
         return images, time.perf_counter() - started
 
     def _free_cache(self) -> None:

@@ -130,3 +130,26 @@ def test_models_and_health(client):
     assert models["object"] == "list" and models["data"][0]["id"] == "z-image-turbo"
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json()["tiers"] == ["cpu"]
+
+
+def test_an_abandoned_request_frees_its_replica(client, base_url):
+    """The client gives up after 1.5 s on a job of several seconds: the pipeline stops at its next step, so both
+    replicas are idle again long before the job would have ended."""
+    import time
+
+    import httpx
+
+    started = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(base_url + GENERATE, json={"prompt": "long", "size": "1024x1024", "n": 2, "steps": 50},
+                   timeout=1.5)
+    full_job_s = 2 * 50 / 9 * 1.5  # about 1.5 s per 9-step 1024x1024 image on this machine's tiny model
+    deadline = started + full_job_s / 2
+    while time.monotonic() < deadline:
+        replicas = client.get("/v1/fleet").json()["replicas"]
+        if replicas and not any(r["busy"] for r in replicas) and time.monotonic() - started > 4:
+            break
+        time.sleep(0.5)
+    replicas = client.get("/v1/fleet").json()["replicas"]
+    assert replicas and not any(r["busy"] for r in replicas), replicas
+    assert time.monotonic() < deadline

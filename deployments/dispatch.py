@@ -213,6 +213,7 @@ class Dispatcher:
             guidance_scale=body.guidance_scale, seeds=list(seeds), output_format=body.output_format,
             quality=body.output_compression,
             predicted_peak=predict_peak(width, height, n, profile, self.calibration).total,
+            request_id=body.request_id,
         )
         queue = self.queues[tier]
         await queue.acquire(body.priority, units)

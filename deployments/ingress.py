@@ -15,10 +15,12 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from cluster.memory import load_calibration
+from deployments.a1111 import A1111Api
 from deployments.config import ServiceConfig
 from deployments.dispatch import ChunkExhausted, Dispatcher, Outcome
 from deployments.http import AUTH, ApiError, api
 from deployments.image_store import CONTENT_TYPES, ImageStore
+from deployments.progress import ProgressApi, new_request_id
 from deployments.routing import NoTierFits, tier_profile
 from deployments.scheduler import TiersFull
 from deployments.schemas import (
@@ -34,7 +36,7 @@ logger = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 5
 
 
-class Ingress:
+class Ingress(A1111Api, ProgressApi):
     """Validates requests, picks a tier, splits n into chunks, runs them in parallel and assembles the response."""
 
     def __init__(self, config: ServiceConfig, generators: dict):
@@ -96,7 +98,10 @@ class Ingress:
         if seed + body.n - 1 > MAX_SEED:
             raise ApiError(422, f"seed + n - 1 must be at most {MAX_SEED}; lower seed", "seed")
         # 2. Admit, choose tiers, run the chunks (with retries elsewhere), within the request's time.
+        body.request_id = body.request_id or new_request_id()  # replicas report steps under it (progress.py)
+        self.track_progress(body.request_id, body)
         task = asyncio.ensure_future(self.dispatcher.run(body, body.width, body.height, seed))
+        task.add_done_callback(lambda _, request_id=body.request_id: self.untrack_progress(request_id))
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout=self.config.request_timeout_s)
         except NoTierFits as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from cluster.tiers import MAX_IMAGE_SIDE
 
@@ -83,6 +83,17 @@ class ImageGenerationRequest(BaseModel):
     def height(self) -> int:
         return parse_size(self.size)[1]
 
+    # Set by the ingress, never by a client: the id this request's progress is filed under (deployments/progress.py).
+    _request_id: str | None = PrivateAttr(None)
+
+    @property
+    def request_id(self) -> str | None:
+        return self._request_id
+
+    @request_id.setter
+    def request_id(self, value: str | None) -> None:
+        self._request_id = value
+
 
 class ImageData(BaseModel):
     b64_json: str | None = None
@@ -112,6 +123,7 @@ class GenerationJob(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int | None = None
     predicted_peak: int = Field(0, ge=0, description="Bytes the memory model predicts on the tier's card; 0 unknown.")
+    request_id: str | None = Field(None, description="The request's progress id; replicas report steps under it.")
 
 
 class GenerationResult(BaseModel):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from cluster.memory import image_tokens, predict_peak
 from cluster.speed import predict_seconds
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
+from deployments.metrics import ServiceMetrics
 from deployments.routing import NoTierFits, no_tier_fits, tier_budget, tier_plans
 from deployments.scheduler import SpeedBook, TierQueue, TiersFull, choose_chunk_tier
 from deployments.schemas import GenerationJob, GenerationResult, ImageGenerationRequest
@@ -57,7 +58,8 @@ def work_units(width: int, height: int, n: int, steps: int) -> float:
 
 
 class Dispatcher:
-    def __init__(self, tiers, profiles, generators, calibration, policy: str = "tier_aware"):
+    def __init__(self, tiers, profiles, generators, calibration, policy: str = "tier_aware",
+                 metrics: ServiceMetrics | None = None):
         self.policy = policy
         self.max_attempts = MAX_ATTEMPTS if policy == "tier_aware" else 1
         self._rotation = 0
@@ -69,6 +71,8 @@ class Dispatcher:
         self.queues = {t.name: TierQueue(t.name, t.num_replicas, t.max_queued_requests) for t in tiers}
         self.speed = SpeedBook()
         self.budgets = {t.name: tier_budget(t) for t in tiers}
+        self.metrics = metrics or ServiceMetrics(tiers)
+        self.metrics.fleet.watch_queues(self.queues)
 
     # -- live state from the replicas' reports -----------------------------------------------------------------
 
@@ -155,10 +159,12 @@ class Dispatcher:
             chunks = self.assign(fitting, width, height, body.steps, body.n, first_seed)
         else:
             chunks, fitting = self.assign_baseline(width, height, body.steps, body.n, first_seed)
+        self.metrics.fitting_tiers(plan.tier for plan in fitting)
         outcome = Outcome([])
         parts = await gather_or_cancel(*(self._chunk(body, width, height, tier, seeds, fitting, outcome)
                                          for tier, seeds in chunks))
         outcome.results = [result for part in parts for result in part]
+        self.metrics.served(outcome.results)
         return outcome
 
     # -- one chunk, with retries ---------------------------------------------------------------------------------
@@ -169,6 +175,7 @@ class Dispatcher:
             return [await self._attempt(body, width, height, tier, seeds)]
         except Exception as exc:
             reason = _failure_reason(exc)
+            self.metrics.chunk_failed(tier, reason)
             if reason is None:
                 raise
             if attempt >= self.max_attempts:
@@ -180,6 +187,7 @@ class Dispatcher:
                                      f"can take them: {str(exc).splitlines()[0][:300]}") from exc
             logger.warning("chunk %s failed on %s (%s); retrying on %s", seeds, tier, reason, target.tier)
             outcome.retries.append(Retry(list(seeds), reason, tier, target.tier))
+            self.metrics.retried(reason, tier, target.tier)
             # The new tier may hold fewer images per call: cut the chunk to its batch, keep the seeds in order.
             size = max(target.chunks)
             parts = [seeds[i:i + size] for i in range(0, len(seeds), size)]
@@ -216,13 +224,16 @@ class Dispatcher:
             request_id=body.request_id,
         )
         queue = self.queues[tier]
+        arrived = time.perf_counter()
         await queue.acquire(body.priority, units)
         try:
             started = time.perf_counter()
+            self.metrics.queue_waited(tier, started - arrived)
             result = await self.generators[tier].generate.remote(job)
             predicted = predict_seconds(width, height, n, body.steps, profile, self.tiers[tier].speed or 1.0,
                                         self.calibration).total_s
             self.speed.record(tier, time.perf_counter() - started, predicted)
+            self.metrics.chunk_done(tier, result, time.perf_counter() - started)
             return result
         finally:
             queue.release(units)

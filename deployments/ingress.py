@@ -20,6 +20,7 @@ from deployments.config import ServiceConfig
 from deployments.dispatch import ChunkExhausted, Dispatcher, Outcome
 from deployments.http import AUTH, ApiError, api
 from deployments.image_store import CONTENT_TYPES, ImageStore
+from deployments.metrics import install as install_metrics, note_request, record_requests
 from deployments.progress import ProgressApi, new_request_id
 from deployments.routing import NoTierFits, tier_profile
 from deployments.scheduler import TiersFull
@@ -31,6 +32,9 @@ from deployments.schemas import (
 )
 
 logger = logging.getLogger("ray.serve")
+
+# Outermost middleware (added last): counts every request with its route, status, tier and latency.
+api.middleware("http")(record_requests)
 
 # What a client is told to wait after a 503 because a chunk failed everywhere it could go.
 RETRY_AFTER_S = 5
@@ -50,6 +54,8 @@ class Ingress(A1111Api, ProgressApi):
             AUTH.current = Authenticator(load_keys(config.api_keys_file), config.rate_limit_per_minute)
         self.profiles = {tier.name: tier_profile(tier) for tier in config.tiers}
         self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration(), config.tier_policy)
+        self.metrics = self.dispatcher.metrics  # served at GET /metrics (deployments/metrics.py)
+        install_metrics(self.metrics)
         self._poller: asyncio.Future | None = None
         self._registry = None
 
@@ -105,11 +111,14 @@ class Ingress(A1111Api, ProgressApi):
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout=self.config.request_timeout_s)
         except NoTierFits as exc:
+            note_request(reason="no_tier_fits")
             raise ApiError(422, f"{exc}. Largest request each tier accepts: {exc.largest}", "size") from exc
         except TiersFull as exc:
+            note_request(reason="tiers_full")
             retry_after = max(1, math.ceil(exc.retry_after_s))
             raise ApiError(503, f"{exc}", kind="server_busy", headers={"Retry-After": str(retry_after)}) from exc
         except ChunkExhausted as exc:
+            note_request(reason="retries_exhausted")
             raise ApiError(503, f"generation failed after retries: {exc}", kind="server_busy",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
         except asyncio.TimeoutError as exc:
@@ -186,6 +195,13 @@ class Ingress(A1111Api, ProgressApi):
             })
         return {"cards": cards, "tiers": tiers, "replicas": replicas}
 
+    @api.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(self) -> Response:
+        """Prometheus text format: requests, latency, queues, replicas and every card, from cached state only."""
+        self._start_polling()  # card and replica metrics come from the registry poll
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.config.model_name, "tiers": [t.name for t in self.config.tiers]}
@@ -224,7 +240,13 @@ class Ingress(A1111Api, ProgressApi):
             try:
                 if self._registry is None:
                     self._registry = get_registry()
-                self.dispatcher.update_from_reports(await self._registry.replicas.remote())
+                reports = await self._registry.replicas.remote()
+                self.dispatcher.update_from_reports(reports)
+                self.metrics.fleet.observe_reports(reports)
+                if self.metrics.fleet.card_nodes_due():
+                    from deployments.registry import card_nodes
+
+                    self.metrics.fleet.observe_card_nodes(await asyncio.to_thread(card_nodes))
             except Exception:
                 logger.exception("reading the fleet registry failed; keeping the last known state")
             await asyncio.sleep(ZIT_FLEET_REPORT_PERIOD_S)

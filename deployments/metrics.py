@@ -1,0 +1,333 @@
+"""Every Prometheus metric of the service, declared once, with one prefix (`zit_`) and low-cardinality labels.
+
+The ingress replica is the one scrape endpoint (`GET /metrics` on the service's HTTP port). It holds three kinds of
+numbers, all in the `ServiceMetrics` of that replica (its own CollectorRegistry, so tests and benchmarks can make as
+many as they like):
+  1. what the ingress sees per HTTP request: requests, end-to-end latency, rejections (the `record_requests`
+     middleware, with the tier and the rejection reason the generate path notes for the request);
+  2. what the dispatcher sees per chunk: queue wait, generation time, images, seconds per step, out-of-memory
+     events, degradations, retries, demand per tier (`Dispatcher` calls the recording methods);
+  3. state read at scrape time by `FleetCollector`: queue depth per tier (the dispatcher's TierQueues), replicas
+     per tier and every card's NVML reading from the fleet registry reports the ingress already polls every 2 s,
+     and the card nodes from Ray's node table. A scrape therefore never calls NVML or Ray; it renders what is
+     cached (about 1 ms for 100 cards, see docs/benchmarks.md).
+
+Labels: endpoint (the route template, never the raw path), status (HTTP code), tier, card (the NVML uuid), model
+(the card's name), host, deployment, reason/outcome (short fixed words). Never a prompt, a request id or a key.
+Counters whose label values are known up front (one per tier) start at 0, so `rate()` and alerts see a series
+before the first event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter as Tally
+from contextvars import ContextVar
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "zit_"
+METRICS_PATH = "/metrics"
+# Label value for requests that produced no image (rejected, failed, or not an image endpoint).
+NO_TIER = "none"
+# Endpoint label of a request that matched no route (404s): one value, so unknown paths cannot blow up the series.
+UNMATCHED = "unmatched"
+# Statuses that mean "the service refused the work", and the reason recorded when the handler noted none.
+REJECTION_STATUSES = {401: "unauthorized", 413: "body_too_large", 422: "invalid_request", 429: "rate_limited",
+                      503: "busy"}
+# nginx's code for a client that went away before the answer; the request is counted, not lost.
+CLIENT_CLOSED = 499
+# Ray's node table is read this often for the card nodes (alive or dead): a GCS call, so less often than reports.
+CARD_NODES_PERIOD_S = 10.0
+
+# Buckets in seconds. Generation spans 0.05 s (tiny model, small image) to minutes (1024x1024 on a 4 GB card with
+# offload); the latency objective (docs/observability.md) sits on the 60 s bucket.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20)
+
+CARD_LABELS = ("card", "model", "tier", "host")
+
+# What one HTTP request learned on its way through the handler (its tier, why it was refused). The middleware puts
+# a fresh dict here; tasks the handler starts copy the context, so they write into the same dict.
+_request_note: ContextVar[dict | None] = ContextVar("zit_request_note", default=None)
+
+
+def note_request(**facts) -> None:
+    """Attach facts (tier=..., reason=...) to the HTTP request being handled; outside a request, do nothing."""
+    note = _request_note.get()
+    if note is not None:
+        note.update(facts)
+
+
+def served_tier(results) -> str:
+    """The tier a request counts under: the one that made most of its images (the larger one on a tie)."""
+    tally = Tally()
+    for result in results:
+        tally[result.tier] += len(result.images)
+    if not tally:
+        return NO_TIER
+    most = max(tally.values())
+    return [tier for tier, count in tally.items() if count == most][-1]
+
+
+class ServiceMetrics:
+    """All zit_ metrics of one ingress replica. `tiers`: the configured TierConfigs (names and replica targets)."""
+
+    def __init__(self, tiers=()):
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        tier_names = [tier.name for tier in tiers]
+        # 1. HTTP requests (the middleware).
+        self.requests = Counter("zit_requests", "HTTP requests answered by the ingress, by route, status and the "
+                                "tier that made their images ('none' when no image).",
+                                ["endpoint", "status", "tier"], registry=r)
+        self.request_seconds = Histogram("zit_request_duration_seconds", "End-to-end time of HTTP requests inside "
+                                         "the ingress.", ["endpoint", "tier"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejections = Counter("zit_rejections", "Requests the service refused (401, 413, 422, 429, 503), by reason.",
+                                  ["endpoint", "status", "reason"], registry=r)
+        # 2. Chunks (the dispatcher).
+        self.queue_wait = Histogram("zit_queue_wait_seconds", "Time a chunk waited in its tier's queue.", ["tier"],
+                                    buckets=QUEUE_BUCKETS, registry=r)
+        self.generation = Histogram("zit_generation_seconds", "Time a chunk took on a replica (the handle call).",
+                                    ["tier"], buckets=LATENCY_BUCKETS, registry=r)
+        self.step_seconds = Histogram("zit_seconds_per_step", "Seconds per denoising step of finished chunks.",
+                                      ["tier"], buckets=STEP_BUCKETS, registry=r)
+        self.images = Counter("zit_images", "Images generated.", ["tier"], registry=r)
+        self.chunks = Counter("zit_chunks", "Chunk attempts by outcome: ok, out_of_memory, bad_image, replica_died, "
+                              "error.", ["tier", "outcome"], registry=r)
+        self.oom = Counter("zit_out_of_memory", "Out-of-memory events: a replica's degraded retry on its own card, "
+                           "or a chunk that ran out of memory there.", ["tier"], registry=r)
+        self.degraded = Counter("zit_degraded", "Chunks that finished with the degraded profile after an "
+                                "out-of-memory error.", ["tier"], registry=r)
+        self.retries = Counter("zit_retries", "Chunks retried elsewhere, by reason, from tier and to tier.",
+                               ["reason", "tier", "to_tier"], registry=r)
+        self.demand = Counter("zit_tier_demand", "Requests the memory model says this tier can hold (whether or not "
+                              "it ran them).", ["tier"], registry=r)
+        for name in tier_names:
+            for counter in (self.images, self.oom, self.degraded, self.demand):
+                counter.labels(tier=name)
+            self.chunks.labels(tier=name, outcome="ok")
+        # 3. State at scrape time.
+        self.fleet = FleetCollector(tiers)
+        r.register(self.fleet)
+
+    # -- recording (cheap: a dict lookup and an add each) -----------------------------------------------------------
+
+    def request_done(self, endpoint: str, status: int, tier: str, seconds: float, reason: str | None = None) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status), tier=tier).inc()
+        self.request_seconds.labels(endpoint=endpoint, tier=tier).observe(seconds)
+        if status in REJECTION_STATUSES:
+            self.rejections.labels(endpoint=endpoint, status=str(status),
+                                   reason=reason or REJECTION_STATUSES[status]).inc()
+
+    def fitting_tiers(self, tiers) -> None:
+        for tier in tiers:
+            self.demand.labels(tier=tier).inc()
+
+    def queue_waited(self, tier: str, seconds: float) -> None:
+        self.queue_wait.labels(tier=tier).observe(seconds)
+
+    def chunk_done(self, tier: str, result, seconds: float) -> None:
+        """A chunk came back from `tier` after `seconds`; a degraded result means one out-of-memory on its card."""
+        self.generation.labels(tier=tier).observe(seconds)
+        self.chunks.labels(tier=tier, outcome="ok").inc()
+        self.images.labels(tier=tier).inc(len(result.images))
+        if result.seconds_per_step:
+            self.step_seconds.labels(tier=tier).observe(result.seconds_per_step)
+        if result.degraded:
+            self.degraded.labels(tier=tier).inc()
+            self.oom.labels(tier=tier).inc()
+
+    def chunk_failed(self, tier: str, reason: str | None) -> None:
+        self.chunks.labels(tier=tier, outcome=reason or "error").inc()
+        if reason == "out_of_memory":
+            self.oom.labels(tier=tier).inc()
+
+    def retried(self, reason: str, from_tier: str, to_tier: str) -> None:
+        self.retries.labels(reason=reason, tier=from_tier, to_tier=to_tier).inc()
+
+    def served(self, results) -> None:
+        note_request(tier=served_tier(results))
+
+    # -- scraping --------------------------------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of everything, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class FleetCollector(Collector):
+    """Queue depth, replicas and cards, rendered from what the ingress already holds; a scrape calls nothing remote.
+
+    `watch_queues` hands it the dispatcher's TierQueues; `observe_reports` the registry's replica reports (each with
+    `card` = GpuSnapshot.to_dict(), or that plus `error` when NVML failed); `observe_card_nodes` Ray's card nodes.
+    A card is `zit_card_up` 1 while its replica reports a reading, 0 once its reading fails or its replica stops
+    reporting; `zit_card_node_up` says whether Ray still sees the card's node (cards of a tier scaled to zero stay
+    node-up with no replica, so only a dead node means a card is missing).
+    """
+
+    def __init__(self, tiers=()):
+        self.tiers = list(tiers)
+        self.queues: dict = {}
+        self.reports: list[dict] = []
+        self.reported_at: float | None = None
+        self.cards: dict[str, dict[str, str]] = {}  # uuid -> card labels, for every card ever seen
+        self.nodes: dict[str, bool] = {}  # uuid -> node alive
+        self.nodes_read_at: float | None = None
+
+    def watch_queues(self, queues: dict) -> None:
+        self.queues = queues
+
+    def observe_reports(self, reports: list[dict]) -> None:
+        for report in reports:
+            card = report.get("card")
+            if card and card.get("uuid"):
+                self.cards[card["uuid"]] = _card_labels(card, report.get("tier"))
+        self.reports = reports
+        self.reported_at = time.monotonic()
+
+    def card_nodes_due(self) -> bool:
+        return self.nodes_read_at is None or time.monotonic() - self.nodes_read_at >= CARD_NODES_PERIOD_S
+
+    def observe_card_nodes(self, nodes: list[dict]) -> None:
+        """Ray's card nodes (deployments.registry.card_nodes): dicts with `alive` and the node's zit/ labels."""
+        from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_TIER
+
+        for node in nodes:
+            labels = node.get("labels") or {}
+            uuid = labels.get(LABEL_CARD)
+            if not uuid:
+                continue
+            self.nodes[uuid] = bool(node.get("alive"))
+            self.cards.setdefault(uuid, {"card": uuid, "model": labels.get(LABEL_MODEL, ""),
+                                         "tier": labels.get(LABEL_TIER, ""), "host": labels.get(LABEL_HOST, "")})
+        self.nodes_read_at = time.monotonic()
+
+    def collect(self):
+        yield from self._queues()
+        yield from self._replicas()
+        yield from self._cards()
+
+    def _queues(self):
+        running = GaugeMetricFamily("zit_queue_running", "Chunks of this ingress running on the tier.", labels=["tier"])
+        waiting = GaugeMetricFamily("zit_queue_waiting", "Chunks waiting in the tier's queue.", labels=["tier"])
+        limit = GaugeMetricFamily("zit_queue_limit", "Most chunks that may wait in the tier's queue.", labels=["tier"])
+        for name, queue in self.queues.items():
+            running.add_metric([name], queue.running)
+            waiting.add_metric([name], queue.waiting)
+            limit.add_metric([name], queue.limit)
+        return running, waiting, limit
+
+    def _replicas(self):
+        live = GaugeMetricFamily("zit_replicas", "Generator replicas reporting to the fleet registry.",
+                                 labels=["tier", "deployment"])
+        busy = GaugeMetricFamily("zit_replicas_busy", "Replicas running a job at their last report.",
+                                 labels=["tier", "deployment"])
+        target = GaugeMetricFamily("zit_replicas_target", "Replicas configured for the tier.",
+                                   labels=["tier", "deployment"])
+        per_tier = Tally(r.get("tier") for r in self.reports)
+        busy_tier = Tally(r.get("tier") for r in self.reports if r.get("busy"))
+        for tier in self.tiers:
+            labels = [tier.name, f"Generator_{tier.name}"]
+            live.add_metric(labels, per_tier.get(tier.name, 0))
+            busy.add_metric(labels, busy_tier.get(tier.name, 0))
+            target.add_metric(labels, tier.num_replicas)
+        families = [live, busy, target]
+        if self.reported_at is not None:
+            age = GaugeMetricFamily("zit_fleet_report_age_seconds", "Seconds since the ingress last read the fleet "
+                                    "registry (card and replica metrics are this old).")
+            age.add_metric([], time.monotonic() - self.reported_at)
+            families.append(age)
+        return families
+
+    def _cards(self):
+        def family(name, help_text):
+            return GaugeMetricFamily(name, help_text, labels=list(CARD_LABELS))
+
+        up = family("zit_card_up", "1 while the card's replica reports an NVML reading; 0 when the reading failed or "
+                                   "the replica stopped reporting.")
+        node_up = family("zit_card_node_up", "1 while Ray sees the card's node alive; 0 when the node is dead.")
+        used = family("zit_card_memory_used_bytes", "Card memory in use, all processes (NVML).")
+        total = family("zit_card_memory_total_bytes", "Card memory in total (NVML).")
+        util = family("zit_card_utilization_ratio", "GPU utilisation over NVML's last sample period, 0..1.")
+        temp = family("zit_card_temperature_celsius", "GPU temperature.")
+        power = family("zit_card_power_watts", "Board power draw.")
+        reading = {}
+        for report in self.reports:
+            card = report.get("card")
+            if card and card.get("uuid"):
+                reading[card["uuid"]] = card
+        for uuid, labels in self.cards.items():
+            values = [labels[key] for key in CARD_LABELS]
+            if uuid in self.nodes:
+                node_up.add_metric(values, 1.0 if self.nodes[uuid] else 0.0)
+            card = reading.get(uuid)
+            ok = card is not None and not card.get("error") and card.get("memory_total") is not None
+            up.add_metric(values, 1.0 if ok else 0.0)
+            if not ok:
+                continue  # no stale numbers for a card that is not reporting
+            used.add_metric(values, card["memory_used"])
+            total.add_metric(values, card["memory_total"])
+            for gauge, key, scale in ((util, "utilization_pct", 0.01), (temp, "temperature_c", 1.0),
+                                      (power, "power_w", 1.0)):
+                if card.get(key) is not None:  # NVML leaves out what a card does not support
+                    gauge.add_metric(values, card[key] * scale)
+        return up, node_up, used, total, util, temp, power
+
+
+def _card_labels(card: dict, tier: str | None) -> dict[str, str]:
+    return {"card": card["uuid"], "model": card.get("name") or "", "tier": tier or card.get("tier") or "",
+            "host": card.get("host") or ""}
+
+
+# -- the HTTP side ---------------------------------------------------------------------------------------------------
+
+# Serve freezes a copy of the FastAPI app when the Ingress class is decorated, so a middleware cannot reach the
+# Ingress instance through app.state. Each ingress replica process holds exactly one Ingress, which installs its
+# metrics here when it starts.
+_installed: ServiceMetrics | None = None
+
+
+def install(metrics: ServiceMetrics | None) -> None:
+    """Make `metrics` the ones `record_requests` records into (the Ingress of this process calls this once)."""
+    global _installed
+    _installed = metrics
+
+
+def _endpoint(request) -> str:
+    """The route template that handled (or would handle) the request: '/v1/images/{name}', never the raw path."""
+    from starlette.routing import Match
+
+    route = request.scope.get("route")
+    if route is None:  # answered before routing (413 from the body limit): find the route it was meant for
+        for candidate in getattr(request.app, "routes", ()):
+            if candidate.matches(request.scope)[0] == Match.FULL:
+                route = candidate
+                break
+    return getattr(route, "path", None) or UNMATCHED
+
+
+async def record_requests(request, call_next):
+    """HTTP middleware: count every request but the scrape itself, with its route, status, tier and latency."""
+    metrics = _installed
+    if metrics is None or request.url.path == METRICS_PATH:
+        return await call_next(request)
+    note: dict = {}
+    token = _request_note.set(note)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        _request_note.reset(token)
+        metrics.request_done(_endpoint(request), status, note.get("tier", NO_TIER), time.perf_counter() - started,
+                             note.get("reason"))

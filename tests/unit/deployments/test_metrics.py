@@ -1,0 +1,374 @@
+"""deployments/metrics.py: names, labels, what each recording call adds, the fleet collector's output from registry
+reports (no NVML, no Ray), the request middleware on a plain FastAPI app, and the dispatcher's recording calls."""
+
+import asyncio
+import re
+from types import SimpleNamespace
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
+
+from cluster.memory import load_calibration
+from cluster.nvml import load_fleet
+from cluster.tiers import GIB, card_tier
+from deployments import metrics as metrics_module
+from deployments.dispatch import Dispatcher
+from deployments.errors import ChunkOutOfMemory
+from deployments.metrics import (
+    CARD_LABELS,
+    NO_TIER,
+    UNMATCHED,
+    ServiceMetrics,
+    note_request,
+    record_requests,
+    served_tier,
+)
+from deployments.routing import tier_profile
+from deployments.scheduler import TierQueue
+from deployments.schemas import GenerationResult, ImageGenerationRequest
+
+MIB = 1 << 20
+# The only label names a zit_ series may carry (plus Prometheus' own `le` on histogram buckets).
+ALLOWED_LABELS = {"endpoint", "status", "tier", "card", "model", "host", "deployment", "reason", "outcome", "to_tier",
+                  "le"}
+FLEET = "cluster/fleets/mixed.yaml"
+
+
+def tiers():
+    return [
+        card_tier("vram_4", 1, bf16=False, vram_bytes=3911 * MIB, speed=0.08),
+        card_tier("vram_12", 2, bf16=True, vram_bytes=12 * GIB, speed=0.35),
+        card_tier("vram_24", 1, bf16=True, vram_bytes=24564 * MIB, speed=1.0),
+    ]
+
+
+def samples(metrics: ServiceMetrics) -> dict[str, list]:
+    """Rendered exposition, parsed back: sample name -> [(labels, value)]."""
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def value(metrics: ServiceMetrics, name: str, **labels) -> float | None:
+    for got, v in samples(metrics).get(name, []):
+        if all(got.get(k) == str(want) for k, want in labels.items()):
+            return v
+    return None
+
+
+def result(tier="vram_12", images=2, degraded=False, seconds_per_step=0.05) -> GenerationResult:
+    return GenerationResult(images=[b"png"] * images, seeds=list(range(images)), tier=tier, replica="r1", device="cpu",
+                            seconds=0.5, seconds_per_step=seconds_per_step, degraded=degraded)
+
+
+def report(card, tier=None, busy=False, **card_overrides) -> dict:
+    return {"replica": f"rep-{card.uuid[-6:]}", "tier": tier or card.tier, "busy": busy,
+            "card": {**card.to_dict(), **card_overrides}}
+
+
+# -- names and labels --------------------------------------------------------------------------------------------
+
+
+def test_every_series_has_the_zit_prefix_and_only_low_cardinality_labels():
+    m = ServiceMetrics(tiers())
+    m.request_done("/v1/images/generations", 200, "vram_12", 1.2)
+    m.request_done("/v1/images/generations", 422, NO_TIER, 0.01)
+    m.chunk_done("vram_12", result(degraded=True), 0.4)
+    m.chunk_failed("vram_4", "out_of_memory")
+    m.retried("out_of_memory", "vram_4", "vram_12")
+    m.queue_waited("vram_12", 0.02)
+    m.fitting_tiers(["vram_12", "vram_24"])
+    m.fleet.watch_queues({t.name: TierQueue(t.name, t.num_replicas, 32) for t in tiers()})
+    m.fleet.observe_reports([report(card) for card in load_fleet(FLEET)])
+    names = samples(m)
+    assert names and all(name.startswith("zit_") for name in names)
+    for name, rows in names.items():
+        for labels, _ in rows:
+            assert set(labels) <= ALLOWED_LABELS, (name, labels)
+    expected = {
+        "zit_requests_total", "zit_request_duration_seconds_bucket", "zit_rejections_total",
+        "zit_queue_wait_seconds_bucket", "zit_generation_seconds_bucket", "zit_seconds_per_step_bucket",
+        "zit_images_total", "zit_chunks_total", "zit_out_of_memory_total", "zit_degraded_total", "zit_retries_total",
+        "zit_tier_demand_total", "zit_queue_running", "zit_queue_waiting", "zit_queue_limit", "zit_replicas",
+        "zit_replicas_busy", "zit_replicas_target", "zit_fleet_report_age_seconds", "zit_card_up",
+        "zit_card_memory_used_bytes", "zit_card_memory_total_bytes", "zit_card_utilization_ratio",
+        "zit_card_temperature_celsius", "zit_card_power_watts",
+    }
+    assert expected <= set(names), expected - set(names)
+
+
+def test_no_prompt_or_request_id_reaches_a_label():
+    m = ServiceMetrics(tiers())
+    app = _app(m)
+    TestClient(app).post("/generate", json={"prompt": "a secret prompt", "request_id": "req-123"})
+    body = m.render()[0].decode()
+    assert "secret" not in body and "req-123" not in body
+
+
+def test_per_tier_counters_start_at_zero_for_every_configured_tier():
+    m = ServiceMetrics(tiers())
+    for name in ("zit_images_total", "zit_out_of_memory_total", "zit_degraded_total", "zit_tier_demand_total"):
+        assert {labels["tier"]: v for labels, v in samples(m)[name]} == {"vram_4": 0, "vram_12": 0, "vram_24": 0}
+    assert value(m, "zit_chunks_total", tier="vram_24", outcome="ok") == 0
+
+
+# -- recording ---------------------------------------------------------------------------------------------------
+
+
+def test_a_finished_chunk_counts_images_time_steps_and_a_degradation_as_one_out_of_memory():
+    m = ServiceMetrics(tiers())
+    m.chunk_done("vram_12", result(images=3, degraded=True, seconds_per_step=0.04), 0.7)
+    assert value(m, "zit_images_total", tier="vram_12") == 3
+    assert value(m, "zit_generation_seconds_count", tier="vram_12") == 1
+    assert value(m, "zit_generation_seconds_sum", tier="vram_12") == pytest.approx(0.7)
+    assert value(m, "zit_seconds_per_step_bucket", tier="vram_12", le="0.05") == 1
+    assert value(m, "zit_degraded_total", tier="vram_12") == 1
+    assert value(m, "zit_out_of_memory_total", tier="vram_12") == 1
+    assert value(m, "zit_chunks_total", tier="vram_12", outcome="ok") == 1
+
+
+def test_failed_chunks_count_by_outcome_and_out_of_memory_also_as_an_oom_event():
+    m = ServiceMetrics(tiers())
+    m.chunk_failed("vram_4", "out_of_memory")
+    m.chunk_failed("vram_4", "bad_image")
+    m.chunk_failed("vram_4", None)
+    assert value(m, "zit_chunks_total", tier="vram_4", outcome="out_of_memory") == 1
+    assert value(m, "zit_chunks_total", tier="vram_4", outcome="bad_image") == 1
+    assert value(m, "zit_chunks_total", tier="vram_4", outcome="error") == 1
+    assert value(m, "zit_out_of_memory_total", tier="vram_4") == 1
+
+
+def test_rejections_carry_the_noted_reason_or_the_status_default():
+    m = ServiceMetrics(tiers())
+    m.request_done("/v1/images/generations", 422, NO_TIER, 0.01, reason="no_tier_fits")
+    m.request_done("/v1/images/generations", 422, NO_TIER, 0.01)
+    m.request_done("/v1/images/generations", 503, NO_TIER, 0.01, reason="tiers_full")
+    m.request_done("/v1/images/generations", 200, "vram_4", 0.5)
+    m.request_done("/v1/images/generations", 504, NO_TIER, 300)
+    rejections = {(labels["status"], labels["reason"]): v for labels, v in samples(m)["zit_rejections_total"]}
+    assert rejections == {("422", "no_tier_fits"): 1, ("422", "invalid_request"): 1, ("503", "tiers_full"): 1}
+
+
+def test_a_request_counts_under_the_tier_that_made_most_of_its_images():
+    assert served_tier([result("vram_4", 1), result("vram_12", 3)]) == "vram_12"
+    assert served_tier([result("vram_4", 2), result("vram_12", 2)]) == "vram_12"  # a tie: the later (larger) tier
+    assert served_tier([]) == NO_TIER
+
+
+# -- the fleet collector: reports in, gauges out, nothing called ---------------------------------------------------
+
+
+def test_cards_from_reports_become_labelled_gauges_in_bytes_ratio_celsius_and_watts():
+    cards = load_fleet(FLEET)
+    m = ServiceMetrics(tiers())
+    m.fleet.observe_reports([report(card, busy=card.tier == "vram_24") for card in cards])
+    rows = samples(m)
+    assert len(rows["zit_card_up"]) == len(cards) and all(v == 1 for _, v in rows["zit_card_up"])
+    by_card = {labels["card"]: labels for labels, _ in rows["zit_card_memory_total_bytes"]}
+    for card in cards:
+        labels = by_card[card.uuid]
+        assert set(labels) == set(CARD_LABELS)
+        assert (labels["model"], labels["tier"], labels["host"]) == (card.name, card.tier, card.host)
+        assert value(m, "zit_card_memory_total_bytes", card=card.uuid) == card.memory_total
+        assert value(m, "zit_card_memory_used_bytes", card=card.uuid) == card.memory_used
+    one = cards[0]
+    reading = report(one, utilization_pct=75.0, temperature_c=66.0, power_w=120.5)
+    m.fleet.observe_reports([reading])
+    assert value(m, "zit_card_utilization_ratio", card=one.uuid) == pytest.approx(0.75)
+    assert value(m, "zit_card_temperature_celsius", card=one.uuid) == 66.0
+    assert value(m, "zit_card_power_watts", card=one.uuid) == 120.5
+
+
+def test_a_card_whose_reading_failed_or_whose_replica_went_quiet_is_down_without_stale_numbers():
+    a, b, c = load_fleet(FLEET)[:3]
+    m = ServiceMetrics(tiers())
+    m.fleet.observe_reports([report(a), report(b), report(c)])
+    m.fleet.observe_reports([report(a), report(b, error="NVMLError_GpuIsLost: GPU is lost")])
+    assert value(m, "zit_card_up", card=a.uuid) == 1
+    assert value(m, "zit_card_up", card=b.uuid) == 0 and value(m, "zit_card_up", card=c.uuid) == 0
+    assert value(m, "zit_card_memory_used_bytes", card=b.uuid) is None
+    assert value(m, "zit_card_memory_used_bytes", card=c.uuid) is None
+
+
+def test_a_card_without_power_or_temperature_support_leaves_those_series_out():
+    card = load_fleet(FLEET)[0]
+    m = ServiceMetrics(tiers())
+    m.fleet.observe_reports([report(card, power_w=None, temperature_c=None)])
+    assert value(m, "zit_card_power_watts", card=card.uuid) is None
+    assert value(m, "zit_card_temperature_celsius", card=card.uuid) is None
+    assert value(m, "zit_card_memory_used_bytes", card=card.uuid) == card.memory_used
+
+
+def test_card_nodes_from_ray_say_which_cards_are_missing_even_without_a_replica():
+    from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_TIER
+
+    m = ServiceMetrics(tiers())
+    assert m.fleet.card_nodes_due()
+    m.fleet.observe_card_nodes([
+        {"alive": True, "labels": {LABEL_CARD: "GPU-a", LABEL_TIER: "vram_4", LABEL_MODEL: "gtx-1650",
+                                   LABEL_HOST: "host-a"}},
+        {"alive": False, "labels": {LABEL_CARD: "GPU-b", LABEL_TIER: "vram_12", LABEL_MODEL: "rtx-3060",
+                                    LABEL_HOST: "host-b"}},
+        {"alive": True, "labels": {}},  # the head node: not a card
+    ])
+    assert not m.fleet.card_nodes_due()
+    assert value(m, "zit_card_node_up", card="GPU-a", tier="vram_4", host="host-a") == 1
+    assert value(m, "zit_card_node_up", card="GPU-b") == 0
+    assert value(m, "zit_card_up", card="GPU-b") == 0
+    assert len(samples(m)["zit_card_node_up"]) == 2
+
+
+def test_replicas_per_tier_include_tiers_with_none_and_their_targets():
+    cards = load_fleet(FLEET)
+    twelve = next(card for card in cards if card.tier == "vram_12")
+    m = ServiceMetrics(tiers())
+    m.fleet.observe_reports([report(twelve, busy=True)])
+    assert value(m, "zit_replicas", tier="vram_12", deployment="Generator_vram_12") == 1
+    assert value(m, "zit_replicas_busy", tier="vram_12") == 1
+    assert value(m, "zit_replicas", tier="vram_24") == 0
+    assert value(m, "zit_replicas_target", tier="vram_12") == 2
+    assert value(m, "zit_fleet_report_age_seconds") < 5
+
+
+def test_queue_depth_is_read_from_the_tier_queues_at_scrape_time():
+    queue = TierQueue("vram_12", replicas=1, limit=8)
+
+    async def scenario():
+        await queue.acquire("interactive", 1.0)
+        waiter = asyncio.ensure_future(queue.acquire("batch", 1.0))
+        await asyncio.sleep(0)
+        m = ServiceMetrics(tiers())
+        m.fleet.watch_queues({"vram_12": queue})
+        got = (value(m, "zit_queue_running", tier="vram_12"), value(m, "zit_queue_waiting", tier="vram_12"),
+               value(m, "zit_queue_limit", tier="vram_12"))
+        waiter.cancel()
+        return got
+
+    assert asyncio.run(scenario()) == (1, 1, 8)
+
+
+# -- the middleware ----------------------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    prompt: str
+    request_id: str | None = None
+
+
+def _app(m: ServiceMetrics) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/generate")
+    async def generate(body: _Body):
+        async def dispatch():  # a task the handler starts writes into the same request note
+            note_request(tier="vram_12")
+
+        await asyncio.ensure_future(dispatch())
+        return {"ok": True}
+
+    @app.get("/v1/images/{name}")
+    async def image(name: str):
+        return {"name": name}
+
+    @app.get("/full")
+    async def full():
+        from fastapi.responses import JSONResponse
+
+        note_request(reason="tiers_full")
+        return JSONResponse({"error": "busy"}, status_code=503)
+
+    @app.get("/metrics")
+    async def scrape(request: Request):
+        return {"ok": True}
+
+    app.middleware("http")(record_requests)
+    metrics_module.install(m)
+    return app
+
+
+@pytest.fixture(autouse=True)
+def _uninstall():
+    yield
+    metrics_module.install(None)
+
+
+def test_middleware_labels_requests_by_route_template_status_and_noted_tier():
+    m = ServiceMetrics(tiers())
+    client = TestClient(_app(m))
+    assert client.post("/generate", json={"prompt": "x"}).status_code == 200
+    assert client.post("/generate", json={"wrong": 1}).status_code == 422
+    client.get("/v1/images/abc.png")
+    client.get("/v1/images/def.png")
+    client.get("/no/such/path")
+    client.get("/full")
+    client.get("/metrics")  # the scrape itself is not counted
+    rows = {(l["endpoint"], l["status"], l["tier"]): v for l, v in samples(m)["zit_requests_total"]}
+    assert rows == {
+        ("/generate", "200", "vram_12"): 1,
+        ("/generate", "422", NO_TIER): 1,
+        ("/v1/images/{name}", "200", NO_TIER): 2,
+        (UNMATCHED, "404", NO_TIER): 1,
+        ("/full", "503", NO_TIER): 1,
+    }
+    assert value(m, "zit_rejections_total", endpoint="/generate", status="422", reason="invalid_request") == 1
+    assert value(m, "zit_rejections_total", endpoint="/full", status="503", reason="tiers_full") == 1
+    assert value(m, "zit_request_duration_seconds_count", endpoint="/generate", tier="vram_12") == 1
+
+
+def test_middleware_without_installed_metrics_passes_requests_through():
+    m = ServiceMetrics(tiers())
+    app = _app(m)
+    metrics_module.install(None)
+    assert TestClient(app).post("/generate", json={"prompt": "x"}).status_code == 200
+    assert "zit_requests_total" not in samples(m)
+
+
+# -- the dispatcher's recording calls --------------------------------------------------------------------------------
+
+
+class FakeGenerator:
+    """A tier's deployment handle: `generate.remote(job)` answers with images, or out of memory."""
+
+    def __init__(self, tier: str, oom: bool = False):
+        self.tier, self.oom = tier, oom
+        self.generate = SimpleNamespace(remote=self._generate)
+
+    async def _generate(self, job):
+        if self.oom:
+            raise ChunkOutOfMemory(f"{self.tier}: CUDA out of memory (simulated)")
+        return result(self.tier, images=len(job.seeds))
+
+
+def test_dispatcher_records_demand_queue_wait_images_and_an_out_of_memory_retry():
+    small, large = (card_tier("vram_12", 1, bf16=True, vram_bytes=12 * GIB, speed=0.35),
+                    card_tier("vram_24", 1, bf16=True, vram_bytes=24564 * MIB, speed=1.0))
+    m = ServiceMetrics([small, large])
+    generators = {"vram_12": FakeGenerator("vram_12", oom=True), "vram_24": FakeGenerator("vram_24")}
+    d = Dispatcher([small, large], {t.name: tier_profile(t) for t in (small, large)}, generators, load_calibration(),
+                   metrics=m)
+    d.speed.record("vram_12", 0.001, 1.0)  # make the 12 GB tier look fast, so the chunk goes there first
+    body = ImageGenerationRequest(prompt="a red fox", size="512x512", n=1, steps=2, seed=7)
+    outcome = asyncio.run(d.run(body, 512, 512, 7))
+    assert [r.tier for r in outcome.results] == ["vram_24"]
+    assert value(m, "zit_tier_demand_total", tier="vram_12") == 1
+    assert value(m, "zit_tier_demand_total", tier="vram_24") == 1
+    assert value(m, "zit_retries_total", reason="out_of_memory", tier="vram_12", to_tier="vram_24") == 1
+    assert value(m, "zit_out_of_memory_total", tier="vram_12") == 1
+    assert value(m, "zit_chunks_total", tier="vram_12", outcome="out_of_memory") == 1
+    assert value(m, "zit_images_total", tier="vram_24") == 1
+    assert value(m, "zit_queue_wait_seconds_count", tier="vram_12") == 1
+    assert value(m, "zit_queue_wait_seconds_count", tier="vram_24") == 1
+    assert value(m, "zit_queue_running", tier="vram_24") == 0
+
+
+def test_a_dispatcher_without_metrics_keeps_its_own():
+    d = Dispatcher(tiers(), {t.name: tier_profile(t) for t in tiers()}, {}, load_calibration())
+    assert isinstance(d.metrics, ServiceMetrics)
+    assert re.search(rb"zit_queue_limit\{tier=\"vram_4\"\} 32", d.metrics.render()[0])

@@ -303,19 +303,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _say(f"Generating {args.n} image(s) of {args.size} at {args.url} ...")
     try:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        response = httpx.post(f"{args.url.rstrip('/')}/v1/images/generations", json=body, timeout=args.timeout,
-                              headers=headers)
+        status, payload = _generate_with_progress(args.url.rstrip("/"), body, headers, args.timeout)
     except httpx.HTTPError as exc:
         _say(f"error: cannot reach {args.url} ({exc}); is the service up (`zit up`)?")
         return 1
-    if response.status_code != 200:
+    if status != 200:
         try:
-            message = response.json()["error"]["message"]
+            message = payload["error"]["message"]
         except Exception:
-            message = response.text[:500]
-        _say(f"error: HTTP {response.status_code}: {message}")
+            message = str(payload)[:500]
+        _say(f"error: HTTP {status}: {message}")
         return 1
-    payload = response.json()
     args.output.mkdir(parents=True, exist_ok=True)
     for item in payload["data"]:
         path = args.output / f"zit-{item['seed']}.{args.format}"
@@ -323,6 +321,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _say(f"wrote {path}")
     _say(f"took {payload.get('metadata', {}).get('seconds', 0):.2f} s")
     return 0
+
+
+def _generate_with_progress(url: str, body: dict, headers: dict, timeout: float) -> tuple[int, object]:
+    """POST the streaming variant and follow its progress events with a tqdm bar (on stderr) of image-steps.
+    Returns (HTTP status, the response body or the error body)."""
+    import json
+
+    import httpx
+    from tqdm import tqdm
+
+    from deployments.progress import read_events
+
+    with httpx.stream("POST", f"{url}/v1/images/generations/stream", json=body, headers=headers,
+                      timeout=timeout) as response:
+        if response.status_code != 200:
+            response.read()
+            try:
+                return response.status_code, response.json()
+            except json.JSONDecodeError:
+                return response.status_code, response.text
+        payload: object = {"error": {"message": "the stream ended without a result"}}
+        status = 502
+        with tqdm(total=body["n"] * body["steps"], unit="step", desc="denoising", file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            for event, data in read_events(response.iter_lines()):
+                if event == "start":
+                    bar.reset(total=data["steps"])
+                elif event == "progress":
+                    bar.update(data["step"] - bar.n)
+                    bar.set_postfix(images=f"{data['images_done']}/{data['n']}", refresh=False)
+                elif event == "result":
+                    status, payload = 200, data
+                elif event == "error":
+                    status, payload = data.get("status", 500), data
+    return status, payload
 
 
 # -- entry point -------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterable, Iterator
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -176,6 +176,24 @@ def sse(event: str, data) -> bytes:
     """One server-sent event."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+def read_events(lines: Iterable[str]) -> Iterator[tuple[str, object]]:
+    """(event, data) from the lines of a server-sent event stream; data is parsed JSON, or the text if it is not."""
+    event, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                text = "\n".join(data)
+                try:
+                    yield event, json.loads(text)
+                except ValueError:
+                    yield event, text
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
 
 
 class ProgressApi:

@@ -8,6 +8,7 @@ inherits from, one per API family); Serve binds them to the replica (deployments
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel, Field
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -15,7 +16,35 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 # A JSON body larger than this is refused before parsing (a 4000-character prompt is ~16 KB even fully escaped).
 MAX_BODY_BYTES = 1 << 20
 
-api = FastAPI(title="ZIT Cluster", version="0.1.0", description="Z-Image-Turbo on a mixed GPU fleet.")
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong and what to change.")
+    type: str = Field(description="invalid_request_error, not_found_error, authentication_error, ...")
+    param: str | None = Field(None, description="The request field at fault, when there is one.")
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error the API returns, in the OpenAI shape."""
+
+    error: ErrorDetail
+
+
+_ERROR = {"model": ErrorBody}
+# Documented on every route, so clients and the fuzzer know every status the service may answer with.
+ERROR_RESPONSES = {
+    401: {**_ERROR, "description": "Missing or unknown API key (when the service has keys)."},
+    404: {**_ERROR, "description": "No such resource (an expired image, an unknown request)."},
+    413: {**_ERROR, "description": "Request body over the limit."},
+    422: {**_ERROR, "description": "Invalid request; the message says what to change."},
+    429: {**_ERROR, "description": "This API key's rate limit; see Retry-After."},
+    500: {**_ERROR, "description": "Unexpected server error."},
+    503: {**_ERROR, "description": "Every tier that could serve this is full or failing; see Retry-After."},
+    504: {**_ERROR, "description": "The request took longer than the service's timeout."},
+}
+
+api = FastAPI(title="ZIT Cluster", version="0.1.0", description="Z-Image-Turbo on a mixed GPU fleet.",
+              responses=ERROR_RESPONSES)
 
 
 class ApiError(Exception):

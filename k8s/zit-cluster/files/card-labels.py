@@ -1,0 +1,27 @@
+"""Write the card of this pod as Ray node labels (YAML) for `ray start --labels-file`.
+
+A worker pod holds exactly one card (nvidia.com/gpu: 1). Generator replicas find their card by the node label
+zit/card (its NVML UUID), which no template can know, so the pod reads it from NVML at start with the same code
+`zit node` uses on bare metal (cluster/node.py), and writes the full label set. The tier comes from the worker
+group (ZIT_TIER), not from classifying the card: the group's `vram_<tier>` resource and its labels must agree.
+Exits non-zero with the reason when the pod sees no card or more than one.
+"""
+
+import dataclasses
+import os
+import sys
+
+import yaml
+
+from cluster.node import card_node
+from cluster.nvml import FakeNvml, probe
+
+fleet_file = os.environ.get("ZIT_FLEET_FILE")  # a simulated card (tests); unset on real GPUs
+cards = probe(FakeNvml(fleet_file) if fleet_file else None)
+if len(cards) != 1:
+    sys.exit(f"card-labels: this pod must see exactly one NVIDIA card (nvidia.com/gpu: 1); NVML sees {len(cards)}")
+card = dataclasses.replace(cards[0], tier=os.environ["ZIT_TIER"], host=os.environ.get("ZIT_NODE_NAME") or None)
+labels = card_node(card, fleet_file).labels
+with open(sys.argv[1], "w") as out:
+    yaml.safe_dump(labels, out, default_flow_style=False)
+print(f"card-labels: {card.name} [{card.uuid}] as {card.tier}: {labels}")

@@ -1,0 +1,178 @@
+{{/* Names, labels and the pieces every template shares. */}}
+
+{{- define "zit.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* At most 40 characters: KubeRay refuses RayService names over 47 and appends suffixes to what it creates. */}}
+{{- define "zit.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "zit.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "zit.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "zit.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "zit.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "zit.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "zit.authSecretName" -}}
+{{- default (printf "%s-ray-auth" (include "zit.fullname" .)) .Values.ray.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "zit.serveServiceName" -}}
+{{- printf "%s-serve" (include "zit.fullname" .) -}}
+{{- end -}}
+
+{{- define "zit.modelsClaimName" -}}
+{{- default (printf "%s-models" (include "zit.fullname" .)) .Values.models.existingClaim -}}
+{{- end -}}
+
+{{/* The folder of the weights inside the pods. */}}
+{{- define "zit.modelDir" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.models.mountPath) (trimPrefix "/" .Values.models.subPath) -}}
+{{- end -}}
+
+{{/* The file whose presence says the weights are complete (the download job writes the marker last). */}}
+{{- define "zit.weightsReadyFile" -}}
+{{- if .Values.models.download.enabled -}}
+{{- printf "%s/.zit-download-complete" (include "zit.modelDir" .) -}}
+{{- else -}}
+{{- printf "%s/model_index.json" (include "zit.modelDir" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Is there a weights volume at all? ('tiny' needs none.) */}}
+{{- define "zit.usesWeights" -}}
+{{- if ne (toString .Values.service.model) "tiny" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The weights volume (name "models"): a raw volume source, an existing claim, or the chart's claim. */}}
+{{- define "zit.modelsVolume" -}}
+- name: models
+{{- if .Values.models.volume }}
+{{ toYaml .Values.models.volume | indent 2 }}
+{{- else if or .Values.models.existingClaim .Values.models.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ include "zit.modelsClaimName" . }}
+{{- else }}
+{{- fail "models: the weights need a volume: set models.volume, models.existingClaim or models.persistence.enabled (or service.model: tiny for a smoke test)" }}
+{{- end }}
+{{- end -}}
+
+{{/* Environment every Ray container shares: token auth (the same variables KubeRay injects, so it adds none). */}}
+{{- define "zit.rayEnv" -}}
+{{- if .Values.ray.auth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "zit.authSecretName" . }}
+      key: auth_token
+{{- else }}
+- name: RAY_AUTH_MODE
+  value: disabled
+{{- end }}
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+{{- end -}}
+
+{{/*
+Enabled GPU classes, smallest VRAM first (a map ranges alphabetically: vram_12 before vram_4), as a JSON list.
+*/}}
+{{- define "zit.enabledTiers" -}}
+{{- $keys := list -}}
+{{- range $name, $group := .Values.workerGroups -}}
+{{- if not $group.disabled -}}
+{{- $keys = append $keys (printf "%04d:%s" (int (trimPrefix "vram_" $name)) $name) -}}
+{{- end -}}
+{{- end -}}
+{{- $names := list -}}
+{{- range sortAlpha $keys -}}
+{{- $names = append $names (last (splitList ":" .)) -}}
+{{- end -}}
+{{- toJson $names -}}
+{{- end -}}
+
+{{/* A worker group's Kubernetes-friendly name: vram_12 -> vram-12 (pod names allow no underscore). */}}
+{{- define "zit.groupName" -}}
+{{- replace "_" "-" . -}}
+{{- end -}}
+
+{{/*
+One Serve tier (deployments/config.py TierConfig) per enabled GPU class. The chart owns what ties the tier to its
+worker group (device, num_gpus, the vram_<tier> resource, bf16, memory budget); `tier` adds the rest.
+*/}}
+{{- define "zit.tiers" -}}
+{{- $root := .root -}}
+{{- $tiers := list -}}
+{{- range $name := fromJsonArray (include "zit.enabledTiers" $root) -}}
+{{- $group := index $root.Values.workerGroups $name -}}
+{{- $tierValues := default dict $group.tier -}}
+{{- $replicas := int (default 1 $tierValues.num_replicas) -}}
+{{- if hasKey $tierValues "num_replicas" -}}{{- $replicas = int $tierValues.num_replicas -}}{{- end -}}
+{{- if gt $replicas (int $group.maxReplicas) -}}
+{{- fail (printf "workerGroups.%s: tier.num_replicas (%d) is more than maxReplicas (%d); each replica needs a card of its own, so raise maxReplicas or lower num_replicas" $name $replicas (int $group.maxReplicas)) -}}
+{{- end -}}
+{{- if gt (int $group.minReplicas) (int $group.maxReplicas) -}}
+{{- fail (printf "workerGroups.%s: minReplicas (%d) is more than maxReplicas (%d)" $name (int $group.minReplicas) (int $group.maxReplicas)) -}}
+{{- end -}}
+{{- $vramMiB := $group.vramMiB -}}
+{{- if kindIs "invalid" $vramMiB -}}{{- $vramMiB = $group.gpuMemoryMiB.min -}}{{- end -}}
+{{- if kindIs "invalid" $vramMiB -}}
+{{- fail (printf "workerGroups.%s: set vramMiB (the smallest card's memory) or gpuMemoryMiB.min; the memory model needs a budget" $name) -}}
+{{- end -}}
+{{- $tier := dict -}}
+{{- range $key, $value := $tierValues -}}
+{{- if not (kindIs "invalid" $value) -}}{{- $_ := set $tier $key $value -}}{{- end -}}
+{{- end -}}
+{{- $_ := set $tier "name" $name -}}
+{{- $_ := set $tier "device" "cuda" -}}
+{{- $_ := set $tier "num_gpus" 1 -}}
+{{- $_ := set $tier "num_replicas" $replicas -}}
+{{- $_ := set $tier "resources" (dict $name 1) -}}
+{{- $_ := set $tier "bf16" (eq (toString $group.bf16) "true") -}}
+{{- $_ := set $tier "vram_bytes" (mul (int64 $vramMiB) 1048576) -}}
+{{- $tiers = append $tiers $tier -}}
+{{- end -}}
+{{- if not $tiers -}}
+{{- fail "workerGroups: every GPU class is disabled; enable at least one (e.g. workerGroups.vram_24.disabled: false)" -}}
+{{- end -}}
+{{- $_ := set .out "tiers" $tiers -}}
+{{- end -}}
+
+{{/*
+The Serve config (the shape of serve_config.yaml): the `service` values are ServiceConfig fields, tiers come from
+the enabled GPU classes. Rendered into the RayService's serveConfigV2. (The tiers are handed back in a dict, not as
+JSON text: a JSON round trip would turn vram_bytes into a float.)
+*/}}
+{{- define "zit.serveConfig" -}}
+{{- $args := dict -}}
+{{- range $key, $value := .Values.service -}}
+{{- if not (kindIs "invalid" $value) -}}{{- $_ := set $args $key $value -}}{{- end -}}
+{{- end -}}
+{{- if not (hasKey $args "model") -}}{{- $_ := set $args "model" (include "zit.modelDir" .) -}}{{- end -}}
+{{- $_ := include "zit.tiers" (dict "root" . "out" $args) -}}
+{{- $app := dict "name" "zit" "route_prefix" "/" "import_path" "deployments.app:build_app" "args" $args -}}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
+{{- toYaml $config -}}
+{{- end -}}

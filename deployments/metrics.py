@@ -166,8 +166,9 @@ class FleetCollector(Collector):
     `watch_queues` hands it the dispatcher's TierQueues; `observe_reports` the registry's replica reports (each with
     `card` = GpuSnapshot.to_dict(), or that plus `error` when NVML failed); `observe_card_nodes` Ray's card nodes.
     A card is `zit_card_up` 1 while its replica reports a reading, 0 once its reading fails or its replica stops
-    reporting; `zit_card_node_up` says whether Ray still sees the card's node (cards of a tier scaled to zero stay
-    node-up with no replica, so only a dead node means a card is missing).
+    reporting (cards no replica ever ran on have no zit_card_up); `zit_card_node_up` says whether Ray still sees the
+    card's node (cards of a tier scaled to zero stay node-up with no replica, so a dead node means a card is
+    missing).
     """
 
     def __init__(self, tiers=()):
@@ -176,6 +177,7 @@ class FleetCollector(Collector):
         self.reports: list[dict] = []
         self.reported_at: float | None = None
         self.cards: dict[str, dict[str, str]] = {}  # uuid -> card labels, for every card ever seen
+        self.reported: set[str] = set()  # cards a replica has reported from (the ones zit_card_up is about)
         self.nodes: dict[str, bool] = {}  # uuid -> node alive
         self.nodes_read_at: float | None = None
 
@@ -187,6 +189,7 @@ class FleetCollector(Collector):
             card = report.get("card")
             if card and card.get("uuid"):
                 self.cards[card["uuid"]] = _card_labels(card, report.get("tier"))
+                self.reported.add(card["uuid"])
         self.reports = reports
         self.reported_at = time.monotonic()
 
@@ -265,6 +268,8 @@ class FleetCollector(Collector):
             values = [labels[key] for key in CARD_LABELS]
             if uuid in self.nodes:
                 node_up.add_metric(values, 1.0 if self.nodes[uuid] else 0.0)
+            if uuid not in self.reported:
+                continue  # a card no replica was placed on yet: its node says whether it is there
             card = reading.get(uuid)
             ok = card is not None and not card.get("error") and card.get("memory_total") is not None
             up.add_metric(values, 1.0 if ok else 0.0)

@@ -416,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
     add_calibrate_parser(sub)
+    from autoscaling.cli import add_simulate_parser
+    add_simulate_parser(sub)
     return parser
 
 

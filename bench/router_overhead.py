@@ -36,13 +36,16 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
     import ray
+
+    from cluster.local import HEAD_RESOURCES
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
     from deployments.router import ZIT_ROUTING_STATS_PERIOD_S, VramAwareRouter
     from deployments.schemas import GenerationJob
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(num_cpus=4, resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False)
     handles = {}
     for name, router in (("vram_aware", VramAwareRouter), ("power_of_two", None)):
         config = RequestRouterConfig(request_routing_stats_period_s=ZIT_ROUTING_STATS_PERIOD_S,

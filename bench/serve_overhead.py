@@ -64,6 +64,7 @@ def main() -> None:
     import torch
     from ray import serve
 
+    from cluster.local import HEAD_RESOURCES
     from cluster.tiers import TierConfig
     from deployments.app import build_app
     from deployments.config import ServiceConfig
@@ -77,7 +78,8 @@ def main() -> None:
         port = sock.getsockname()[1]
 
     # 1. The service: one CPU replica with as many torch threads as this process (Ray sets them from num_cpus).
-    ray.init(num_cpus=max(threads, 2), include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(num_cpus=max(threads, 2), resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServiceConfig(tiers=[TierConfig(name="cpu", num_cpus=threads)])
     serve.run(build_app(config), name="zit", route_prefix="/")

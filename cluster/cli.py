@@ -142,7 +142,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             _say(f"  {line}")
 
     _say(f"Deploying {config.model_name} from {model_path} on tiers {[t.name for t in config.tiers]} ...")
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     url = f"http://{args.host}:{args.port}"
     _say(f"ZIT Cluster is serving at {url} (ready in {time.perf_counter() - started:.1f} s)")

@@ -14,6 +14,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+# The head node's marker resource (deployments.config.ServiceConfig.ingress_resource): the ingress is placed there.
+HEAD_RESOURCES = {"zit_ingress": 100.0}
 # Ray's GCS port on the head. 6379 is Ray's own default, so other Ray tools find the cluster without flags.
 RAY_HEAD_PORT = 6379
 
@@ -51,8 +53,7 @@ def start_head(
         f"--include-dashboard={'true' if dashboard else 'false'}",
         "--dashboard-host=127.0.0.1",
     ]
-    if resources:
-        cmd.append(f"--resources={json.dumps(resources)}")
+    cmd.append(f"--resources={json.dumps({**HEAD_RESOURCES, **(resources or {})})}")
     if labels:
         cmd.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -90,6 +91,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The in-process fleet clusters running now (Cluster, card uuid -> CardNode, node env): fault tests remove a card's
+# node and add it back through these.
+ACTIVE_FLEET_CLUSTERS: list = []
+
+
+def remove_card_node(card_uuid: str) -> None:
+    """Kill the Ray node of one card of the running in-process fleet cluster (a host losing a card, or dying)."""
+    cluster, _, _ = ACTIVE_FLEET_CLUSTERS[-1]
+    for node in cluster.list_all_nodes():
+        if node.node_labels.get("zit/card") == card_uuid:
+            cluster.remove_node(node)
+            return
+    raise LookupError(f"no node for card {card_uuid}")
+
+
+def add_card_node(card_uuid: str) -> None:
+    """Start the Ray node of one card of the running in-process fleet cluster again (the card is back)."""
+    cluster, nodes, env = ACTIVE_FLEET_CLUSTERS[-1]
+    node = nodes[card_uuid]
+    cluster.add_node(num_cpus=2, num_gpus=1, resources=node.resources, labels=node.labels, env_vars={**node.env, **env})
+
+
 @contextmanager
 def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None):
     """Yield (cards, port) with Ray and Serve running in this process on one node per card of `fleet_file`.
@@ -113,16 +136,19 @@ def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None):
     env = {**(env or {}), ZIT_SIM_STATE_DIR_ENV: state}
     cards = load_fleet(fleet_file)
     nodes, _ = nodes_for_cards(cards, fleet_file)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "env_vars": env})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "env_vars": env,
+                                                           "resources": HEAD_RESOURCES})
     for node in nodes:
         cluster.add_node(num_cpus=2, num_gpus=1, resources=node.resources, labels=node.labels,
                          env_vars={**node.env, **env})
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    ACTIVE_FLEET_CLUSTERS.append((cluster, {node.card.uuid: node for node in nodes}, env))
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     try:
         yield [node.card for node in nodes], port
     finally:
+        ACTIVE_FLEET_CLUSTERS.pop()
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()

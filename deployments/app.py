@@ -48,8 +48,9 @@ def build_app(config: ServiceConfig) -> Application:
     ingress = serve.deployment(HttpIngress).options(
         name="Ingress",
         num_replicas=config.ingress_replicas,
-        # The ingress only validates and waits; it must not hold a CPU a Generator could use.
-        ray_actor_options={"num_cpus": 0},
+        # The ingress only validates and waits; it must not hold a CPU a Generator could use. It stays on the head.
+        ray_actor_options={"num_cpus": 0,
+                           "resources": {config.ingress_resource: 0.01} if config.ingress_resource else {}},
         max_ongoing_requests=256,
     )
     return ingress.bind(config, generators)

@@ -55,6 +55,14 @@ class ServiceConfig(BaseModel):
     ingress_replicas: int = Field(
         1, ge=1, description="Ingress replicas. Each keeps its own tier queues and URL-mode images; 1 is exact."
     )
+    ingress_resource: str | None = Field(
+        "zit_ingress",
+        description=(
+            "A Ray resource only the head node has: the ingress is placed there, so losing a card's node never "
+            "takes the HTTP entry point with it. `zit up` and the Helm chart give the head this resource; set "
+            "None on a cluster you started yourself without it."
+        ),
+    )
     api_keys_file: str | None = Field(
         None, description="File of API keys (one per line, `name:key`); when set, every API call needs one."
     )

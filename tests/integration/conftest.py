@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from cluster.local import free_port
+from cluster.local import HEAD_RESOURCES, free_port
 from cluster.tiers import TierConfig
 from deployments.config import ServiceConfig
 
@@ -13,7 +13,8 @@ def ray_cluster():
     import ray
 
     # Logical CPUs, not cores: enough slots for the replicas the tests deploy on a 2-core machine.
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(num_cpus=8, resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False)
     yield
     from ray import serve
 

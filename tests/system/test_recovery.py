@@ -113,3 +113,28 @@ def test_every_accepted_request_completes_under_faults(faulty):
         responses = list(pool.map(lambda s: generate(url, size=s, n=2, seed=100), sizes))
     assert [r.status_code for r in responses] == [200] * len(sizes), [r.text[:300] for r in responses]
     assert all(len(r.json()["data"]) == 2 and all(map(not_black, r.json()["data"])) for r in responses)
+
+
+def test_a_card_node_dying_under_load_loses_nothing_and_the_card_rejoins(faulty):
+    """Kill the Ray node of one RTX 3070 while requests run on that tier: every request completes (its chunk moves
+    to the other 3070 or a larger tier); when the card's node comes back, Serve places its replica again."""
+    from cluster.local import add_card_node, remove_card_node
+
+    cards, url = faulty
+    victim = [c for c in cards if c.tier == "vram_8"][0]
+    sizes = ["1664x1664"] * 4  # above what the 4 and 6 GB cards hold: the 3070s and the 4090 take these
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(generate, url, size=s, n=1, seed=300 + i, steps=4) for i, s in enumerate(sizes)]
+        time.sleep(1.5)
+        remove_card_node(victim.uuid)
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 4, [r.text[:300] for r in responses]
+    add_card_node(victim.uuid)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        fleet = httpx.get(f"{url}/v1/fleet", timeout=30).json()
+        tiers = {t["name"]: t for t in fleet["tiers"]}
+        if tiers["vram_8"]["replicas_running"] == 2:
+            break
+        time.sleep(2)
+    assert tiers["vram_8"]["replicas_running"] == 2, fleet["tiers"]

@@ -173,6 +173,7 @@ JSON text: a JSON round trip would turn vram_bytes into a float.)
 {{- if not (hasKey $args "model") -}}{{- $_ := set $args "model" (include "zit.modelDir" .) -}}{{- end -}}
 {{- $_ := include "zit.tiers" (dict "root" . "out" $args) -}}
 {{- $app := dict "name" "zit" "route_prefix" "/" "import_path" "deployments.app:build_app" "args" $args -}}
-{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
+{{- /* HeadOnly like serve_config.yaml: the Ingress lives on the head, so its proxy is the only one needed. */ -}}
+{{- $config := dict "proxy_location" "HeadOnly" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
 {{- toYaml $config -}}
 {{- end -}}

@@ -30,6 +30,7 @@ from deployments.schemas import (
     ImageGenerationRequest,
     ImageGenerationResponse,
 )
+from deployments.webui import WebUi
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,7 +41,7 @@ api.middleware("http")(record_requests)
 RETRY_AFTER_S = 5
 
 
-class Ingress(A1111Api, ProgressApi):
+class Ingress(A1111Api, ProgressApi, WebUi):
     """Validates requests, picks a tier, splits n into chunks, runs them in parallel and assembles the response."""
 
     def __init__(self, config: ServiceConfig, generators: dict):
@@ -192,6 +193,8 @@ class Ingress(A1111Api, ProgressApi):
                 "replicas_target": tier.num_replicas,
                 "replicas_running": len(in_tier),
                 "profile": in_tier[0]["profile"] if in_tier else None,
+                "queue": {"running": self.dispatcher.queues[tier.name].running,
+                          "waiting": self.dispatcher.queues[tier.name].waiting},
             })
         return {"cards": cards, "tiers": tiers, "replicas": replicas}
 
@@ -205,13 +208,6 @@ class Ingress(A1111Api, ProgressApi):
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.config.model_name, "tiers": [t.name for t in self.config.tiers]}
-
-    @api.get("/")
-    async def index(self) -> dict:
-        return {
-            "service": "ZIT Cluster",
-            "endpoints": ["POST /v1/images/generations", "GET /v1/models", "GET /v1/fleet", "GET /healthz", "GET /docs"],
-        }
 
     # -- helpers ---------------------------------------------------------------------------------------------
 

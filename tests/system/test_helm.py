@@ -360,6 +360,17 @@ def test_monitoring_off_renders_no_monitoring_objects(rendered):
     assert not [o for o in rendered["monitoring-off"] if "grafana_dashboard" in o["metadata"].get("labels", {})]
 
 
+def check_rule_with_promtool(rule: dict, tmp_path: Path) -> None:
+    """The PrometheusRule's groups, written back as a rules file, pass `promtool check rules` (when installed)."""
+    errors = schema_errors("prometheusrule", rule)
+    assert not errors, errors
+    if shutil.which("promtool"):
+        extracted = tmp_path / "rules.yaml"
+        extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+        proc = subprocess.run(["promtool", "check", "rules", str(extracted)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_rules_and_dashboards_files_are_wrapped(tmp_path):
     """On a copy of the chart with a known rules file and dashboard (the real ones may be absent or changing):
     the PrometheusRule carries the file's groups, one sidecar-labelled ConfigMap carries each dashboard."""
@@ -379,16 +390,10 @@ def test_rules_and_dashboards_files_are_wrapped(tmp_path):
     objects = render([], chart=chart)
     rule = only(objects, "PrometheusRule")
     assert rule["spec"]["groups"] == rules["groups"]
-    errors = schema_errors("prometheusrule", rule)
-    assert not errors, errors
     maps = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["labels"].get("grafana_dashboard") == "1"]
     assert sorted(k for m in maps for k in m["data"]) == ["zit-fleet.json", "zit-tiers.json"]
     assert json.loads(maps[0]["data"]["zit-fleet.json"]) == dashboard
-    if shutil.which("promtool"):
-        extracted = tmp_path / "extracted.yaml"
-        extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-        proc = subprocess.run(["promtool", "check", "rules", str(extracted)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_rule_with_promtool(rule, tmp_path)
 
 
 def test_real_rules_file_survives_the_chart(rendered, tmp_path):
@@ -398,13 +403,7 @@ def test_real_rules_file_survives_the_chart(rendered, tmp_path):
         pytest.skip("k8s/zit-cluster/rules/zit-alerts.yaml is not there yet")
     rule = only(rendered["default"], "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load(source.read_text())["groups"]
-    errors = schema_errors("prometheusrule", rule)
-    assert not errors, errors
-    if shutil.which("promtool"):
-        extracted = tmp_path / "rules.yaml"
-        extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-        proc = subprocess.run(["promtool", "check", "rules", str(extracted)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_rule_with_promtool(rule, tmp_path)
 
 
 def test_card_labels_script_labels_the_pods_card(rendered, tmp_path):
@@ -430,6 +429,29 @@ def test_card_labels_script_labels_the_pods_card(rendered, tmp_path):
     args = group["template"]["spec"]["containers"][0]["args"][0]
     assert "--labels-file=/tmp/zit-card-labels.yaml" in args and "$KUBERAY_GEN_RAY_START_CMD" in args
     assert group["template"]["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+
+
+def render_notes(files: list[Path], tmp_path: Path) -> str:
+    """NOTES.txt as `helm install` would print it: helm template skips NOTES.txt, so render a copy as a template
+    (--debug prints it although it is not YAML)."""
+    chart = tmp_path / "notes-chart"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "templates" / "notes.yaml")
+    proc = helm("template", "zit", str(chart), "--namespace", "zit", "--debug", "--show-only", "templates/notes.yaml",
+                *value_args(files), check=False)
+    text = proc.stdout + proc.stderr
+    start = text.index("# Source: zit-cluster/templates/notes.yaml")
+    return text[start:text.index("See docs/kubernetes.md", start)]
+
+
+def test_notes_tell_how_to_reach_the_endpoint_and_dashboards(tmp_path):
+    notes = render_notes([], tmp_path)
+    assert "kubectl -n zit port-forward svc/zit-zit-cluster-serve 8000:8000" in notes
+    assert "port-forward svc/zit-zit-cluster-head-svc 8265:8265" in notes
+    assert "grafana_dashboard=1" in notes and "ServiceMonitor zit-zit-cluster" in notes
+    mixed = render_notes(VALUES["mixed-fleet"], tmp_path / "mixed")
+    assert "export ZIT_URL=https://zit.example.com" in mixed
+    assert "5 GPU class(es): vram_4, vram_6, vram_8, vram_12, vram_24" in mixed
 
 
 # -- the image -----------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def mixed_results():
 
 
 def test_same_seed_same_run_and_another_seed_another_run():
-    runs = [simulate(FLEETS / "mixed.yaml", ["policy"], 300, WorkloadSpec(rate=0.3), cards=20, seed=s)["policy"]
+    runs = [simulate(FLEETS / "mixed.yaml", ["policy"], 240, WorkloadSpec(rate=0.3), cards=12, seed=s)["policy"]
             for s in (5, 5, 6)]
     for r in runs:
         r.pop("wall_s")

@@ -14,8 +14,8 @@ many as they like):
 
 Labels: endpoint (the route template, never the raw path), status (HTTP code), tier, card (the NVML uuid), model
 (the card's name), host, deployment, reason/outcome (short fixed words). Never a prompt, a request id or a key.
-Counters whose label values are known up front (one per tier) start at 0, so `rate()` and alerts see a series
-before the first event.
+Counters and histograms whose label values are known up front (one per tier) start at 0, so `rate()` sees the
+first event as an increase and alerts see a series before it.
 """
 
 from __future__ import annotations
@@ -108,8 +108,9 @@ class ServiceMetrics:
         self.demand = Counter("zit_tier_demand", "Requests the memory model says this tier can hold (whether or not "
                               "it ran them).", ["tier"], registry=r)
         for name in tier_names:
-            for counter in (self.images, self.oom, self.degraded, self.demand):
-                counter.labels(tier=name)
+            for per_tier in (self.images, self.oom, self.degraded, self.demand, self.queue_wait, self.generation,
+                             self.step_seconds):
+                per_tier.labels(tier=name)
             self.chunks.labels(tier=name, outcome="ok")
         # 3. State at scrape time.
         self.fleet = FleetCollector(tiers)

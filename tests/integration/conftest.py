@@ -1,4 +1,6 @@
-"""One local Ray cluster (CPU only) and one deployed service per test module (system tests start their own)."""
+"""One local Ray cluster (CPU only) and Serve for all integration tests; each module deploys the service config it
+needs (the default one below unless it asks for another), redeploying only when the config changes. The cluster
+ends with the package, before the system tests start clusters of their own."""
 
 import httpx
 import pytest
@@ -7,19 +9,35 @@ from cluster.local import HEAD_RESOURCES, free_port
 from cluster.tiers import TierConfig
 from deployments.config import ServiceConfig
 
+_deployed: dict = {}
 
-@pytest.fixture(scope="module")
-def ray_cluster():
+
+@pytest.fixture(scope="package")
+def serve_port():
     import ray
+    from ray import serve
 
     # Logical CPUs, not cores: enough slots for the replicas the tests deploy on a 2-core machine.
     ray.init(num_cpus=8, resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False)
-    yield
-    from ray import serve
-
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    yield port
+    _deployed.clear()
     serve.shutdown()
     ray.shutdown()
+
+
+def deploy(port: int, config: ServiceConfig) -> str:
+    """Serve `config` as the app "zit" (replacing whatever runs) unless it already runs; return the URL."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    if _deployed.get("config") != config:
+        serve.run(build_app(config), name="zit", route_prefix="/")
+        _deployed["config"] = config
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")
@@ -33,15 +51,8 @@ def service_config() -> ServiceConfig:
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_cluster, service_config) -> str:
-    from ray import serve
-
-    from deployments.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(service_config), name="zit", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+def base_url(serve_port, service_config) -> str:
+    return deploy(serve_port, service_config)
 
 
 @pytest.fixture()

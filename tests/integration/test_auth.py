@@ -3,9 +3,9 @@
 import httpx
 import pytest
 
-from cluster.local import free_port
 from cluster.tiers import TierConfig
 from deployments.config import ServiceConfig
+from tests.integration.conftest import deploy
 
 pytestmark = pytest.mark.integration
 
@@ -16,18 +16,11 @@ BODY = {"prompt": "a fox", "size": "64x64", "steps": 1}
 
 
 @pytest.fixture(scope="module")
-def url(ray_cluster, tmp_path_factory):
-    from ray import serve
-
-    from deployments.app import build_app
-
+def url(serve_port, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "api-keys"
     keys.write_text(f"ci:{KEY}\nother:{OTHER}\n")
     config = ServiceConfig(tiers=[TierConfig(name="cpu")], api_keys_file=str(keys), rate_limit_per_minute=4)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="zit", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return deploy(serve_port, config)
 
 
 def test_requests_without_a_valid_key_get_401(url):

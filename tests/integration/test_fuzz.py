@@ -8,24 +8,17 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from cluster.local import free_port
 from cluster.tiers import TierConfig
 from deployments.config import ServiceConfig
+from tests.integration.conftest import deploy
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def fuzz_url(ray_cluster):
-    from ray import serve
-
-    from deployments.app import build_app
-
+def fuzz_url(serve_port):
     config = ServiceConfig(tiers=[TierConfig(name="cpu")], max_image_side=256, max_n=2, max_prompt_chars=500)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="zit", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return deploy(serve_port, config)
 
 
 CHECKS = [

@@ -10,7 +10,7 @@ many as they like):
   3. state read at scrape time by `FleetCollector`: queue depth per tier (the dispatcher's TierQueues), replicas
      per tier and every card's NVML reading from the fleet registry reports the ingress already polls every 2 s,
      and the card nodes from Ray's node table. A scrape therefore never calls NVML or Ray; it renders what is
-     cached (about 1 ms for 100 cards, see docs/benchmarks.md).
+     cached (about 15 ms for a busy service with 100 cards, see docs/benchmarks.md).
 
 Labels: endpoint (the route template, never the raw path), status (HTTP code), tier, card (the NVML uuid), model
 (the card's name), host, deployment, reason/outcome (short fixed words). Never a prompt, a request id or a key.

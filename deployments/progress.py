@@ -42,6 +42,15 @@ STREAM_POLL_S = ZIT_PROGRESS_PERIOD_S / 2
 KEEP_FINISHED_S = 60.0
 
 
+# One event of the stream as the OpenAPI schema documents it; `data` is JSON text (or `[DONE]`).
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {"event": {"type": "string", "enum": ["start", "progress", "result", "error", "done"]},
+                   "data": {"type": "string"}},
+    "required": ["event", "data"],
+}
+
+
 def new_request_id() -> str:
     return secrets.token_hex(8)
 
@@ -233,7 +242,8 @@ class ProgressApi:
                            "request_id", kind="not_found_error")
         return found
 
-    @api.post("/v1/images/generations/stream")
+    @api.post("/v1/images/generations/stream", responses={200: {"content": {"text/event-stream": {
+        "schema": SSE_EVENT_SCHEMA}}, "description": "Server-sent events: start, progress..., result or error, done."}})
     async def generations_stream(self, body: ImageGenerationRequest, request: Request) -> StreamingResponse:
         """The OpenAI Images request, answered as server-sent events: `start` (the request id), `progress`
         ({step, steps, fraction, eta_s, images_done} whenever it moves; step never goes back), then `result` (the

@@ -22,22 +22,23 @@ def stream_events(client, body: dict) -> list[tuple[str, object]]:
 
 
 def test_stream_reports_increasing_steps_then_the_result_then_done(client):
-    events = stream_events(client, {"prompt": "a red fox", "size": "384x384", "n": 3, "steps": 12, "seed": 5})
+    # Big enough for the tiny model to take a few seconds, so several throttled reports arrive.
+    events = stream_events(client, {"prompt": "a red fox", "size": "512x512", "n": 3, "steps": 40, "seed": 5})
     names = [name for name, _ in events]
     assert names[0] == "start" and names[-2:] == ["result", "done"]
     assert set(names[1:-2]) == {"progress"}
     start = events[0][1]
-    assert start["steps"] == 36 and start["n"] == 3 and start["request_id"]
+    assert start["steps"] == 120 and start["n"] == 3 and start["request_id"]
     steps = [data["step"] for name, data in events if name == "progress"]
     assert len(steps) >= 3, f"expected several progress events, got {steps}"
     assert steps == sorted(steps) and len(set(steps)) == len(steps)  # strictly increasing
-    assert steps[-1] == 36
+    assert steps[-1] == 120
     etas = [data["eta_s"] for name, data in events if name == "progress" and data["eta_s"] is not None]
     assert etas and all(eta >= 0 for eta in etas)
     result = events[-2][1]
     assert [item["seed"] for item in result["data"]] == [5, 6, 7]
     image = Image.open(io.BytesIO(base64.b64decode(result["data"][0]["b64_json"])))
-    assert image.size == (384, 384)
+    assert image.size == (512, 512)
 
 
 def test_progress_by_request_id_after_the_stream_ends(client):

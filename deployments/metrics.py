@@ -21,6 +21,7 @@ first event as an increase and alerts see a series before it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter as Tally
 from contextvars import ContextVar
@@ -50,6 +51,8 @@ QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20)
 
 CARD_LABELS = ("card", "model", "tier", "host")
+
+logger = logging.getLogger("ray.serve")
 
 # What one HTTP request learned on its way through the handler (its tier, why it was refused). The middleware puts
 # a fresh dict here; tasks the handler starts copy the context, so they write into the same dict.
@@ -335,5 +338,8 @@ async def record_requests(request, call_next):
         raise
     finally:
         _request_note.reset(token)
-        metrics.request_done(_endpoint(request), status, note.get("tier", NO_TIER), time.perf_counter() - started,
-                             note.get("reason"))
+        try:
+            metrics.request_done(_endpoint(request), status, note.get("tier", NO_TIER),
+                                 time.perf_counter() - started, note.get("reason"))
+        except Exception:  # counting must never turn an answered request into a 500
+            logger.exception("recording request metrics failed")

@@ -373,3 +373,14 @@ def test_a_dispatcher_without_metrics_keeps_its_own():
     d = Dispatcher(tiers(), {t.name: tier_profile(t) for t in tiers()}, {}, load_calibration())
     assert isinstance(d.metrics, ServiceMetrics)
     assert re.search(rb"zit_queue_limit\{tier=\"vram_4\"\} 32", d.metrics.render()[0])
+
+
+def test_a_failure_while_counting_never_fails_the_request():
+    m = ServiceMetrics(tiers())
+    app = _app(m)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("label trouble")
+
+    m.request_done = broken
+    assert TestClient(app).post("/generate", json={"prompt": "x"}).status_code == 200

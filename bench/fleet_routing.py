@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.serve_overhead import DOCS, commit, machine, percentile
+from bench.common import commit, machine, percentile, publish
 
 FLEET = Path(__file__).resolve().parents[1] / "cluster" / "fleets" / "mixed.yaml"
 POLICIES = ("tier_aware", "largest", "round_robin")
@@ -56,6 +56,10 @@ def run_policy(url: str, requests: list[dict], concurrency: int) -> dict:
         "p95_s": percentile(latencies, 95) if latencies else float("nan"), "ok": len(ok),
         "failed": len(results) - len(ok), "oom": len(oom) + oom_retries, "wall_s": wall,
     }
+
+
+SECTION = 'Tier-aware routing on the simulated mixed fleet (`bench/fleet_routing.py`)'
+INTRO = 'Images per second and latency of tier-aware routing vs everything to the largest card vs round-robin tiers, on the same workload. Targets: no out-of-memory; at least 1.3x the throughput of the largest card alone.'
 
 
 def main() -> None:
@@ -110,10 +114,7 @@ def main() -> None:
                   f"{'met' if ratio >= 1.3 else 'NOT met'}); out-of-memory with tier-aware: {rows['tier_aware']['oom']} "
                   f"(target 0: {'met' if rows['tier_aware']['oom'] == 0 else 'NOT met'}).", ""]
     report = "\n".join(lines)
-    print(report)
-    if args.write:
-        with DOCS.open("a") as docs:
-            docs.write("\n" + report)
+    publish(report, args.write, SECTION, INTRO)
 
 
 if __name__ == "__main__":

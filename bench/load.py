@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.serve_overhead import DOCS, commit, machine, percentile
+from bench.common import commit, machine, percentile, publish
 
 FLEET = Path(__file__).resolve().parents[1] / "cluster" / "fleets" / "mixed.yaml"
 
@@ -63,6 +63,10 @@ def run_level(url: str, concurrency: int, count: int) -> dict:
         "p50": statistics.median(latencies), "p95": percentile(latencies, 95), "p99": percentile(latencies, 99),
         "ok": len(ok), "rejected": len(turned_away), "lost": lost,
     }
+
+
+SECTION = 'Load, rejections and memory (`bench/load.py`)'
+INTRO = "A bounded load on loopback at several concurrency levels: throughput, latency, 503 + Retry-After once saturated, lost requests (target 0), growth of the Ray processes' memory (target under 5 %)."
 
 
 def main() -> None:
@@ -115,10 +119,7 @@ def main() -> None:
                   f"({'met' if growth < 0.05 else 'NOT met'}); lost requests: {sum(r['lost'] for r in rows)} (target 0).",
               ""]
     report = "\n".join(lines)
-    print(report)
-    if args.write:
-        with DOCS.open("a") as docs:
-            docs.write("\n" + report)
+    publish(report, args.write, SECTION, INTRO)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from bench.serve_overhead import DOCS, commit, machine, percentile
+from bench.common import commit, machine, percentile, publish
 
 SIZES = (0, 10, 100, 1000)
 TARGET_MS = 50.0
@@ -75,6 +75,11 @@ def busy_metrics(reports: list[dict]):
     return metrics
 
 
+SECTION = "Metrics scrape cost (`bench/metrics_scrape.py`)"
+INTRO = ("Time to render `GET /metrics` on the ingress (deployments/metrics.py) as the fleet grows, with card readings "
+         "from synthetic fleet registry reports. Target: under 50 ms with 100 cards.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scrapes", type=int, default=200, help="renders per fleet size")
@@ -114,15 +119,7 @@ def main() -> None:
         f"({'met' if p95_100 < TARGET_MS else 'NOT met'}).",
         "",
     ])
-    print(report)
-    if args.write:
-        section = "## Metrics scrape cost (`bench/metrics_scrape.py`)"
-        intro = "" if section in DOCS.read_text() else (
-            f"{section}\n\nTime to render `GET /metrics` on the ingress (deployments/metrics.py) as the fleet grows, "
-            "with card readings from synthetic fleet registry reports. Target: under 50 ms with 100 cards.\n\n")
-        with DOCS.open("a") as docs:
-            docs.write("\n" + intro + report)
-
+    publish(report, args.write, SECTION, INTRO)
 
 if __name__ == "__main__":
     main()

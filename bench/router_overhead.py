@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 
-from bench.serve_overhead import DOCS, commit, machine, percentile
+from bench.common import commit, machine, percentile, publish
 
 
 class Echo:
@@ -25,6 +25,10 @@ class Echo:
 
     def record_routing_stats(self) -> dict:
         return {"capacity_bytes": 12 << 30, "free_bytes": 8 << 30, "busy": False, "seconds_per_step": 0.01}
+
+
+SECTION = 'Router overhead (`bench/router_overhead.py`)'
+INTRO = "p50 latency of a trivial request through VramAwareRouter vs Ray's default PowerOfTwoChoices router on the same deployment. Target: ratio <= 1.05."
 
 
 def main() -> None:
@@ -84,10 +88,7 @@ def main() -> None:
         f"Ratio VramAwareRouter / default at p50: {ratio:.3f}. Target <= 1.05 ({'met' if ratio <= 1.05 else 'NOT met'}).",
         "",
     ])
-    print(report)
-    if args.write:
-        with DOCS.open("a") as docs:
-            docs.write("\n" + report)
+    publish(report, args.write, SECTION, INTRO)
 
 
 if __name__ == "__main__":

@@ -11,42 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+from bench.common import commit, machine, percentile, publish
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or "?"
-    except OSError:
-        return "?"
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB, {gpu}, {platform.system()} {platform.release()}"
+SECTION = 'Serve path overhead (`bench/serve_overhead.py`)'
+INTRO = "What HTTP, the Serve proxy, the Ingress and the handle call to a Generator replica add to one generation, against the same pipeline call in the benchmark's own process. Target: under 30 ms at p50."
 
 
 def main() -> None:
@@ -127,10 +100,7 @@ def main() -> None:
         f"({'met' if p50_http - p50_local < 0.030 else 'NOT met'}).",
         "",
     ])
-    print(report)
-    if args.write:
-        with DOCS.open("a") as docs:
-            docs.write("\n" + report)
+    publish(report, args.write, SECTION, INTRO)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from cluster.memory import (
 )
 from cluster.profiles import ACCELERATOR_ONLY_PLACEMENTS, Profile, default_profile
 from deployments.schemas import parse_size
-from cluster.tiers import MAX_IMAGE_SIDE, VRAM_TIERS_GIB, tier_vram_bytes
+from cluster.tiers import VRAM_TIERS_GIB, tier_vram_bytes
 
 if TYPE_CHECKING:
     from diffusers import ZImagePipeline

@@ -48,7 +48,7 @@ def main() -> None:
     from deployments.router import ZIT_ROUTING_STATS_PERIOD_S, VramAwareRouter
     from deployments.schemas import GenerationJob
 
-    ray.init(num_cpus=4, resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=4, resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False)
     handles = {}
     for name, router in (("vram_aware", VramAwareRouter), ("power_of_two", None)):

@@ -51,9 +51,9 @@ def main() -> None:
         port = sock.getsockname()[1]
 
     # 1. The service: one CPU replica with as many torch threads as this process (Ray sets them from num_cpus).
-    ray.init(num_cpus=max(threads, 2), resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    ray.init(address="local", num_cpus=max(threads, 2), resources=HEAD_RESOURCES, include_dashboard=False,
+             logging_level="WARNING", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     config = ServiceConfig(tiers=[TierConfig(name="cpu", num_cpus=threads)])
     serve.run(build_app(config), name="zit", route_prefix="/")
     # 2. The same pipeline in this process.

@@ -18,7 +18,7 @@ def serve_port():
     from ray import serve
 
     # Logical CPUs, not cores: enough slots for the replicas the tests deploy on a 2-core machine.
-    ray.init(num_cpus=8, resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=8, resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")

@@ -126,15 +126,9 @@ class ProgressStore:
 
 
 def get_progress_store():
-    """The cluster's progress actor, created on first use (detached: it outlives any one replica)."""
-    import ray
+    from deployments.registry import cluster_actor
 
-    return (
-        ray.remote(ProgressStore)
-        .options(name=PROGRESS_NAME, namespace=PROGRESS_NAMESPACE, get_if_exists=True, lifetime="detached",
-                 num_cpus=0, max_restarts=-1)
-        .remote()
-    )
+    return cluster_actor(ProgressStore, PROGRESS_NAME, PROGRESS_NAMESPACE)
 
 
 class StepReporter:

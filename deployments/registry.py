@@ -40,16 +40,21 @@ class FleetRegistry:
         ]
 
 
-def get_registry():
-    """The cluster's registry actor, created on first use (detached: it outlives any one replica)."""
+def cluster_actor(cls, name: str, namespace: str = REGISTRY_NAMESPACE):
+    """The cluster's one actor of `cls` named `name`, created on first use (detached: it outlives any one replica;
+    restarted if it dies)."""
     import ray
 
     return (
-        ray.remote(FleetRegistry)
-        .options(name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True, lifetime="detached",
-                 num_cpus=0, max_restarts=-1)
+        ray.remote(cls)
+        .options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached", num_cpus=0,
+                 max_restarts=-1)
         .remote()
     )
+
+
+def get_registry():
+    return cluster_actor(FleetRegistry, REGISTRY_NAME)
 
 
 def card_nodes() -> list[dict]:

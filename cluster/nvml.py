@@ -314,9 +314,15 @@ class FakeNvml:
 
     def _card(self, handle: _SimCard) -> _SimCard:
         self._check()
-        if handle.spec.fail:
+        if handle.spec.fail or self._read_state(handle).get("lost"):
             raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         return handle
+
+    def set_lost(self, handle: _SimCard, lost: bool = True) -> None:
+        """Fault: from now on every NVML call on this card fails with GPU-is-lost, in every process (or recovers)."""
+        state = self._read_state(handle)
+        state["lost"] = lost
+        self._write_state(handle, state)
 
     def nvmlDeviceGetName(self, handle) -> str:
         return self._card(handle).spec.model
@@ -391,9 +397,14 @@ class FakeNvml:
         busy_pids = {p for p in state.get("busy", []) if _alive(p) and p != pid}
         if busy or (busy is None and pid in state.get("busy", [])):
             busy_pids.add(pid)
+        state.update(processes=processes, busy=sorted(busy_pids))
+        self._write_state(card, state)
+
+    def _write_state(self, card: _SimCard, state: dict) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = {**state, "processes": {str(p): h for p, h in state.get("processes", {}).items()}}
         tmp = self._state_file(card).with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"processes": {str(p): h for p, h in processes.items()}, "busy": sorted(busy_pids)}))
+        tmp.write_text(json.dumps(state))
         os.replace(tmp, self._state_file(card))
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from cluster.memory import image_tokens, predict_peak
+from cluster.planning import TierPlan
 from cluster.speed import predict_seconds
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.metrics import ServiceMetrics
@@ -71,6 +72,7 @@ class Dispatcher:
         self.queues = {t.name: TierQueue(t.name, t.num_replicas, t.max_queued_requests) for t in tiers}
         self.speed = SpeedBook()
         self.budgets = {t.name: tier_budget(t) for t in tiers}
+        self.drained: dict[str, bool] = {}
         self.metrics = metrics or ServiceMetrics(tiers)
         self.metrics.fleet.watch_queues(self.queues)
 
@@ -83,7 +85,11 @@ class Dispatcher:
             live.setdefault(report.get("tier"), []).append(report)
         for name, tier in self.tiers.items():
             reports = live.get(name, [])
-            if reports:
+            if tier.device == "cuda":  # a replica whose card fails NVML reads is drained: nothing new goes there
+                healthy = [r for r in reports if r.get("card") and not r["card"].get("error")]
+                self.drained[name] = bool(reports) and not healthy
+                reports = healthy if reports else reports
+            if reports or self.drained.get(name):
                 self.queues[name].set_replicas(len(reports))
             capacities = [r["card"]["memory_total"] - r["card"].get("foreign_memory", 0)
                           for r in reports if r.get("card") and "memory_total" in r["card"]]
@@ -97,6 +103,8 @@ class Dispatcher:
         """Tiers that can hold one image of this size now, cheapest first, with their chunks. NoTierFits if none."""
         plans = tier_plans(list(self.tiers.values()), self.profiles, width, height, steps, n, self.calibration,
                            self.budgets)
+        plans = [TierPlan(p.tier, p.profile, p.budget, [], "every card of this tier fails NVML reads (drained)")
+                 if self.drained.get(p.tier) else p for p in plans]
         fitting = [p for p in plans if p.fits]
         if not fitting:
             raise no_tier_fits(plans, width, height, steps, self.calibration)

@@ -39,6 +39,8 @@ api.middleware("http")(record_requests)
 
 # What a client is told to wait after a 503 because a chunk failed everywhere it could go.
 RETRY_AFTER_S = 5
+# How long the first request waits for the first reading of the fleet registry (normally a few milliseconds).
+FIRST_POLL_WAIT_S = 5.0
 
 
 class Ingress(A1111Api, ProgressApi, WebUi):
@@ -100,7 +102,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         """Every API's one path to images: check, admit, route, run, retry; errors as ApiError with the fix."""
         # 1. Check what the schema cannot: configured limits and the model name.
         self._check_limits(body)
-        self._start_polling()
+        await self._fleet_known()
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - body.n + 1)
         if seed + body.n - 1 > MAX_SEED:
             raise ApiError(422, f"seed + n - 1 must be at most {MAX_SEED}; lower seed", "seed")
@@ -227,7 +229,17 @@ class Ingress(A1111Api, ProgressApi, WebUi):
     def _start_polling(self) -> None:
         """Follow the fleet registry (live replicas, free memory per tier) from the first request on."""
         if self._poller is None or self._poller.done():
+            self._polled = asyncio.Event()
             self._poller = asyncio.ensure_future(self._poll_registry())
+
+    async def _fleet_known(self) -> None:
+        """The first request waits (briefly) for the first registry reading: routing on no knowledge of the cards
+        could send it to a card that is lost or full."""
+        self._start_polling()
+        try:
+            await asyncio.wait_for(self._polled.wait(), timeout=FIRST_POLL_WAIT_S)
+        except asyncio.TimeoutError:
+            logger.warning("no fleet registry reading after %.0f s; routing on the configured tiers", FIRST_POLL_WAIT_S)
 
     async def _poll_registry(self) -> None:
         from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S, get_registry
@@ -238,6 +250,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                     self._registry = get_registry()
                 reports = await self._registry.replicas.remote()
                 self.dispatcher.update_from_reports(reports)
+                self._polled.set()
                 self.metrics.fleet.observe_reports(reports)
                 if self.metrics.fleet.card_nodes_due():
                     from deployments.registry import card_nodes

@@ -138,3 +138,42 @@ def test_a_card_node_dying_under_load_loses_nothing_and_the_card_rejoins(faulty)
             break
         time.sleep(2)
     assert tiers["vram_8"]["replicas_running"] == 2, fleet["tiers"]
+
+
+def test_a_card_whose_nvml_fails_is_drained_and_comes_back(faulty):
+    """NVML starts failing on the GTX 1650 (GPU is lost) in every process: nothing new is sent to it, requests are
+    still served elsewhere; when NVML answers again, the card takes work again."""
+    from cluster.nvml import FakeNvml
+
+    cards, url = faulty
+    card = next(c for c in cards if c.tier == "vram_4")
+    nvml = FakeNvml(TEST_FLEETS / "faults.yaml")  # ZIT_SIM_STATE_DIR points at the cluster's driver state
+    handle = next(h for h in nvml.cards if h.uuid == card.uuid)
+
+    def wait_for(condition, timeout_s=30):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            fleet = httpx.get(f"{url}/v1/fleet", timeout=30).json()
+            if condition(fleet):
+                return fleet
+            time.sleep(1)
+        raise AssertionError(f"fleet never reached the expected state: {fleet['cards']}")
+
+    def card_error(fleet):
+        return next(c for c in fleet["cards"] if c["uuid"] == card.uuid)["error"]
+
+    nvml.set_lost(handle, True)
+    try:
+        wait_for(lambda fleet: card_error(fleet))
+        time.sleep(4.5)  # the ingress reads the reports every 2 s, the replicas send them every 2 s
+        response = generate(url, size="512x512", n=1, seed=21)
+        assert response.status_code == 200, response.text
+        meta = response.json()["metadata"]
+        assert "vram_4" not in [c["tier"] for c in meta["chunks"]] + [r["from"] for r in meta["retries"]]
+    finally:
+        nvml.set_lost(handle, False)
+    wait_for(lambda fleet: not card_error(fleet))
+    time.sleep(4.5)
+    response = generate(url, size="512x512", n=1, seed=22)
+    assert response.status_code == 200, response.text
+    assert response.json()["metadata"]["retries"][0]["from"] == "vram_4"  # tried there first again

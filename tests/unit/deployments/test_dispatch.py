@@ -159,9 +159,21 @@ def test_live_budget_is_the_roomiest_card_capped_at_the_tier_size_and_replicas_f
     d = dispatcher(card_tier("vram_12", 1, bf16=True, vram_bytes=12 * GIB))
     d.update_from_reports([report("vram_12", 12 * GIB, foreign=5 * GIB), report("vram_12", 12 * GIB, GIB),
                            report("vram_12", 16 * GIB), {"tier": "vram_12"}])
-    assert d.budgets["vram_12"] == 12 * GIB and d.queues["vram_12"].replicas == 4
+    # A card tier's replica with no card reading serves nothing: three of the four count.
+    assert d.budgets["vram_12"] == 12 * GIB and d.queues["vram_12"].replicas == 3
     d.update_from_reports([report("vram_12", 12 * GIB, foreign=5 * GIB), report("vram_12", 12 * GIB, GIB)])
     assert d.budgets["vram_12"] == 11 * GIB and d.queues["vram_12"].replicas == 2
+
+
+def test_a_tier_whose_cards_all_fail_nvml_is_drained_until_they_recover():
+    d = dispatcher(card_tier("vram_8", 1, bf16=True, vram_bytes=8 * GIB),
+                   card_tier("vram_24", 1, bf16=True, vram_bytes=24 * GIB))
+    lost = {"tier": "vram_8", "card": {"memory_total": 8 * GIB, "error": "NVMLError_GpuIsLost: GPU is lost"}}
+    d.update_from_reports([lost, report("vram_24", 24 * GIB)])
+    assert [p.tier for p in d.plan(512, 512, 9, 1)] == ["vram_24"]
+    assert d.queues["vram_8"].replicas == 0
+    d.update_from_reports([report("vram_8", 8 * GIB), report("vram_24", 24 * GIB)])
+    assert [p.tier for p in d.plan(512, 512, 9, 1)] == ["vram_8", "vram_24"]
 
 
 def test_reports_of_other_tiers_change_nothing_here():

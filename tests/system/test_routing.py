@@ -83,15 +83,13 @@ def test_round_robin_and_rays_default_router_would_hit_out_of_memory(tier_aware)
     """The baseline: same workload, chunks rotated over the tiers without the memory model, Ray's default router,
     no retries. The simulated cards refuse what does not fit: count how often."""
     cards, port, _ = tier_aware
+    # The last test of the module: it leaves the baseline deployed, and the module's cluster ends after it.
     url = deploy(cards, port, tier_policy="round_robin", in_tier_router="ray_default")
-    try:
-        wait_for_replicas(url, len(cards))
-        results = send_workload(url)
-        oom = [body for body, r in results if r.status_code == 503 and "out_of_memory" in r.text]
-        ok = [body for body, r in results if r.status_code == 200]
-        print(f"round robin + default router: {len(oom)} of {len(results)} requests hit out-of-memory, "
-              f"{len(ok)} succeeded")
-        assert oom, "the baseline never ran out of memory: the simulated cards are not enforcing their budgets"
-        assert len(oom) + len(ok) == len(results)
-    finally:
-        deploy(cards, port)  # leave the tier-aware service for any later test
+    wait_for_replicas(url, len(cards))
+    results = send_workload(url)
+    oom = [body for body, r in results if r.status_code == 503 and "out_of_memory" in r.text]
+    ok = [body for body, r in results if r.status_code == 200]
+    print(f"round robin + default router: {len(oom)} of {len(results)} requests hit out-of-memory, "
+          f"{len(ok)} succeeded")
+    assert oom, "the baseline never ran out of memory: the simulated cards are not enforcing their budgets"
+    assert len(oom) + len(ok) == len(results)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +28,6 @@ LABEL_HOST = "zit/host"
 # Logical CPUs each card's node offers: one for its Generator replica, one for the odd Ray task beside it. Logical
 # CPUs are scheduling slots, not cores; the replica's torch threads follow its own num_cpus.
 CARD_NODE_CPUS = 2
-# Card nodes started at once on one host. Raylets started together on one machine can pick the same free port
-# and die with "bind: Address already in use", so one host starts its cards one after another (about 5 s each).
-START_PARALLEL = 1
 
 
 def _slug(text: str) -> str:
@@ -98,8 +94,9 @@ def start_card_nodes(
                                f"{(proc.stdout + proc.stderr)[-2000:]}")
         return f"{node.card.name} [{node.card.uuid}] joined as a {node.card.tier} node"
 
-    with ThreadPoolExecutor(max_workers=START_PARALLEL) as pool:
-        return list(pool.map(start, nodes))
+    # One after another: raylets started together on one machine can pick the same free port and die with
+    # "bind: Address already in use" (about 5 s per card).
+    return [start(node) for node in nodes]
 
 
 def nodes_for_cards(cards: list[GpuSnapshot], fleet_file: str | Path | None) -> tuple[list[CardNode], list[str]]:

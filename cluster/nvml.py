@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import uuid as uuidlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -423,12 +423,3 @@ def _alive(pid: int) -> bool:
 def load_fleet(path: str | Path) -> list[GpuSnapshot]:
     """Every card of a fleet file as NVML snapshots (what `zit fleet --fleet FILE` prints)."""
     return probe(FakeNvml(path))
-
-
-def backend_for(fleet_file: str | Path | None):
-    """The fake backend for a fleet file, else the real driver."""
-    return FakeNvml(fleet_file) if fleet_file else pynvml
-
-
-def with_usage(snapshot: GpuSnapshot, used: int) -> GpuSnapshot:
-    return replace(snapshot, memory_used=used, memory_free=snapshot.memory_total - used)

@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass, field
 
 from cluster.memory import image_tokens, predict_peak
-from cluster.planning import TierPlan
 from cluster.speed import predict_seconds
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.metrics import ServiceMetrics
-from deployments.routing import NoTierFits, no_tier_fits, tier_budget, tier_plans
+from deployments.routing import NoTierFits, fitting_plans, no_tier_fits, tier_budget, tier_plans
 from deployments.scheduler import SpeedBook, TierQueue, TiersFull, choose_chunk_tier
 from deployments.schemas import GenerationJob, GenerationResult, ImageGenerationRequest
 
@@ -101,14 +100,9 @@ class Dispatcher:
 
     def plan(self, width: int, height: int, steps: int, n: int):
         """Tiers that can hold one image of this size now, cheapest first, with their chunks. NoTierFits if none."""
-        plans = tier_plans(list(self.tiers.values()), self.profiles, width, height, steps, n, self.calibration,
-                           self.budgets)
-        plans = [TierPlan(p.tier, p.profile, p.budget, [], "every card of this tier fails NVML reads (drained)")
-                 if self.drained.get(p.tier) else p for p in plans]
-        fitting = [p for p in plans if p.fits]
-        if not fitting:
-            raise no_tier_fits(plans, width, height, steps, self.calibration)
-        return fitting
+        drained = {tier: "every card of this tier fails NVML reads (drained)" for tier, on in self.drained.items() if on}
+        return fitting_plans(list(self.tiers.values()), self.profiles, width, height, steps, n, self.calibration,
+                             self.budgets, drained)
 
     def _seconds_per_unit(self, tier: str, width: int, height: int, steps: int) -> float:
         predicted = predict_seconds(width, height, 1, steps, self.profiles[tier], self.tiers[tier].speed or 1.0,

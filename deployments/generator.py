@@ -268,9 +268,6 @@ class Generator:
             "torch_threads": self._torch_threads(),
         }
 
-    async def info(self) -> dict:
-        return self.describe()
-
     def _start_reporting(self) -> None:
         """Report to the fleet registry every few seconds from a daemon thread (never from the request path)."""
         if not _in_ray():

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from cluster.cli import load_service_config, main
 from deployments.pipeline import DOWNLOAD_CONNECT_TIMEOUT_S

@@ -1,7 +1,6 @@
 """How cards become Ray nodes, and how a simulated card enforces its memory budget."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ import pytest
 
 from cluster.memory import largest_batch, predict_peak
 from cluster.tiers import TierConfig, tier_vram_bytes
-from deployments.routing import Chunk, NoTierFits, choose_tier, plan_chunks, seed_chunks, tier_profile
+from deployments.routing import NoTierFits, choose_tier, tier_profile
 
 GIB = 1 << 30
 
@@ -69,14 +69,8 @@ def test_cpu_tier_has_no_memory_budget_only_profile_limits():
     assert choose_tier(tiers, profiles, 2048, 2048, 9, n=profiles["cpu"].max_n).chunks == [profiles["cpu"].max_n]
 
 
-def test_seeds_are_consecutive_and_cut_in_order():
-    assert seed_chunks(10, [2, 2, 1]) == [(10, 11), (12, 13), (14,)]
-    assert seed_chunks(0, [1]) == [(0,)]
-
-
 def test_plan_uses_the_chosen_tiers_chunk():
     tiers = [TierConfig(name="cpu", profile={"max_n": 2})]
     profiles = {"cpu": tier_profile(tiers[0])}
-    assert plan_chunks(tiers, profiles, 256, 256, 9, 3, 7) == [Chunk("cpu", (7, 8)), Chunk("cpu", (9,))]
-    assert plan_chunks(tiers, profiles, 256, 256, 9, 5, 0) == [Chunk("cpu", (0, 1)), Chunk("cpu", (2, 3)),
-                                                               Chunk("cpu", (4,))]
+    assert choose_tier(tiers, profiles, 256, 256, 9, 3).chunks == [2, 1]
+    assert choose_tier(tiers, profiles, 256, 256, 9, 5).chunks == [2, 2, 1]

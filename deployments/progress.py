@@ -40,6 +40,8 @@ ZIT_PROGRESS_PERIOD_S = float(os.environ.get("ZIT_PROGRESS_PERIOD_S", "0.25"))
 STREAM_POLL_S = ZIT_PROGRESS_PERIOD_S / 2
 # Finished requests stay readable this long (a client polling A1111's progress after its txt2img returned).
 KEEP_FINISHED_S = 60.0
+# A request still "running" after this long lost its finish report (no request is allowed to run this long).
+FORGET_RUNNING_S = 3600.0
 
 
 # One event of the stream as the OpenAPI schema documents it; `data` is JSON text (or `[DONE]`).
@@ -92,8 +94,13 @@ class ProgressStore:
         self._records: dict[str, dict] = {}
 
     def start(self, request_id: str, n: int, steps: int) -> None:
-        self._records[request_id] = {"n": n, "steps": steps, "chunks": {}, "started_at": time.time(),
-                                     "finished_at": None}
+        record = self._records.get(request_id)
+        if record is not None and record["finished_at"] is not None:
+            # Calls may arrive out of order: the request finished before its start arrived.
+            record.update(n=n, steps=steps)
+        else:
+            self._records[request_id] = {"n": n, "steps": steps, "chunks": {}, "started_at": time.time(),
+                                         "finished_at": None}
         self._expire()
 
     def step(self, request_id: str, chunk: int, step: int, steps: int, images: int) -> None:
@@ -102,9 +109,10 @@ class ProgressStore:
             record["chunks"][chunk] = {"step": step, "steps": steps, "images": images}
 
     def finish(self, request_id: str) -> None:
-        record = self._records.get(request_id)
-        if record is not None:
-            record["finished_at"] = time.time()
+        now = time.time()
+        record = self._records.setdefault(request_id, {"n": 0, "steps": 0, "chunks": {}, "started_at": now,
+                                                       "finished_at": None})
+        record["finished_at"] = now
 
     def get(self, request_id: str) -> dict | None:
         record = self._records.get(request_id)
@@ -119,9 +127,13 @@ class ProgressStore:
         return {**progress_view(rid, record, time.time()), "running": len(running)}
 
     def _expire(self) -> None:
+        """Forget finished requests after KEEP_FINISHED_S, and running ones past FORGET_RUNNING_S (their ingress
+        died before it could report the end)."""
         now = time.time()
         for rid, record in list(self._records.items()):
-            if record["finished_at"] is not None and now - record["finished_at"] > KEEP_FINISHED_S:
+            finished = record["finished_at"]
+            if (finished is not None and now - finished > KEEP_FINISHED_S) or (
+                    finished is None and now - record["started_at"] > FORGET_RUNNING_S):
                 del self._records[rid]
 
 
@@ -222,10 +234,21 @@ class ProgressApi:
             logger.warning("progress store unavailable", exc_info=True)
 
     async def progress_of(self, request_id: str) -> dict | None:
-        return await self._progress_store().get.remote(request_id)
+        return await self._read_progress("get", request_id)
 
     async def current_progress(self) -> dict | None:
-        return await self._progress_store().current.remote()
+        return await self._read_progress("current")
+
+    async def _read_progress(self, method: str, *args):
+        """A read of the store; a store that cannot answer is a 503 to retry, never a 500."""
+        import ray
+
+        try:
+            return await getattr(self._progress_store(), method).remote(*args)
+        except ray.exceptions.RayError as error:
+            logger.warning("progress store did not answer: %s", error)
+            raise ApiError(503, "progress is unavailable for a moment (the progress store is restarting); retry",
+                           kind="server_busy", headers={"Retry-After": "1"}) from None
 
     @api.get("/v1/progress/{request_id}")
     async def progress(self, request_id: str) -> dict:

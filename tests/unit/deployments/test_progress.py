@@ -1,6 +1,6 @@
 """The pure parts of deployments/progress.py: combining chunk reports, throttling, reading an event stream."""
 
-from deployments.progress import StepReporter, progress_view, read_events, sse
+from deployments.progress import ProgressStore, StepReporter, progress_view, read_events, sse
 
 
 def record(n=4, steps=10, chunks=None, started=100.0, finished=None):
@@ -43,3 +43,30 @@ def test_reporter_sends_first_and_last_step_and_at_most_one_per_period_between()
 def test_events_round_trip_through_the_reader():
     stream = (sse("progress", {"step": 1}) + sse("done", "[DONE]")).decode()
     assert list(read_events(stream.split("\n"))) == [("progress", {"step": 1}), ("done", "[DONE]")]
+
+
+def test_store_keeps_a_request_finished_when_its_finish_arrives_before_its_start():
+    store = ProgressStore()
+    store.finish("late-start")
+    store.start("late-start", n=2, steps=8)
+    assert store.get("late-start")["finished"] is True
+    assert store.current() is None
+    store.start("running", n=1, steps=8)
+    assert store.current()["request_id"] == "running"
+
+
+def test_store_forgets_finished_requests_and_running_ones_that_lost_their_finish(monkeypatch):
+    import deployments.progress as progress
+
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    store = ProgressStore()
+    store.start("done", n=1, steps=4)
+    store.finish("done")
+    store.start("orphan", n=1, steps=4)
+    now[0] += progress.KEEP_FINISHED_S + 1
+    store.start("fresh", n=1, steps=4)
+    assert store.get("done") is None and store.get("orphan") is not None
+    now[0] += progress.FORGET_RUNNING_S
+    store.start("fresher", n=1, steps=4)
+    assert store.get("orphan") is None and store.get("fresher") is not None

@@ -86,7 +86,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cluster.tiers import tiers_for_cards
 
     try:
-        config = load_service_config(args.config, {"model": args.model})
+        config = load_service_config(args.config, {"model": args.model, "lora_dir": args.lora_dir})
         cards, fleet_file, what = discover_cards(args)
     except (ValidationError, OSError) as exc:
         _say(f"error: bad configuration: {exc}")
@@ -96,6 +96,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     try:  # fail here, with the fix, rather than in a replica's log
         model_path = resolve_model(config.model)
+        if config.model == "tiny" and not config.lora_dir:  # the embedded default comes with adapters to try
+            from deployments.pipeline import models_dir
+            from deployments.tiny_model import ensure_tiny_loras
+
+            config = config.model_copy(update={"lora_dir": str(ensure_tiny_loras(models_dir(), model_path))})
+        if config.lora_dir:
+            from deployments.lora import LoraLibrary
+
+            if not Path(config.lora_dir).expanduser().is_dir():
+                raise ModelNotFound(f"--lora-dir {config.lora_dir} is not a folder")
+            names = LoraLibrary(config.lora_dir).names()
+            _say(f"LoRA: {len(names)} adapter(s) in {config.lora_dir}: {', '.join(names) or 'none yet'}")
         if config.api_keys_file:
             _say(f"API keys: {len(load_keys(config.api_keys_file))} from {config.api_keys_file}")
     except (ModelNotFound, KeyFileError) as exc:
@@ -300,6 +312,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "output_format": args.format, "response_format": "b64_json"}
     if args.seed is not None:
         body["seed"] = args.seed
+    if args.lora:
+        body["lora"], body["lora_scale"] = args.lora, args.lora_scale
     _say(f"Generating {args.n} image(s) of {args.size} at {args.url} ...")
     try:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -373,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--fleet", type=Path, help="serve on the simulated cards of this fleet file")
     where.add_argument("--cpu", action="store_true", help="serve from one CPU replica, no card")
     up.add_argument("--config", type=Path, help="serve_config.yaml or a YAML of service settings")
+    up.add_argument("--lora-dir", help="folder of LoRA adapters (<name>.safetensors) requests may name in 'lora' "
+                    "(default with the tiny model: its own two adapters)")
     up.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (default %(default)s)")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
     up.add_argument("--detach", action="store_true", help="return once serving; stop later with `zit down`")
@@ -405,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--steps", type=int, default=9)
     gen.add_argument("--seed", type=int)
+    gen.add_argument("--lora", help="a LoRA adapter the service lists at /v1/loras")
+    gen.add_argument("--lora-scale", type=float, default=1.0, help="adapter strength (default %(default)s)")
     gen.add_argument("--format", choices=["png", "jpeg", "webp"], default="png")
     gen.add_argument("-o", "--output", type=Path, default=Path("out"))
     gen.add_argument("--url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")

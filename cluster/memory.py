@@ -210,8 +210,10 @@ def _transformer_running(profile: Profile, cal: Calibration) -> int:
     c = DTYPE_BYTES[profile.compute_dtype]
     upcast = cal.transformer_leaf_params * c if s != c else 0  # one leaf at a time in the compute dtype
     in_flight = 2 if profile.offload_stream else 1  # the running group and the prefetched one
+    # LoRA adapters stay in the compute dtype; offloaded groups carry their adapters with them (below the margin).
+    lora = profile.lora_params * c
     if profile.weights in ("resident", "fp8_layerwise", "model_cpu_offload"):
-        return cal.transformer_params * s + upcast
+        return cal.transformer_params * s + upcast + lora
     if profile.weights == "group_offload_block":
         non_block = cal.transformer_params - cal.transformer_blocks * cal.transformer_block_params
         return max(0, non_block) * s + in_flight * cal.transformer_block_params * s + upcast

@@ -115,6 +115,12 @@ class Profile(BaseModel):
     max_pixels: int = Field(MAX_IMAGE_SIDE * MAX_IMAGE_SIDE, ge=64 * 64, description="Largest width x height.")
     max_n: int = Field(4, ge=1, le=16, description="Most images in one pipeline call; larger n is split.")
     max_steps: int = Field(50, ge=1, le=50, description="Most denoising steps per request.")
+    lora_params: int = Field(
+        0, ge=0,
+        description="Parameters of the LoRA adapters a replica may hold at once (its adapter slots x the largest "
+        "adapter; set from the service's LoRA folder, deployments/lora.py). Counted with the transformer's weights, "
+        "in the compute dtype.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "Profile":

@@ -4,7 +4,8 @@ A mixin of the Ingress: `POST /sdapi/v1/txt2img` turns the A1111 request into an
 `Ingress.generate`, the one path every API takes to images (same limits, admission, tier choice and retries).
 
 Fields, decided once here:
-- used: prompt, negative_prompt, seed (-1 = random), steps, cfg_scale, width, height, batch_size, n_iter
+- used: prompt (with at most one `<lora:name:weight>` tag, A1111's LoRA syntax: the tag is taken out of the prompt
+  and the adapter applied, see deployments/lora.py), negative_prompt, seed (-1 = random), steps, cfg_scale, width, height, batch_size, n_iter
   (n = batch_size x n_iter, image i gets seed + i as in A1111), send_images, force_task_id (the id
   `/sdapi/v1/progress` and `/internal/progress` report under);
 - cfg_scale: A1111 mixes `uncond + cfg x (cond - uncond)`, Z-Image `cond + g x (cond - uncond)`, so
@@ -26,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.http import ApiError, api
+from deployments.lora import LoraError, parse_prompt_loras
 from deployments.schemas import MAX_SEED, MIN_IMAGE_SIDE, SIZE_MULTIPLE, ImageGenerationRequest
 
 from cluster.tiers import MAX_IMAGE_SIDE
@@ -189,6 +191,12 @@ class A1111Api:
             raise ApiError(422, f"sd_model_checkpoint {checkpoint!r} is not served here; use "
                                 f"{self.config.model_name!r} (see /sdapi/v1/sd-models)", "sd_model_checkpoint")
 
+    @api.get("/sdapi/v1/loras")
+    async def a1111_loras(self) -> list[dict]:
+        """A1111's LoRA list; a prompt uses one as `<lora:name:weight>`. Paths stay on the server."""
+        return [{"name": name, "alias": name, "path": None, "metadata": {}}
+                for name in (self.loras.names() if self.loras else [])]
+
     @api.get("/sdapi/v1/samplers")
     async def a1111_samplers(self) -> list[dict]:
         return [{"name": SAMPLER, "aliases": ["k_euler", "flow_match_euler"], "options": {}}]
@@ -205,10 +213,21 @@ class A1111Api:
         if body.n > self.config.max_n:
             raise ApiError(422, f"batch_size x n_iter must be at most {self.config.max_n}; got "
                                 f"{body.batch_size} x {body.n_iter} = {body.n}", "batch_size")
-        if not body.prompt.strip():
+        try:
+            prompt, loras = parse_prompt_loras(body.prompt)
+        except LoraError as exc:
+            raise ApiError(422, str(exc), "prompt") from None
+        if len(loras) > 1:
+            raise ApiError(422, f"one LoRA per request here; the prompt names {len(loras)} "
+                                f"({', '.join(name for name, _ in loras)}): keep one <lora:...> tag", "prompt")
+        if not prompt.strip():
             raise ApiError(422, "prompt must not be empty", "prompt")
+        lora = {"lora": loras[0][0], "lora_scale": loras[0][1]} if loras else {}
+        if lora and not -2.0 <= lora["lora_scale"] <= 2.0:
+            raise ApiError(422, f"LoRA weight must be between -2 and 2; got {lora['lora_scale']:g}", "prompt")
         return ImageGenerationRequest(
-            prompt=body.prompt,
+            **lora,
+            prompt=prompt,
             negative_prompt=body.negative_prompt or None,
             n=body.n,
             size=f"{body.width}x{body.height}",

@@ -5,6 +5,8 @@ serve_config.yaml points at `deployments.app:build_app`; Serve validates its `ar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
@@ -26,6 +28,12 @@ def build_app(config: ServiceConfig) -> Application:
     """One Ingress plus one Generator deployment per configured tier."""
     if isinstance(config, dict):  # `serve run module:build_app key=value` passes a dict
         config = ServiceConfig.model_validate(config)
+    if config.lora_dir:
+        if not Path(config.lora_dir).expanduser().is_dir():
+            raise ValueError(f"lora_dir {config.lora_dir!r} is not a folder; create it or unset lora_dir")
+        # Fix the LoRA memory reserve once, so the ingress and every replica plan with the same number.
+        config = config.model_copy(update={"lora_reserve_params": config.lora_settings().reserve_params})
+    lora = config.lora_settings()
     generators = {}
     for tier in config.tiers:
         deployment = serve.deployment(Generator).options(
@@ -44,7 +52,7 @@ def build_app(config: ServiceConfig) -> Application:
                 "resources": dict(tier.resources),
             },
         )
-        generators[tier.name] = deployment.bind(tier, config.model)
+        generators[tier.name] = deployment.bind(tier, config.model, lora)
     ingress = serve.deployment(HttpIngress).options(
         name="Ingress",
         num_replicas=config.ingress_replicas,

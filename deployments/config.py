@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.tiers import MAX_IMAGE_SIDE, TierConfig, cpu_tier
+
+if TYPE_CHECKING:
+    from deployments.lora import LoraSettings
 
 # Where built and downloaded models live. One folder per user so a second `make run` reuses the tiny model.
 ZIT_CACHE_DIR_ENV = "ZIT_CACHE_DIR"
@@ -77,9 +80,40 @@ class ServiceConfig(BaseModel):
             "or use only the largest tier (largest), and never retry."
         ),
     )
+    lora_dir: str | None = Field(
+        None,
+        description=(
+            "Folder of LoRA adapters (`<name>.safetensors`) requests may name in `lora`; the same path on every node. "
+            "None: LoRA is off. With model 'tiny', `zit up` serves the tiny model's own adapters by default."
+        ),
+    )
+    lora_slots: int = Field(
+        2, ge=1, le=16, description="Adapters one replica keeps loaded (Serve model multiplexing; least recently used "
+        "goes first). The memory model reserves this many times the largest adapter on every card.",
+    )
+    lora_fuse: bool = Field(
+        False, description="Fuse the requested adapter into the weights (faster steps; a switch of adapter or scale "
+        "costs an unfuse and a fuse). Only on tiers whose transformer is resident in its compute dtype.",
+    )
+    lora_reserve_params: int | None = Field(
+        None, ge=0, description="Parameters reserved per adapter slot. None: the largest adapter in lora_dir when the "
+        "app is built; adapters added later that are larger are refused until a restart.",
+    )
     in_tier_router: Literal["vram_aware", "ray_default"] = Field(
         "vram_aware", description="Replica choice within a tier: VramAwareRouter, or Ray's PowerOfTwoChoices."
     )
+
+    def lora_settings(self) -> "LoraSettings | None":
+        """What replicas and the ingress need to serve LoRA, or None when it is off. The per-slot reserve is the
+        configured one, else the largest adapter in the folder now (build_app fixes it once for the whole app)."""
+        from deployments.lora import LoraLibrary, LoraSettings
+
+        if not self.lora_dir:
+            return None
+        reserve = self.lora_reserve_params
+        if reserve is None:
+            reserve = LoraLibrary(self.lora_dir).largest_params()
+        return LoraSettings(folder=self.lora_dir, slots=self.lora_slots, fuse=self.lora_fuse, reserve_params=reserve)
 
     @model_validator(mode="after")
     def _tier_names_unique(self) -> "ServiceConfig":

@@ -223,7 +223,7 @@ class Dispatcher:
             guidance_scale=body.guidance_scale, seeds=list(seeds), output_format=body.output_format,
             quality=body.output_compression,
             predicted_peak=predict_peak(width, height, n, profile, self.calibration).total,
-            request_id=body.request_id,
+            request_id=body.request_id, lora=body.lora, lora_scale=body.lora_scale,
         )
         queue = self.queues[tier]
         arrived = time.perf_counter()
@@ -231,7 +231,10 @@ class Dispatcher:
         try:
             started = time.perf_counter()
             self.metrics.queue_waited(tier, started - arrived)
-            result = await self.generators[tier].generate.remote(job)
+            handle = self.generators[tier]
+            if body.lora:  # Serve model multiplexing: replicas that hold the adapter are preferred
+                handle = handle.options(multiplexed_model_id=body.lora)
+            result = await handle.generate.remote(job)
             predicted = predict_seconds(width, height, n, body.steps, profile, self.tiers[tier].speed or 1.0,
                                         self.calibration).total_s
             self.speed.record(tier, time.perf_counter() - started, predicted)

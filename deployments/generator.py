@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -16,6 +17,7 @@ from cluster.nvml import NvmlMonitor
 from cluster.tiers import TierConfig
 from cluster.profiles import apply_vae, degraded_profile
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
+from deployments.lora import LoraSettings
 from deployments.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from deployments.progress import ReplicaProgress
 from deployments.schemas import GenerationJob, GenerationResult
@@ -45,6 +47,22 @@ def _in_ray() -> bool:
         return False
 
 
+class LoadedAdapter:
+    """What Serve's multiplexing caches per adapter; Serve calls __del__ when it evicts one."""
+
+    def __init__(self, owner: "Generator", name: str):
+        self.owner, self.name, self._gone = owner, name, False
+
+    def __del__(self):
+        if self._gone or sys.is_finalizing():  # at exit the pipeline goes with the process
+            return
+        self._gone = True
+        try:
+            self.owner._unload_adapter(self.name)
+        except Exception:  # eviction must never take the replica down
+            logger.exception("unloading LoRA %s failed", self.name)
+
+
 class Generator:
     """Finds its card, loads the tier's pipeline under the tier's profile once, then runs jobs one at a time.
 
@@ -56,7 +74,7 @@ class Generator:
     runs; the lock keeps a second job from entering the (not thread-safe) pipeline at the same time.
     """
 
-    def __init__(self, tier: TierConfig, model: str):
+    def __init__(self, tier: TierConfig, model: str, lora: LoraSettings | None = None):
         from cluster.memory import predict_peak
         from deployments.routing import tier_profile
 
@@ -69,8 +87,10 @@ class Generator:
         self.card_info = snapshot.to_dict() if snapshot else None
         # NVML is read by a background thread; stats and reports use its cached reading, never the driver.
         self.monitor = NvmlMonitor(self.card.nvml, indices=[self.card.index]) if self.card else None
-        # 2. The tier's profile (the same one the ingress plans with: safe for every card of the tier).
-        self.profile = tier_profile(tier)
+        # 2. The tier's profile (the same one the ingress plans with: safe for every card of the tier; it reserves
+        #    memory for the LoRA adapters this replica may hold).
+        self.lora = lora
+        self.profile = tier_profile(tier, lora.reserved_params if lora else 0)
         if snapshot is not None and tier.bf16 and not snapshot.bf16:
             raise RuntimeError(f"{snapshot.name} has no bf16 but tier {tier.name} was configured with bf16=true")
         # 3. Where the pixels are computed: CUDA for a real card, else the CPU.
@@ -93,8 +113,19 @@ class Generator:
             from cluster.simcard import SimulatedCard
 
             self.sim = SimulatedCard(self.card)
-            idle = predict_peak(64, 64, 1, self.profile)
-            self.sim.hold(idle.weights + idle.context, f"{self.profile.name} resident weights")
+            idle = predict_peak(64, 64, 1, tier_profile(tier))  # without adapters: they are held as they load
+            self._resident = idle.weights + idle.context
+            self.sim.hold(self._resident, f"{self.profile.name} resident weights")
+        # 6. LoRA adapters: loaded on first use, at most lora.slots kept (Serve model multiplexing, LRU).
+        self._adapters: dict[str, int] = {}  # name -> bytes it holds on the card
+        self._fused: tuple[str, float] | None = None
+        if lora is not None:
+            from ray import serve
+
+            async def adapter(name: str) -> LoadedAdapter:
+                return await asyncio.to_thread(self._load_adapter, name)
+
+            self.adapter = serve.multiplexed(max_num_models_per_replica=lora.slots)(adapter)
         self.load_seconds = time.perf_counter() - started
         self._lock = asyncio.Lock()
         self._step_seconds: float | None = None
@@ -135,6 +166,13 @@ class Generator:
             self._busy_since = time.monotonic()
             degraded = None
             try:
+                if job.lora:
+                    if self.lora is None:
+                        raise ValueError(f"job asks for LoRA {job.lora!r} but this service has no LoRA folder")
+                    try:
+                        await self.adapter(job.lora)  # loads it (evicting the least recently used) or finds it
+                    except torch.OutOfMemoryError as exc:
+                        raise ChunkOutOfMemory(f"{self.tier.name}: LoRA {job.lora}: {str(exc).splitlines()[0]}") from None
                 try:
                     images, seconds = await self._in_thread(job, self.profile)
                 except torch.OutOfMemoryError as exc:
@@ -201,6 +239,7 @@ class Generator:
 
         if self.device == "cuda" and profile is not self.profile:
             apply_vae(self.pipe, profile)
+        self._use_adapter(job)
         if self.sim is None:
             return run_job(self.pipe, job, on_step=on_step)
         started = time.perf_counter()
@@ -211,6 +250,61 @@ class Generator:
             predicted = predict_seconds(job.width, job.height, n, job.steps, profile, self.sim.spec.speed)
             self.sim.pace(started, predicted.total_s, cancel)
         return images, time.perf_counter() - started
+
+    # -- LoRA adapters (deployments/lora.py) ---------------------------------------------------------------------
+
+    def _load_adapter(self, name: str) -> "LoadedAdapter":
+        """Load adapter `name` from the LoRA folder (a worker thread, under the job lock). A simulated card holds its
+        bytes from now on and refuses it, like a real card, when they do not fit."""
+        from cluster.memory import DTYPE_BYTES
+        from deployments.lora import LoraLibrary, adapter_params
+
+        path = LoraLibrary(self.lora.folder).check(name, self.lora)
+        nbytes = adapter_params(path) * DTYPE_BYTES[self.profile.compute_dtype]
+        if self.sim is not None:
+            self.sim.hold(self._resident + sum(self._adapters.values()) + nbytes, f"LoRA {name}")
+        started = time.perf_counter()
+        self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        self._adapters[name] = nbytes
+        logger.info("LoRA %s loaded on %s in %.2fs (%d bytes)", name, self.replica, time.perf_counter() - started,
+                    nbytes)
+        return LoadedAdapter(self, name)
+
+    def _unload_adapter(self, name: str) -> None:
+        """Serve evicted `name` (least recently used past lora.slots): take it out of the pipeline and off the card."""
+        if name not in self._adapters:
+            return
+        if self._fused is not None and self._fused[0] == name:
+            self.pipe.unfuse_lora()
+            self._fused = None
+        self.pipe.delete_adapters(name)
+        del self._adapters[name]
+        if self.sim is not None:
+            self.sim.hold(self._resident + sum(self._adapters.values()), "the resident weights")
+        logger.info("LoRA %s unloaded from %s", name, self.replica)
+
+    def _use_adapter(self, job: GenerationJob) -> None:
+        """Make the pipeline run `job`'s adapter at its scale, or none: set (or fuse) it, or disable LoRA."""
+        if not self._adapters:
+            return
+        want = (job.lora, job.lora_scale) if job.lora else None
+        if self._fused is not None and self._fused != want:
+            self.pipe.unfuse_lora()
+            self._fused = None
+        if want is None:
+            self.pipe.disable_lora()
+            return
+        if self._fused == want:
+            return
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([job.lora], adapter_weights=[job.lora_scale])
+        if self.lora.fuse and self._can_fuse():
+            self.pipe.fuse_lora(adapter_names=[job.lora])
+            self._fused = want
+
+    def _can_fuse(self) -> bool:
+        """Fusing rewrites the transformer's weights: only when they are resident in their compute dtype."""
+        return self.profile.weights == "resident" and self.profile.transformer_storage == self.profile.compute_dtype
 
     def _free_cache(self) -> None:
         import gc
@@ -266,6 +360,8 @@ class Generator:
             "jobs": self._jobs,
             "seconds_per_step": self._step_seconds,
             "torch_threads": self._torch_threads(),
+            "loras": sorted(self._adapters),
+            "fused_lora": self._fused[0] if self._fused else None,
         }
 
     def _start_reporting(self) -> None:

@@ -20,6 +20,7 @@ from deployments.config import ServiceConfig
 from deployments.dispatch import ChunkExhausted, Dispatcher, Outcome
 from deployments.http import AUTH, ApiError, api
 from deployments.image_store import CONTENT_TYPES, ImageStore
+from deployments.lora import LORA_SUFFIX, LoraError, LoraLibrary
 from deployments.metrics import install as install_metrics, note_request, record_requests
 from deployments.progress import ProgressApi, new_request_id
 from deployments.routing import NoTierFits, tier_profile
@@ -55,7 +56,10 @@ class Ingress(A1111Api, ProgressApi, WebUi):
             from deployments.auth import Authenticator, load_keys
 
             AUTH.current = Authenticator(load_keys(config.api_keys_file), config.rate_limit_per_minute)
-        self.profiles = {tier.name: tier_profile(tier) for tier in config.tiers}
+        self.lora = config.lora_settings()
+        self.loras = LoraLibrary(self.lora.folder) if self.lora else None
+        self.profiles = {tier.name: tier_profile(tier, self.lora.reserved_params if self.lora else 0)
+                         for tier in config.tiers}
         self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration(), config.tier_policy)
         self.metrics = self.dispatcher.metrics  # served at GET /metrics (deployments/metrics.py)
         install_metrics(self.metrics)
@@ -145,6 +149,14 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                            "name", kind="not_found_error")
         return Response(stored.data, media_type=CONTENT_TYPES[stored.fmt])
 
+    @api.get("/v1/loras")
+    async def list_loras(self) -> dict:
+        """The LoRA adapters a request may name in `lora`, with their sizes; `enabled` is false without a folder."""
+        if self.loras is None:
+            return {"enabled": False, "data": []}
+        return {"enabled": True, "slots": self.lora.slots, "fuse": self.lora.fuse,
+                "reserve_params": self.lora.reserve_params, "data": self.loras.describe()}
+
     @api.get("/v1/models")
     async def models(self) -> dict:
         return {
@@ -184,6 +196,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 "temperature_c": reading.get("temperature_c"),
                 "replica": replica["replica"] if replica else None,
                 "busy": bool(replica and replica.get("busy")),
+                "loras": (replica or {}).get("loras", []),
                 "error": reading.get("error"),
             })
         tiers = []
@@ -225,6 +238,14 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         if max(body.width, body.height) > cfg.max_image_side:
             raise ApiError(422, f"size {body.size} is larger than this service's {cfg.max_image_side} pixels per "
                                 "side", "size")
+        if body.lora is not None:
+            if self.loras is None:
+                raise ApiError(422, "this service has no LoRA folder (the operator sets lora_dir, or `zit up "
+                                    "--lora-dir`); remove 'lora' from the request", "lora")
+            try:
+                body.lora = self.loras.check(body.lora, self.lora).name.removesuffix(LORA_SUFFIX)
+            except LoraError as exc:
+                raise ApiError(422, str(exc), "lora") from None
 
     def _start_polling(self) -> None:
         """Follow the fleet registry (live replicas, free memory per tier) from the first request on."""

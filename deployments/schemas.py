@@ -56,6 +56,11 @@ class ImageGenerationRequest(BaseModel):
     background: str | None = Field(None, description="Ignored (OpenAI compatibility).")
     moderation: str | None = Field(None, description="Ignored (OpenAI compatibility).")
     output_compression: int | None = Field(None, ge=0, le=100, description="JPEG/WebP quality, 0..100.")
+    lora: str | None = Field(
+        None, max_length=128,
+        description="Name of a LoRA adapter in the service's LoRA folder (GET /v1/loras); none by default.",
+    )
+    lora_scale: float = Field(1.0, ge=-2.0, le=2.0, description="Strength of the LoRA adapter, -2..2.")
     priority: Literal["interactive", "batch"] = Field(
         "interactive", description="Queue order on a busy tier: interactive requests go before batch ones."
     )
@@ -124,6 +129,8 @@ class GenerationJob(BaseModel):
     quality: int | None = None
     predicted_peak: int = Field(0, ge=0, description="Bytes the memory model predicts on the tier's card; 0 unknown.")
     request_id: str | None = Field(None, description="The request's progress id; replicas report steps under it.")
+    lora: str | None = Field(None, description="LoRA adapter name (checked by the ingress); also the multiplexed id.")
+    lora_scale: float = 1.0
 
 
 class GenerationResult(BaseModel):

@@ -114,3 +114,52 @@ def ensure_tiny_model(root: Path, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return folder
+
+
+# Adapters built for the tiny model (the embedded default's LoRA folder): name -> (rank, seed).
+TINY_LORAS = {"tiny-ink": (4, 1), "tiny-glow": (8, 2)}
+
+
+def build_tiny_lora(model_folder: Path, out_file: Path, rank: int = 4, seed: int = 1) -> Path:
+    """A LoRA adapter for the tiny model's transformer, as a single safetensors file like those people share.
+
+    peft adds rank-`rank` adapters to the attention projections; both factors are random (peft starts B at zero,
+    which would leave images unchanged), so an image made with the adapter differs visibly from one without.
+    """
+    import torch
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = ZImageTransformer2DModel.from_pretrained(model_folder, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    ZImagePipeline.save_lora_weights(out_file.parent, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                     weight_name=out_file.name)
+    return out_file
+
+
+def ensure_tiny_loras(root: Path, model_folder: Path) -> Path:
+    """The folder of the tiny model's adapters under `root` (TINY_LORAS), built on first use like the model."""
+    folder = root / f"tiny-loras-{TINY_MODEL_VERSION}"
+    if all((folder / f"{name}.safetensors").exists() for name in TINY_LORAS):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".tiny-loras-", dir=root))
+    try:
+        for name, (rank, seed) in TINY_LORAS.items():
+            build_tiny_lora(model_folder, scratch / f"{name}.safetensors", rank, seed)
+        try:
+            os.rename(scratch, folder)
+        except OSError:
+            if not all((folder / f"{name}.safetensors").exists() for name in TINY_LORAS):
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder

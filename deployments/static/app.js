@@ -122,6 +122,10 @@ async function onGenerate(event) {
     n: 1,
     response_format: "b64_json",
   };
+  if ($("lora").value) {
+    base.lora = $("lora").value;
+    base.lora_scale = Number($("lora-scale").value);
+  }
   // The newest batch goes first; its images stay in seed order.
   const batch = document.createElement("div");
   batch.className = "batch";
@@ -194,7 +198,8 @@ function renderFleet(fleet) {
     const [state, stateClass] = cardState(card);
     const name = `${card.name || "card"}${card.simulated ? " (simulated)" : ""}`;
     tr.append(cell(name), cell(card.tier || "-"), vramCell(card),
-      cell(card.replica ? card.replica.slice(0, 8) : "-", "mono"), cell(state, `state ${stateClass}`));
+      cell(card.replica ? card.replica.slice(0, 8) : "-", "mono"),
+      cell(card.loras && card.loras.length ? `${state} · LoRA ${card.loras.join(", ")}` : state, `state ${stateClass}`));
     return tr;
   });
   $("fleet-cards").replaceChildren(...rows);
@@ -225,6 +230,23 @@ async function refreshFleet() {
   }
 }
 
+async function showLoras() {
+  // The adapters of the service's LoRA folder; the row stays hidden when the service has none.
+  try {
+    const response = await fetch("/v1/loras", { headers: headers() });
+    const body = await response.json();
+    if (!response.ok || !body.enabled) return;
+    const options = body.data.filter((a) => !a.error).map((a) => {
+      const option = document.createElement("option");
+      option.value = a.name;
+      option.textContent = a.name;
+      return option;
+    });
+    $("lora").append(...options);
+    $("lora-row").hidden = false;
+  } catch (_) { /* no LoRA choice; generating still works */ }
+}
+
 async function showModel() {
   try {
     const response = await fetch("/healthz");
@@ -236,4 +258,5 @@ async function showModel() {
 $("api-key").value = localStorage.getItem("zit-api-key") || "";
 $("generate-form").addEventListener("submit", onGenerate);
 showModel();
+showLoras();
 refreshFleet();

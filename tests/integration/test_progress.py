@@ -1,6 +1,5 @@
 """Per-step progress: the server-sent event stream, the progress lookup by id, and `zit generate`'s bar."""
 
-import argparse
 import base64
 import io
 
@@ -62,10 +61,10 @@ def test_error_after_admission_arrives_as_an_error_event(client):
 
 
 def test_zit_generate_shows_a_progress_bar_and_writes_the_images(base_url, tmp_path, capsys):
-    from cluster.cli import cmd_generate
+    from cluster.cli import build_parser, cmd_generate
 
-    args = argparse.Namespace(prompt="a red fox", size="128x128", n=2, steps=6, seed=3, format="png",
-                              output=tmp_path, url=base_url, timeout=120.0, api_key=None)
+    args = build_parser().parse_args(["generate", "a red fox", "--size", "128x128", "--n", "2", "--steps", "6",
+                                      "--seed", "3", "-o", str(tmp_path), "--url", base_url, "--timeout", "120"])
     assert cmd_generate(args) == 0
     out, err = capsys.readouterr()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zit-3.png", "zit-4.png"]

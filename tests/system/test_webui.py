@@ -23,8 +23,11 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 
 @pytest.fixture(scope="module")
 def url(mixed_fleet):
+    from deployments.pipeline import models_dir, resolve_model
+    from deployments.tiny_model import ensure_tiny_loras
+
     cards, port = mixed_fleet
-    url = deploy(cards, port)
+    url = deploy(cards, port, lora_dir=str(ensure_tiny_loras(models_dir(), resolve_model("tiny"))))
     wait_for_replicas(url, len(cards))
     return url
 
@@ -74,6 +77,13 @@ def test_generate_shows_progress_then_images_and_the_fleet_lists_every_card(url,
     page.fill("#n", "2")
     page.fill("#steps", "40")
     page.fill("#seed", "7")
+    # The LoRA choice lists the service's adapters; the requests carry the one picked.
+    page.wait_for_selector("#lora-row:not([hidden])", timeout=30_000)
+    assert page.locator("#lora option").all_inner_texts() == ["none", "tiny-glow", "tiny-ink"]
+    page.select_option("#lora", "tiny-ink")
+    page.fill("#lora-scale", "0.8")
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/stream") else None)
     page.click("#generate")
     try:  # a picture of the bars mid-way, for people (the assertions below use the recorded values)
         page.wait_for_selector("#gallery .progress[aria-valuenow]:not([aria-valuenow='0']):not(.finished)",
@@ -90,6 +100,7 @@ def test_generate_shows_progress_then_images_and_the_fleet_lists_every_card(url,
     size = page.evaluate("[...document.querySelectorAll('#gallery img')].map(i => [i.naturalWidth, i.naturalHeight])")
     assert size == [[512, 512], [512, 512]]
     assert page.locator("#status").inner_text() == "done"
+    assert [(body["lora"], body["lora_scale"]) for body in sent] == [("tiny-ink", 0.8)] * 2
     shot = tmp_path / "webui.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot: {shot}")

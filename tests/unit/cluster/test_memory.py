@@ -200,3 +200,16 @@ def test_fit_needs_two_sizes(cal):
               "rest_bytes": 0, "denoise_peak_bytes": 1, "decode_peak_bytes": 1}
     with pytest.raises(ValueError, match="two or more sizes"):
         fit_calibration([record], cal)
+
+
+def test_lora_adapters_count_with_the_resident_weights_in_the_compute_dtype(cal):
+    plain = default_profile("vram_12", True)
+    with_lora = plain.model_copy(update={"lora_params": 50_000_000})
+    for phase, estimate in predict_phases(1024, 1024, 1, with_lora, cal).items():
+        assert estimate.weights - predict_phases(1024, 1024, 1, plain, cal)[phase].weights == 50_000_000 * 2
+    assert largest_square(with_lora, tier_vram_bytes("vram_12"), 1, cal) <= largest_square(
+        plain, tier_vram_bytes("vram_12"), 1, cal)
+    # A 4 GB card offloads the transformer: its adapters travel with the offloaded groups, nothing stays resident.
+    small = default_profile("vram_4", False)
+    assert predict_peak(512, 512, 1, small.model_copy(update={"lora_params": 50_000_000}), cal).weights == \
+        predict_peak(512, 512, 1, small, cal).weights

@@ -52,3 +52,15 @@ def test_at_equal_load_the_faster_replica_ranks_first():
 def test_at_equal_load_and_speed_more_room_ranks_first():
     replicas = [ReplicaView("tight", 8 * GIB, seconds_per_step=0.5), ReplicaView("roomy", 12 * GIB, seconds_per_step=0.5)]
     assert ids(rank_replicas(replicas, GIB)) == ["roomy", "tight"]
+
+
+def test_an_equally_loaded_replica_that_holds_the_adapter_ranks_first():
+    replicas = [ReplicaView("fast", None, seconds_per_step=0.1),
+                ReplicaView("holder", None, seconds_per_step=0.5, adapters=frozenset({"ink"}))]
+    assert ids(rank_replicas(replicas, 0, "ink")) == ["holder", "fast"]
+    assert ids(rank_replicas(replicas, 0)) == ["fast", "holder"]  # without an adapter, speed decides
+
+
+def test_an_idle_replica_without_the_adapter_beats_a_busy_one_with_it():
+    replicas = [ReplicaView("holder", None, busy=True, adapters=frozenset({"ink"})), ReplicaView("idle", None)]
+    assert ids(rank_replicas(replicas, 0, "ink")) == ["idle", "holder"]

@@ -46,13 +46,14 @@ def cluster_actor(cls, name: str, namespace: str = REGISTRY_NAMESPACE):
 
     Calls run one at a time but in the order they arrive, not the order each caller sent them: an in-order actor
     stalls every later call of a caller for 30 s when one of its fire-and-forget calls is lost under load (Ray's
-    "Timed out waiting for seq_no"), and these actors' calls are independent updates and reads."""
+    "Timed out waiting for seq_no"), and these actors' calls are independent updates and reads. Their calls are
+    not recorded as task events: several a second per running card would only fill the GCS's event table."""
     import ray
 
     return (
         ray.remote(cls)
         .options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached", num_cpus=0,
-                 max_restarts=-1, allow_out_of_order_execution=True)
+                 max_restarts=-1, allow_out_of_order_execution=True, enable_task_events=False)
         .remote()
     )
 

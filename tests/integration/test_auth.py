@@ -44,3 +44,27 @@ def test_a_key_works_until_its_rate_limit_then_429_with_retry_after(url):
     # Another key has its own budget.
     assert httpx.post(url + GENERATE, json=BODY, headers={"Authorization": f"Bearer {OTHER}"},
                       timeout=120).status_code == 200
+
+
+def test_keys_never_reach_logs_or_metrics(url):
+    """After good, wrong and rate-limited calls, no key (right or wrong) is in any Ray log file or in /metrics."""
+    import time
+    from pathlib import Path
+
+    import ray
+
+    wrong = "zit-wrong-key-" + "w" * 24
+    for key in (KEY, wrong, OTHER):
+        httpx.post(url + GENERATE, json=BODY, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    httpx.get(url + "/v1/fleet", headers={"Authorization": f"Bearer {wrong}"}, timeout=60)
+    time.sleep(2)  # log lines are flushed by the workers and the log monitor
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert any("Ingress" in p.name for p in files), "the ingress replica's log is where a leak would show"
+    for path in files:
+        text = path.read_bytes()
+        for key in (KEY, OTHER, wrong):
+            assert key.encode() not in text, f"an API key is in {path}"
+    metrics = httpx.get(url + "/metrics", timeout=60).text
+    assert "zit_requests_total" in metrics
+    assert all(key not in metrics for key in (KEY, OTHER, wrong))

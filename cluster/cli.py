@@ -104,8 +104,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if config.lora_dir:
             from deployments.lora import LoraLibrary
 
-            if not Path(config.lora_dir).expanduser().is_dir():
-                raise ModelNotFound(f"--lora-dir {config.lora_dir} is not a folder")
+            folder = Path(config.lora_dir).expanduser().resolve()  # replicas may run in another working directory
+            if not folder.is_dir():
+                raise ModelNotFound(f"the LoRA folder {config.lora_dir} (lora_dir / --lora-dir) is not a folder")
+            config = config.model_copy(update={"lora_dir": str(folder)})
             names = LoraLibrary(config.lora_dir).names()
             _say(f"LoRA: {len(names)} adapter(s) in {config.lora_dir}: {', '.join(names) or 'none yet'}")
         if config.api_keys_file:

@@ -29,9 +29,12 @@ def build_app(config: ServiceConfig) -> Application:
     if isinstance(config, dict):  # `serve run module:build_app key=value` passes a dict
         config = ServiceConfig.model_validate(config)
     if config.lora_dir:
-        if not Path(config.lora_dir).expanduser().is_dir():
+        folder = Path(config.lora_dir).expanduser().resolve()
+        if not folder.is_dir():
             raise ValueError(f"lora_dir {config.lora_dir!r} is not a folder; create it or unset lora_dir")
-        # Fix the LoRA memory reserve once, so the ingress and every replica plan with the same number.
+        # An absolute folder (replicas run elsewhere) and the LoRA memory reserve fixed once, so the ingress and
+        # every replica plan with the same number.
+        config = config.model_copy(update={"lora_dir": str(folder)})
         config = config.model_copy(update={"lora_reserve_params": config.lora_settings().reserve_params})
     lora = config.lora_settings()
     generators = {}

@@ -93,7 +93,8 @@ class ServiceConfig(BaseModel):
     )
     lora_fuse: bool = Field(
         False, description="Fuse the requested adapter into the weights (faster steps; a switch of adapter or scale "
-        "costs an unfuse and a fuse). Only on tiers whose transformer is resident in its compute dtype.",
+        "costs an unfuse and a fuse, and in bf16 each rounds the weights a little). Only on tiers whose transformer "
+        "is resident in its compute dtype; elsewhere adapters stay unfused.",
     )
     lora_reserve_params: int | None = Field(
         None, ge=0, description="Parameters reserved per adapter slot. None: the largest adapter in lora_dir when the "

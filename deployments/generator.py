@@ -17,6 +17,7 @@ from cluster.nvml import NvmlMonitor
 from cluster.tiers import TierConfig
 from cluster.profiles import apply_vae, degraded_profile
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
+from deployments.hostmem import trim_host_memory
 from deployments.lora import LoraSettings
 from deployments.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from deployments.progress import ReplicaProgress
@@ -170,7 +171,7 @@ class Generator:
                     if self.lora is None:
                         raise ValueError(f"job asks for LoRA {job.lora!r} but this service has no LoRA folder")
                     try:
-                        await self.adapter(job.lora)  # loads it (evicting the least recently used) or finds it
+                        await self._adapter_for(job.lora)
                     except torch.OutOfMemoryError as exc:
                         raise ChunkOutOfMemory(f"{self.tier.name}: LoRA {job.lora}: {str(exc).splitlines()[0]}") from None
                 try:
@@ -206,6 +207,20 @@ class Generator:
             degraded=degraded is not None,
         )
 
+    async def _adapter_for(self, name: str) -> None:
+        """Load adapter `name` through Serve's multiplexing (evicting the least recently used) or find it loaded.
+        A load the caller abandons still runs to its end under the job lock, as a pipeline call does: the next job
+        never meets a half-loaded adapter."""
+        load = asyncio.ensure_future(self.adapter(name))
+        try:
+            await asyncio.shield(load)
+        except asyncio.CancelledError:
+            try:
+                await load
+            except BaseException:  # the load was abandoned; how it ended does not matter
+                pass
+            raise
+
     async def _in_thread(self, job: GenerationJob, profile) -> tuple[list[bytes], float]:
         """Run the job in a worker thread. If the caller goes away (client disconnected, request timed out), the
         pipeline stops at its next step and the card is free; the lock is held until the thread has really ended,
@@ -226,9 +241,6 @@ class Generator:
     def _run(self, job: GenerationJob, profile, cancel: threading.Event) -> tuple[list[bytes], float]:
         """One pipeline call under `profile` (a worker thread). A simulated card accounts the real model's memory,
         refuses what does not fit, and takes the time the real model would take there (scaled)."""
-        from cluster.memory import predict_peak
-        from cluster.speed import predict_seconds
-
         report = self.progress.reporter(job)  # per-step progress of the request (deployments/progress.py)
 
         def on_step(step: int, steps: int) -> None:
@@ -240,6 +252,15 @@ class Generator:
         if self.device == "cuda" and profile is not self.profile:
             apply_vae(self.pipe, profile)
         self._use_adapter(job)
+        try:
+            return self._compute(job, profile, on_step, cancel)
+        finally:
+            trim_host_memory()  # what the job freed goes back to the host (deployments/hostmem.py)
+
+    def _compute(self, job: GenerationJob, profile, on_step, cancel: threading.Event) -> tuple[list[bytes], float]:
+        from cluster.memory import predict_peak
+        from cluster.speed import predict_seconds
+
         if self.sim is None:
             return run_job(self.pipe, job, on_step=on_step)
         started = time.perf_counter()
@@ -265,10 +286,23 @@ class Generator:
             self.sim.hold(self._resident + sum(self._adapters.values()) + nbytes, f"LoRA {name}")
         started = time.perf_counter()
         self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        self._adapter_to_compute_dtype(name)
         self._adapters[name] = nbytes
         logger.info("LoRA %s loaded on %s in %.2fs (%d bytes)", name, self.replica, time.perf_counter() - started,
                     nbytes)
         return LoadedAdapter(self, name)
+
+    def _adapter_to_compute_dtype(self, name: str) -> None:
+        """peft gives an adapter its base layer's dtype: float8 on fp8-stored tiers, where nothing upcasts it (the
+        layerwise-casting hooks sit on the base layers). Adapters are small: keep them in the compute dtype, as the
+        memory model counts them."""
+        import torch
+
+        compute = getattr(torch, self.profile.compute_dtype) if self.device == "cuda" else self.dtype
+        for param_name, param in self.pipe.transformer.named_parameters():
+            if f".{name}." in param_name and ("lora_A" in param_name or "lora_B" in param_name) \
+                    and param.dtype != compute:
+                param.data = param.data.to(compute)
 
     def _unload_adapter(self, name: str) -> None:
         """Serve evicted `name` (least recently used past lora.slots): take it out of the pipeline and off the card."""

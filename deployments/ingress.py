@@ -18,6 +18,7 @@ from cluster.memory import load_calibration
 from deployments.a1111 import A1111Api
 from deployments.config import ServiceConfig
 from deployments.dispatch import ChunkExhausted, Dispatcher, Outcome
+from deployments.hostmem import trim_host_memory
 from deployments.http import AUTH, ApiError, api
 from deployments.image_store import CONTENT_TYPES, ImageStore
 from deployments.lora import LORA_SUFFIX, LoraError, LoraLibrary
@@ -241,9 +242,10 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         if body.lora is not None:
             if self.loras is None:
                 raise ApiError(422, "this service has no LoRA folder (the operator sets lora_dir, or `zit up "
-                                    "--lora-dir`); remove 'lora' from the request", "lora")
+                                    "--lora-dir`); remove 'lora' (or the prompt's <lora:...> tag)", "lora")
             try:
-                body.lora = self.loras.check(body.lora, self.lora).name.removesuffix(LORA_SUFFIX)
+                self.loras.check(body.lora, self.lora)
+                body.lora = body.lora.removesuffix(LORA_SUFFIX)  # the name, as replicas and multiplexing know it
             except LoraError as exc:
                 raise ApiError(422, str(exc), "lora") from None
 
@@ -279,6 +281,8 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                     self.metrics.fleet.observe_card_nodes(await asyncio.to_thread(card_nodes))
             except Exception:
                 logger.exception("reading the fleet registry failed; keeping the last known state")
+            # The encoded images of finished requests go back to the host (deployments/hostmem.py).
+            await asyncio.to_thread(trim_host_memory)
             await asyncio.sleep(ZIT_FLEET_REPORT_PERIOD_S)
 
     def _url(self, request: Request, path: str) -> str:

@@ -23,6 +23,15 @@ LORA_SUFFIX = ".safetensors"
 LORA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+# How many adapter names an error message lists.
+LIST_IN_ERRORS = 20
+
+
+def valid_name(stem: str) -> bool:
+    """A plain file name: letters, digits, '.', '_', '-', not starting with a dot, no '..', at most 100 characters."""
+    return bool(LORA_NAME_RE.fullmatch(stem)) and ".." not in stem
+
+
 class LoraError(ValueError):
     """A request's adapter cannot be used; the message says what to change."""
 
@@ -71,7 +80,7 @@ class LoraLibrary:
 
     def resolve(self, name: str) -> Path:
         """The adapter file for `name`, or LoraError saying what to change."""
-        if not isinstance(name, str) or not LORA_NAME_RE.match(name) or ".." in name:
+        if not isinstance(name, str) or not valid_name(name.removesuffix(LORA_SUFFIX)):
             raise LoraError(f"lora must be the name of an adapter in the LoRA folder (letters, digits, '.', '_', "
                             f"'-'; no paths); got {name!r}")
         stem = name.removesuffix(LORA_SUFFIX)
@@ -80,15 +89,20 @@ class LoraLibrary:
         if not path.is_relative_to(root):  # a symlink pointing out of the folder
             raise LoraError(f"lora {name!r} points outside the LoRA folder; the operator must replace that link")
         if not path.is_file():
-            available = ", ".join(self.names()) or "none"
-            raise LoraError(f"no LoRA named {stem!r}; available: {available} (GET /v1/loras)")
+            names = self.names()
+            available = ", ".join(names[:LIST_IN_ERRORS]) or "none"
+            more = f" and {len(names) - LIST_IN_ERRORS} more" if len(names) > LIST_IN_ERRORS else ""
+            raise LoraError(f"no LoRA named {stem!r}; available: {available}{more} (GET /v1/loras)")
         return path
 
     def names(self) -> list[str]:
+        """The adapters a request may name: exactly those `resolve` accepts."""
         if not self.folder.is_dir():
             return []
+        root = self.folder.resolve()
         return sorted(p.name.removesuffix(LORA_SUFFIX) for p in self.folder.glob(f"*{LORA_SUFFIX}")
-                      if p.is_file() and LORA_NAME_RE.match(p.name) and p.resolve().is_relative_to(self.folder.resolve()))
+                      if valid_name(p.name.removesuffix(LORA_SUFFIX)) and p.resolve().is_relative_to(root)
+                      and p.resolve().is_file())
 
     def describe(self) -> list[dict]:
         """Every adapter: name, parameters, file size (for GET /v1/loras and the web UI)."""
@@ -97,8 +111,8 @@ class LoraLibrary:
             path = self.folder / f"{name}{LORA_SUFFIX}"
             try:
                 out.append({"name": name, "params": adapter_params(path), "bytes": path.stat().st_size})
-            except Exception as exc:  # a broken file is listed with why, not hidden
-                out.append({"name": name, "error": f"{exc.__class__.__name__}: {exc}"})
+            except Exception as exc:  # a broken file is listed with why (no server paths), not hidden
+                out.append({"name": name, "error": f"unreadable adapter file ({exc.__class__.__name__})"})
         return out
 
     def largest_params(self) -> int:
@@ -127,5 +141,5 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
             raise LoraError(f"LoRA tag {match.group(0)!r} has a weight that is not a number") from None
         return ""
 
-    stripped = re.sub(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", take, prompt)
-    return re.sub(r"\s{2,}", " ", stripped).strip(), found
+    stripped = re.sub(r" ?<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", take, prompt)
+    return (stripped.strip() if found else prompt), found

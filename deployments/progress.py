@@ -95,9 +95,9 @@ class ProgressStore:
 
     def start(self, request_id: str, n: int, steps: int) -> None:
         record = self._records.get(request_id)
-        if record is not None and record["finished_at"] is not None:
+        if record is not None and record.get("finished_early"):
             # Calls may arrive out of order: the request finished before its start arrived.
-            record.update(n=n, steps=steps)
+            record.update(n=n, steps=steps, finished_early=False)
         else:
             self._records[request_id] = {"n": n, "steps": steps, "chunks": {}, "started_at": time.time(),
                                          "finished_at": None}
@@ -106,12 +106,17 @@ class ProgressStore:
     def step(self, request_id: str, chunk: int, step: int, steps: int, images: int) -> None:
         record = self._records.get(request_id)
         if record is not None and record["finished_at"] is None:
+            old = record["chunks"].get(chunk)
+            if old is not None and old["steps"] == steps and old["step"] > step:
+                return  # an earlier report that arrived late: the bar never goes back for it
             record["chunks"][chunk] = {"step": step, "steps": steps, "images": images}
 
     def finish(self, request_id: str) -> None:
         now = time.time()
-        record = self._records.setdefault(request_id, {"n": 0, "steps": 0, "chunks": {}, "started_at": now,
-                                                       "finished_at": None})
+        record = self._records.get(request_id)
+        if record is None:  # its start has not arrived yet (calls may arrive out of order)
+            record = self._records[request_id] = {"n": 0, "steps": 0, "chunks": {}, "started_at": now,
+                                                  "finished_early": True}
         record["finished_at"] = now
 
     def get(self, request_id: str) -> dict | None:

@@ -33,6 +33,11 @@ def lora_dir(tmp_path_factory):
         (folder / adapter.name).write_bytes(adapter.read_bytes())
     (root / "secret.safetensors").write_bytes((folder / "tiny-ink.safetensors").read_bytes())
     os.symlink(root / "secret.safetensors", folder / "escape.safetensors")
+    # A third adapter (to overflow the slots), and a link to a file in a subfolder (inside: allowed).
+    (folder / "tiny-ink-copy.safetensors").write_bytes((folder / "tiny-ink.safetensors").read_bytes())
+    (folder / "sub").mkdir()
+    (folder / "sub" / "deep.safetensors").write_bytes((folder / "tiny-glow.safetensors").read_bytes())
+    os.symlink(folder / "sub" / "deep.safetensors", folder / "deeplink.safetensors")
     return folder
 
 
@@ -58,11 +63,11 @@ def test_the_folder_is_listed_with_sizes_and_nothing_outside_it(url):
     listing = httpx.get(url + "/v1/loras", timeout=30).json()
     assert listing["enabled"] is True and listing["slots"] == 1
     by_name = {a["name"]: a for a in listing["data"]}
-    assert sorted(by_name) == ["tiny-glow", "tiny-ink"]  # the link out of the folder is not listed
+    assert sorted(by_name) == ["deeplink", "tiny-glow", "tiny-ink", "tiny-ink-copy"]  # not the link out of it
     assert by_name["tiny-glow"]["params"] == 2 * by_name["tiny-ink"]["params"] > 0  # rank 8 vs rank 4
     assert listing["reserve_params"] == by_name["tiny-glow"]["params"]
     a1111 = httpx.get(url + "/sdapi/v1/loras", timeout=30).json()
-    assert sorted(a["name"] for a in a1111) == ["tiny-glow", "tiny-ink"] and all(a["path"] is None for a in a1111)
+    assert sorted(a["name"] for a in a1111) == sorted(by_name) and all(a["path"] is None for a in a1111)
 
 
 def test_an_adapter_changes_the_image_reproducibly_and_scale_zero_is_the_base_model(url):
@@ -82,7 +87,8 @@ def test_an_adapter_changes_the_image_reproducibly_and_scale_zero_is_the_base_mo
     ("loras/tiny-ink", "no paths"),
     ("..", "no paths"),
     ("escape", "outside the LoRA folder"),
-    ("tiny-inc", "available: tiny-glow, tiny-ink"),
+    ("tiny-inc", "available: deeplink, tiny-glow, tiny-ink, tiny-ink-copy"),
+    ("tiny-ink\n", "no paths"),
 ])
 def test_names_that_leave_the_folder_or_do_not_exist_get_422(url, name, says):
     response = httpx.post(url + GENERATE, json={**BODY, "lora": name}, timeout=60)
@@ -121,11 +127,23 @@ def test_a1111_prompt_tags_pick_the_adapter_and_weight(url):
     assert escape.status_code == 422 and "no paths" in escape.json()["error"]["message"]
 
 
+def test_a_link_to_a_file_in_a_subfolder_serves_that_file(url):
+    assert np.array_equal(pixels(generate(url, lora="deeplink", seed=21)), pixels(generate(url, lora="tiny-glow",
+                                                                                            seed=21)))
+
+
 def test_one_slot_keeps_one_adapter_per_replica(url):
-    for name in ("tiny-ink", "tiny-glow", "tiny-ink"):
-        generate(url, lora=name, seed=5)
-    fleet = httpx.get(url + "/v1/fleet", timeout=30).json()
-    assert all(len(r.get("loras", [])) <= 1 for r in fleet["replicas"])
+    """Three adapters in turn on two replicas of one slot each: the last one's replica evicted what it held."""
+    for name in ("tiny-ink", "tiny-glow", "tiny-ink-copy"):
+        last = generate(url, lora=name, seed=5)["metadata"]["chunks"][0]["replica"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the registry's reports come every 2 s
+        held = {r["replica"]: r.get("loras", []) for r in httpx.get(url + "/v1/fleet", timeout=30).json()["replicas"]}
+        if "tiny-ink-copy" in held.get(last, []):
+            break
+        time.sleep(0.5)
+    assert held[last] == ["tiny-ink-copy"]
+    assert all(len(names) <= 1 for names in held.values())
 
 
 def test_without_a_folder_lora_is_a_422_that_says_so(serve_port):

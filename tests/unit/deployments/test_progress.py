@@ -70,3 +70,14 @@ def test_store_forgets_finished_requests_and_running_ones_that_lost_their_finish
     now[0] += progress.FORGET_RUNNING_S
     store.start("fresher", n=1, steps=4)
     assert store.get("orphan") is None and store.get("fresher") is not None
+
+
+def test_a_late_step_report_never_moves_the_bar_back_and_a_reused_id_starts_over():
+    store = ProgressStore()
+    store.start("r", n=1, steps=10)
+    store.step("r", chunk=0, step=6, steps=10, images=1)
+    store.step("r", chunk=0, step=4, steps=10, images=1)  # sent earlier, arrived later
+    assert store.get("r")["step"] == 6
+    store.finish("r")
+    store.start("r", n=1, steps=10)  # A1111's force_task_id used again for a new job
+    assert store.get("r")["finished"] is False and store.get("r")["step"] == 0

@@ -99,13 +99,37 @@ def start_card_nodes(
     return [start(node) for node in nodes]
 
 
+def resident_bytes(tier: str, bf16: bool) -> int:
+    """What a replica of `tier` holds on its card while idle under the tier's default profile: the weights it
+    keeps there and the CUDA context (the memory model's idle call)."""
+    from cluster.memory import predict_peak
+    from cluster.profiles import default_profile
+
+    idle = predict_peak(64, 64, 1, default_profile(tier, bf16))
+    return idle.weights + idle.context
+
+
+def room_problem(card: GpuSnapshot) -> str | None:
+    """Why `card` cannot host a replica of its tier now, or None: its tier is known and what other processes leave
+    of its memory holds the profile's resident memory."""
+    if card.tier is None:
+        return f"has {card.memory_total / 2**30:.1f} GiB, below the smallest tier"
+    need = resident_bytes(card.tier, card.bf16)
+    left = card.memory_total - card.foreign_memory
+    if left < need:
+        return (f"is shared: other processes hold {card.foreign_memory / 2**30:.1f} GiB, leaving {left / 2**30:.1f} "
+                f"GiB; a {card.tier} replica keeps {need / 2**30:.1f} GiB there")
+    return None
+
+
 def nodes_for_cards(cards: list[GpuSnapshot], fleet_file: str | Path | None) -> tuple[list[CardNode], list[str]]:
-    """Card nodes for every card of a tier, and a warning line for each card too small to serve."""
+    """Card nodes for every card that can host a replica of its tier, and a warning line for each that cannot (too
+    small, or too much of it held by other processes: a replica there would fail to load)."""
     nodes, skipped = [], []
     for card in cards:
-        if card.tier is None:
-            skipped.append(f"{card.name} [{card.uuid}] has {card.memory_total / 2**30:.1f} GiB, below the smallest "
-                           "tier: not joined")
+        problem = room_problem(card)
+        if problem:
+            skipped.append(f"{card.name} [{card.uuid}] {problem}: not joined")
         else:
             nodes.append(card_node(card, fleet_file))
     return nodes, skipped

@@ -45,6 +45,20 @@ def test_too_small_card_is_skipped_with_a_reason(tmp_path):
     assert len(nodes) == 1 and "GT 1030" in skipped[0] and "below the smallest tier" in skipped[0]
 
 
+def test_a_card_other_processes_fill_is_skipped_and_one_with_room_left_joins(tmp_path):
+    from cluster.node import resident_bytes
+
+    need_mib = -(-resident_bytes("vram_12", True) // 2**20)  # rounded up
+    path = tmp_path / "f.yaml"
+    path.write_text(yaml.safe_dump({"name": "f", "cards": [
+        {"model": "RTX 3060", "vram_gb": 12, "compute_capability": "8.6", "foreign_memory_mib": 12 * 1024 - need_mib + 1},
+        {"model": "RTX 3060", "vram_gb": 12, "compute_capability": "8.6", "foreign_memory_mib": 12 * 1024 - need_mib}]}))
+    nodes, skipped = nodes_for_cards(load_fleet(path), path)
+    assert len(nodes) == 1 and len(skipped) == 1
+    assert "other processes hold" in skipped[0] and "vram_12 replica keeps" in skipped[0]
+    assert nodes[0].labels["zit/card"] == load_fleet(path)[1].uuid
+
+
 def sim_card(path, index, state_dir) -> SimulatedCard:
     nvml = FakeNvml(path, state_dir=state_dir)
     nvml.nvmlInit()

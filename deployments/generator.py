@@ -18,7 +18,7 @@ from cluster.tiers import TierConfig
 from cluster.profiles import apply_vae, degraded_profile
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.hostmem import trim_host_memory
-from deployments.lora import LoraSettings
+from deployments.lora import LoraSettings, adapter_to_dtype
 from deployments.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from deployments.progress import ReplicaProgress
 from deployments.schemas import GenerationJob, GenerationResult
@@ -286,23 +286,14 @@ class Generator:
             self.sim.hold(self._resident + sum(self._adapters.values()) + nbytes, f"LoRA {name}")
         started = time.perf_counter()
         self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-        self._adapter_to_compute_dtype(name)
+        import torch
+
+        adapter_to_dtype(self.pipe, name, getattr(torch, self.profile.compute_dtype) if self.device == "cuda"
+                         else self.dtype)
         self._adapters[name] = nbytes
         logger.info("LoRA %s loaded on %s in %.2fs (%d bytes)", name, self.replica, time.perf_counter() - started,
                     nbytes)
         return LoadedAdapter(self, name)
-
-    def _adapter_to_compute_dtype(self, name: str) -> None:
-        """peft gives an adapter its base layer's dtype: float8 on fp8-stored tiers, where nothing upcasts it (the
-        layerwise-casting hooks sit on the base layers). Adapters are small: keep them in the compute dtype, as the
-        memory model counts them."""
-        import torch
-
-        compute = getattr(torch, self.profile.compute_dtype) if self.device == "cuda" else self.dtype
-        for param_name, param in self.pipe.transformer.named_parameters():
-            if f".{name}." in param_name and ("lora_A" in param_name or "lora_B" in param_name) \
-                    and param.dtype != compute:
-                param.data = param.data.to(compute)
 
     def _unload_adapter(self, name: str) -> None:
         """Serve evicted `name` (least recently used past lora.slots): take it out of the pipeline and off the card."""

@@ -129,6 +129,15 @@ class LoraLibrary:
         return path
 
 
+def adapter_to_dtype(pipe, name: str, dtype) -> None:
+    """Put adapter `name`'s weights in `dtype` (the compute dtype). peft gives an adapter its base layer's dtype:
+    float8 on fp8-stored tiers, where nothing upcasts it (the layerwise-casting hooks sit on the base layers).
+    Adapters are small; the memory model counts them in the compute dtype."""
+    for param_name, param in pipe.transformer.named_parameters():
+        if f".{name}." in param_name and ("lora_A" in param_name or "lora_B" in param_name) and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """A1111's `<lora:name:weight>` tags: the prompt without them, and (name, weight) per tag (weight 1 if absent)."""
     found = []

@@ -87,6 +87,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     try:
         config = load_service_config(args.config, {"model": args.model, "lora_dir": args.lora_dir})
+        if args.autoscale and config.autoscaling is None:
+            from autoscaling.serve_policy import AutoscalingSettings
+
+            config = config.model_copy(update={"autoscaling": AutoscalingSettings()})
         cards, fleet_file, what = discover_cards(args)
     except (ValidationError, OSError) as exc:
         _say(f"error: bad configuration: {exc}")
@@ -389,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--fleet", type=Path, help="serve on the simulated cards of this fleet file")
     where.add_argument("--cpu", action="store_true", help="serve from one CPU replica, no card")
     up.add_argument("--config", type=Path, help="serve_config.yaml or a YAML of service settings")
+    up.add_argument("--autoscale", action="store_true",
+                    help="replicas per tier follow demand, down to zero when idle (default settings; `autoscaling:` "
+                    "in --config sets them)")
     up.add_argument("--lora-dir", help="folder of LoRA adapters (<name>.safetensors) requests may name in 'lora' "
                     "(default with the tiny model: its own two adapters)")
     up.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (default %(default)s)")

@@ -24,6 +24,14 @@ def generator_deployment_name(tier: str) -> str:
     return f"Generator_{tier}"
 
 
+def _prior_units_per_s(tier) -> float:
+    """The throughput prior of a tier's autoscaler: the time model for its profile at its slowest card's speed."""
+    from autoscaling.policy import prior_units_per_s
+
+    return prior_units_per_s(tier.name, tier.speed, tier.bf16) if tier.device == "cuda" else prior_units_per_s(
+        "vram_24", 1.0, True)
+
+
 def build_app(config: ServiceConfig) -> Application:
     """One Ingress plus one Generator deployment per configured tier."""
     if isinstance(config, dict):  # `serve run module:build_app key=value` passes a dict
@@ -39,9 +47,13 @@ def build_app(config: ServiceConfig) -> Application:
     lora = config.lora_settings()
     generators = {}
     for tier in config.tiers:
+        # Autoscaled: between the policy's minimum and one replica per card (the tier's configured count).
+        replicas = ({"autoscaling_config": config.autoscaling.serve_autoscaling_config(
+                        tier.name, tier.num_replicas, _prior_units_per_s(tier))}
+                    if config.autoscaling is not None else {"num_replicas": tier.num_replicas})
         deployment = serve.deployment(Generator).options(
             name=generator_deployment_name(tier.name),
-            num_replicas=tier.num_replicas,
+            **replicas,
             max_ongoing_requests=tier.max_ongoing_requests,
             max_queued_requests=tier.max_queued_requests,
             graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from autoscaling.serve_policy import AutoscalingSettings
 from cluster.tiers import MAX_IMAGE_SIDE, TierConfig, cpu_tier
 
 if TYPE_CHECKING:
@@ -99,6 +100,13 @@ class ServiceConfig(BaseModel):
     lora_reserve_params: int | None = Field(
         None, ge=0, description="Parameters reserved per adapter slot. None: the largest adapter in lora_dir when the "
         "app is built; adapters added later that are larger are refused until a restart.",
+    )
+    autoscaling: AutoscalingSettings | None = Field(
+        None,
+        description=(
+            "Replicas per tier follow demand (autoscaling/serve_policy.py): up to one per card, down to zero after "
+            "idle_timeout_s. None: every tier runs its configured replicas, always."
+        ),
     )
     in_tier_router: Literal["vram_aware", "ray_default"] = Field(
         "vram_aware", description="Replica choice within a tier: VramAwareRouter, or Ray's PowerOfTwoChoices."

@@ -29,6 +29,8 @@ logger = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 3
 # Prompt tokens the pipeline pads every prompt to: part of each image's work.
 PROMPT_TOKENS = 512
+# A new replica is ready this long after its model load time (Ray starts the worker, Serve checks its health).
+COLD_START_OVERHEAD_S = 5.0
 
 
 class ChunkExhausted(RuntimeError):
@@ -59,7 +61,7 @@ def work_units(width: int, height: int, n: int, steps: int) -> float:
 
 class Dispatcher:
     def __init__(self, tiers, profiles, generators, calibration, policy: str = "tier_aware",
-                 metrics: ServiceMetrics | None = None):
+                 metrics: ServiceMetrics | None = None, autoscaling=None):
         self.policy = policy
         self.max_attempts = MAX_ATTEMPTS if policy == "tier_aware" else 1
         self._rotation = 0
@@ -68,7 +70,12 @@ class Dispatcher:
         self.profiles = profiles
         self.generators = generators
         self.calibration = calibration
-        self.queues = {t.name: TierQueue(t.name, t.num_replicas, t.max_queued_requests) for t in tiers}
+        # Autoscaled tiers (autoscaling/serve_policy.py) may be at zero replicas: work that waits for one wakes it.
+        self.autoscaling = autoscaling
+        self.queues = {t.name: TierQueue(t.name, t.num_replicas, t.max_queued_requests, scalable=autoscaling is not None,
+                                         cold_start_s=autoscaling.cold_start_s if autoscaling else 60.0)
+                       for t in tiers}
+        self._wakes: dict[str, asyncio.Future] = {}
         self.speed = SpeedBook()
         self.budgets = {t.name: tier_budget(t) for t in tiers}
         self.drained: dict[str, bool] = {}
@@ -88,8 +95,11 @@ class Dispatcher:
                 healthy = [r for r in reports if r.get("card") and not r["card"].get("error")]
                 self.drained[name] = bool(reports) and not healthy
                 reports = healthy if reports else reports
-            if reports or self.drained.get(name):
+            if reports or self.drained.get(name) or self.autoscaling is not None:
                 self.queues[name].set_replicas(len(reports))
+            loads = [r["load_seconds"] for r in reports if r.get("load_seconds")]
+            if loads and self.autoscaling is not None:  # a cold start takes what loading took (plus Ray's start)
+                self.queues[name].cold_start_s = max(loads) + COLD_START_OVERHEAD_S
             capacities = [r["card"]["memory_total"] - r["card"].get("foreign_memory", 0)
                           for r in reports if r.get("card") and "memory_total" in r["card"]]
             if capacities and tier.vram_bytes is not None:
@@ -169,6 +179,18 @@ class Dispatcher:
         self.metrics.served(outcome.results)
         return outcome
 
+    def _wake(self, tier: str, queued: int, queued_units: float) -> None:
+        """Work waits for a tier at zero replicas: call it (Serve holds the call until a replica runs, and counts
+        it as demand, so the tier's autoscaler starts one). One wake-up in flight per tier."""
+        if tier in self._wakes:
+            return
+        future = asyncio.ensure_future(self._wake_call(tier, queued, queued_units))
+        self._wakes[tier] = future
+        future.add_done_callback(lambda f, tier=tier: _wake_done(tier, self._wakes, f))
+
+    async def _wake_call(self, tier: str, queued: int, queued_units: float) -> None:
+        await self.generators[tier].wake.remote(queued, queued_units)
+
     # -- one chunk, with retries ---------------------------------------------------------------------------------
 
     async def _chunk(self, body, width, height, tier, seeds, fitting, outcome, attempt=1, tried=()) -> list:
@@ -227,7 +249,11 @@ class Dispatcher:
         )
         queue = self.queues[tier]
         arrived = time.perf_counter()
+        if queue.scalable and queue.replicas == 0:
+            self._wake(tier, queue.waiting + 1, queue.waiting_units + units)
         await queue.acquire(body.priority, units)
+        # What still waits for this tier travels with the job: the replica reports it to the autoscaler.
+        job.tier_queue = (queue.waiting, queue.waiting_units)
         try:
             started = time.perf_counter()
             self.metrics.queue_waited(tier, started - arrived)
@@ -242,6 +268,13 @@ class Dispatcher:
             return result
         finally:
             queue.release(units)
+
+
+def _wake_done(tier: str, wakes: dict, future: asyncio.Future) -> None:
+    if wakes.get(tier) is future:
+        del wakes[tier]
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("waking tier %s failed: %s", tier, future.exception())
 
 
 async def gather_or_cancel(*coros) -> list:

@@ -26,6 +26,10 @@ from deployments.schemas import GenerationJob, GenerationResult
 logger = logging.getLogger("ray.serve")
 
 
+# How long a replica reports the ingress's queue it last heard of (record_autoscaling_stats).
+QUEUE_SEEN_TTL_S = 10.0
+
+
 class JobCancelled(RuntimeError):
     """The caller went away; the pipeline stopped early."""
 
@@ -131,6 +135,11 @@ class Generator:
         self._lock = asyncio.Lock()
         self._step_seconds: float | None = None
         self._busy_since: float | None = None
+        # What the tier's autoscaler reads (record_autoscaling_stats): busy time, throughput, the ingress's queue.
+        self._busy_total = 0.0
+        self._stats_at = (time.monotonic(), 0.0)
+        self._units_per_s: float | None = None
+        self._queue_seen: tuple[float, int, float] = (0.0, 0, 0.0)  # (when, chunks, units)
         self._jobs = 0
         self._stop = threading.Event()
         self.progress = ReplicaProgress()  # per-step reports for progress bars
@@ -163,6 +172,8 @@ class Generator:
         if job.steps > self.profile.max_steps or len(job.seeds) > self.profile.max_n:
             raise ValueError(f"profile {self.profile.name} takes at most {self.profile.max_n} images and "
                              f"{self.profile.max_steps} steps per call; got {len(job.seeds)} and {job.steps}")
+        if job.tier_queue is not None:
+            self._queue_seen = (time.monotonic(), *job.tier_queue)
         async with self._lock:
             self._busy_since = time.monotonic()
             degraded = None
@@ -193,9 +204,14 @@ class Generator:
             except BadImages as exc:
                 raise ChunkBadImage(f"{self.tier.name} ({self.profile.compute_dtype}): {exc}") from None
             finally:
+                self._busy_total += time.monotonic() - self._busy_since
                 self._busy_since = None
         self._jobs += 1
         self._step_seconds = seconds / job.steps
+        from deployments.dispatch import work_units
+
+        measured = work_units(job.width, job.height, len(job.seeds), job.steps) / max(seconds, 1e-6)
+        self._units_per_s = measured if self._units_per_s is None else 0.7 * self._units_per_s + 0.3 * measured
         return GenerationResult(
             images=images,
             seeds=job.seeds,
@@ -357,6 +373,30 @@ class Generator:
             "free_bytes": free,
             "busy": self._busy_since is not None,
             "seconds_per_step": self._step_seconds,
+        }
+
+    async def wake(self, queued: int, queued_units: float) -> None:
+        """The ingress has work waiting for this tier, which had no replica: Serve held this call until this
+        replica was up. Remember the queue for the autoscaler."""
+        self._queue_seen = (time.monotonic(), queued, queued_units)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom metrics for the tier's autoscaler (autoscaling/serve_policy.py), called by Serve periodically:
+        the share of time spent computing since the last call, measured work units per second, the model load
+        time, and the ingress's queue for this tier as the last job or wake-up told it (forgotten after
+        QUEUE_SEEN_TTL_S: no news means the ingress has sent nothing new)."""
+        now = time.monotonic()
+        busy = self._busy_total + (now - self._busy_since if self._busy_since is not None else 0.0)
+        then, busy_then = self._stats_at
+        self._stats_at = (now, busy)
+        seen_at, queued, queued_units = self._queue_seen
+        fresh = now - seen_at <= QUEUE_SEEN_TTL_S
+        return {
+            "busy_fraction": (busy - busy_then) / (now - then) if now > then else 0.0,
+            "units_per_s": self._units_per_s or 0.0,
+            "load_s": self.load_seconds,
+            "queued": float(queued) if fresh else 0.0,
+            "queued_units": float(queued_units) if fresh else 0.0,
         }
 
     def describe(self) -> dict:

@@ -61,7 +61,8 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         self.loras = LoraLibrary(self.lora.folder) if self.lora else None
         self.profiles = {tier.name: tier_profile(tier, self.lora.reserved_params if self.lora else 0)
                          for tier in config.tiers}
-        self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration(), config.tier_policy)
+        self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration(), config.tier_policy,
+                                     autoscaling=config.autoscaling)
         self.metrics = self.dispatcher.metrics  # served at GET /metrics (deployments/metrics.py)
         install_metrics(self.metrics)
         self._poller: asyncio.Future | None = None

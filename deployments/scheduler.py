@@ -55,6 +55,8 @@ class TierLoad:
     backlog_units: float = 0.0  # work running + waiting on the tier, in units
     queue_limit: int = 32
     seconds_per_unit: float = 1e-6
+    scalable: bool = False  # autoscaled: a tier at zero replicas starts one when work waits for it
+    cold_start_s: float = 60.0  # how long that takes
 
     @property
     def idle(self) -> bool:
@@ -62,13 +64,15 @@ class TierLoad:
 
     @property
     def full(self) -> bool:
-        return self.replicas == 0 or self.waiting >= self.queue_limit
+        return (self.replicas == 0 and not self.scalable) or self.waiting >= self.queue_limit
 
 
 def expected_seconds(load: TierLoad, units: float) -> float:
-    """When a chunk of `units` sent to this tier now would finish."""
+    """When a chunk of `units` sent to this tier now would finish (a tier at zero: after a replica has started)."""
     if load.replicas == 0:
-        return float("inf")
+        if not load.scalable:
+            return float("inf")
+        return load.cold_start_s + (load.backlog_units + units) * load.seconds_per_unit
     wait_units = 0.0 if load.idle else load.backlog_units / load.replicas
     return (wait_units + units) * load.seconds_per_unit
 
@@ -80,7 +84,7 @@ def choose_chunk_tier(candidates: list[tuple[TierLoad, float]], slack: float = T
     """
     open_ = [(load, units) for load, units in candidates if not load.full]
     if not open_:
-        finite = [expected_seconds(load, units) for load, units in candidates if load.replicas]
+        finite = [expected_seconds(load, units) for load, units in candidates if load.replicas or load.scalable]
         raise TiersFull(min(finite, default=5.0), [load.tier for load, _ in candidates])
     times = [(expected_seconds(load, units), load) for load, units in open_]
     best = min(t for t, _ in times)
@@ -112,18 +116,23 @@ class SpeedBook:
 class TierQueue:
     """At most `replicas` chunks running on a tier; the rest wait by (priority, arrival), at most `limit` of them."""
 
-    def __init__(self, tier: str, replicas: int, limit: int):
+    def __init__(self, tier: str, replicas: int, limit: int, scalable: bool = False, cold_start_s: float = 60.0):
         self.tier = tier
         self.replicas = replicas
         self.limit = limit
+        self.scalable, self.cold_start_s = scalable, cold_start_s
         self.running = 0
         self.backlog_units = 0.0
-        self._waiters: list[tuple[int, int, asyncio.Future]] = []
+        self._waiters: list[tuple[int, int, asyncio.Future, float]] = []
         self._order = itertools.count()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    @property
+    def waiting_units(self) -> float:
+        return sum(entry[3] for entry in self._waiters)
 
     def set_replicas(self, replicas: int) -> None:
         self.replicas = replicas
@@ -139,7 +148,7 @@ class TierQueue:
             self.backlog_units -= units
             raise TiersFull(1.0, [self.tier])
         future = asyncio.get_running_loop().create_future()
-        entry = (PRIORITIES[priority], next(self._order), future)
+        entry = (PRIORITIES[priority], next(self._order), future, units)
         heapq.heappush(self._waiters, entry)
         try:
             await future
@@ -160,11 +169,11 @@ class TierQueue:
 
     def _wake(self) -> None:
         while self._waiters and self.running < self.replicas:
-            _, _, future = heapq.heappop(self._waiters)
+            _, _, future, _ = heapq.heappop(self._waiters)
             if not future.done():
                 self.running += 1
                 future.set_result(None)
 
     def load(self, queue_limit: int, seconds_per_unit: float) -> TierLoad:
         return TierLoad(self.tier, self.replicas, self.running, self.waiting, self.backlog_units, queue_limit,
-                        seconds_per_unit)
+                        seconds_per_unit, self.scalable, self.cold_start_s)

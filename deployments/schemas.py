@@ -131,6 +131,9 @@ class GenerationJob(BaseModel):
     request_id: str | None = Field(None, description="The request's progress id; replicas report steps under it.")
     lora: str | None = Field(None, description="LoRA adapter name (checked by the ingress); also the multiplexed id.")
     lora_scale: float = 1.0
+    tier_queue: tuple[int, float] | None = Field(
+        None, description="Chunks (and their work units) waiting for this tier when the job left the ingress; the "
+        "replica reports them to the tier's autoscaler.")
 
 
 class GenerationResult(BaseModel):

@@ -288,3 +288,35 @@ def test_more_replicas_wake_waiters_and_fewer_let_running_chunks_finish():
         await asyncio.gather(*tasks)
 
     run(scenario())
+
+
+# -- autoscaled tiers at zero replicas -----------------------------------------------------------------------------
+
+
+def cold(tier, cold_start_s=60.0, spu=1.0):
+    return TierLoad(tier, 0, 0, 0, 0.0, 32, spu, scalable=True, cold_start_s=cold_start_s)
+
+
+def test_a_tier_at_zero_is_open_when_it_can_scale_and_finishes_after_its_cold_start():
+    assert not cold("a").full and load("b", replicas=0).full
+    assert expected_seconds(cold("a", cold_start_s=60, spu=0.5), 10) == pytest.approx(65.0)
+
+
+def test_work_goes_to_a_warm_tier_unless_its_queue_outlasts_a_cold_start():
+    warm_busy = load("large", replicas=1, running=1, waiting=1, backlog=40)  # 40 s of work ahead
+    assert choose_chunk_tier([(cold("small", cold_start_s=60), 10), (warm_busy, 10)]).tier == "large"
+    long_queue = load("large", replicas=1, running=1, waiting=9, backlog=200)
+    assert choose_chunk_tier([(cold("small", cold_start_s=60), 10), (long_queue, 10)]).tier == "small"
+
+
+def test_a_queue_at_zero_replicas_holds_work_until_a_replica_comes():
+    async def scenario():
+        queue = TierQueue("a", replicas=0, limit=4, scalable=True)
+        waiter = asyncio.ensure_future(queue.acquire("interactive", 5.0))
+        await asyncio.sleep(0)
+        assert not waiter.done() and queue.waiting == 1 and queue.waiting_units == 5.0
+        queue.set_replicas(1)
+        await asyncio.wait_for(waiter, 1)
+        assert queue.running == 1 and queue.waiting == 0 and queue.waiting_units == 0.0
+
+    asyncio.run(scenario())

@@ -1,0 +1,141 @@
+"""The Ray Serve adapter of the autoscaling policy: one `TierAutoscaler` per tier's Generator deployment.
+
+Serve instantiates the class once per deployment (`autoscaling_config.policy`, with `policy_kwargs`) and calls it
+every control-loop period with the deployment's AutoscalingContext. The call turns the context into the policy's
+TierSignals (`tier_signals`, pure), asks `autoscaling.policy.decide` and returns its replica count and state. Serve
+applies the count within [min_replicas, max_replicas], max_replicas being the tier's cards.
+
+Where each signal comes from:
+- replicas: Serve's current replica count (loading ones included); cards: max_replicas;
+- running: requests at the replicas (Serve's count) minus those still queued at a handle;
+- queued and queued_units: the chunks waiting in the ingress's queue for this tier, which the ingress attaches to
+  every job and to the wake-up call it sends a tier at zero replicas (Generator.record_autoscaling_stats reports the
+  latest it saw), plus requests Serve holds at handles (a wake-up of a tier at zero);
+- busy_fraction, units_per_s, cold_start_s: the replicas' own measurements (record_autoscaling_stats);
+- idle_s: kept in the policy state (when the tier last had work).
+Each tier decides alone: moving a saturated small tier's work to larger tiers happens at routing time (the ingress
+sends a chunk where it finishes first, deployments/scheduler.py), and the larger tier then sees that work as its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoscaling.policy import PolicyConfig, TierSignals, decide
+
+# Custom metrics a Generator replica reports (deployments/generator.py record_autoscaling_stats).
+METRIC_BUSY = "busy_fraction"
+METRIC_UNITS_PER_S = "units_per_s"
+METRIC_LOAD_S = "load_s"
+METRIC_QUEUED = "queued"
+METRIC_QUEUED_UNITS = "queued_units"
+
+
+class AutoscalingSettings(BaseModel):
+    """`autoscaling` in the service config: the policy's knobs (autoscaling/policy.py PolicyConfig) and the start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas per tier at deployment; None: one per card (then the policy trims).")
+    min_replicas: int = Field(0, ge=0, description="Replicas every tier keeps, idle or not.")
+    target_wait_s: float = Field(20.0, gt=0, description="Longest a chunk should wait in a tier's queue.")
+    target_utilization: float = Field(0.35, gt=0, le=1, description="Busy share a tier is sized for.")
+    downscale_delay_s: float = Field(120.0, ge=0, description="How long the need stays lower before scaling down.")
+    idle_timeout_s: float = Field(300.0, ge=0, description="Seconds without work before a tier goes to zero.")
+    cold_start_s: float = Field(60.0, ge=0, description="Model load time assumed until replicas have measured it.")
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their metrics to Serve.")
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(target_wait_s=self.target_wait_s, target_utilization=self.target_utilization,
+                            downscale_delay_s=self.downscale_delay_s, idle_timeout_s=self.idle_timeout_s,
+                            min_replicas=self.min_replicas)
+
+    def serve_autoscaling_config(self, tier: str, cards: int, prior_units_per_s: float | None = None) -> dict:
+        """The deployment's `autoscaling_config` for a tier of `cards` cards."""
+        initial = cards if self.initial_replicas is None else min(self.initial_replicas, cards)
+        return {
+            "min_replicas": min(self.min_replicas, cards),
+            "max_replicas": max(cards, 1),
+            "initial_replicas": initial,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": 2 * self.metrics_interval_s,
+            # The policy holds its own delays (hysteresis, idle timeout): Serve applies its decisions as they come.
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": 0.0,
+            "policy": {"policy_function": "autoscaling.serve_policy:TierAutoscaler",
+                       "policy_kwargs": {"tier": tier, "settings": self.model_dump(),
+                                         "prior_units_per_s": prior_units_per_s}},
+        }
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[TierSignals, float]:
+    """(TierSignals of `tier` from a Serve AutoscalingContext, the time now). `state` is the policy state of the
+    previous call (when the tier last had work: `_last_work`)."""
+    now = ctx.current_time or time.time()
+    metrics = ctx.aggregated_metrics or {}
+    per_replica = {name: list((metrics.get(name) or {}).values()) for name in
+                   (METRIC_BUSY, METRIC_UNITS_PER_S, METRIC_LOAD_S, METRIC_QUEUED, METRIC_QUEUED_UNITS)}
+    at_handles = float(ctx.total_queued_requests or 0.0)
+    running = max(0, round(float(ctx.total_num_requests or 0.0) - at_handles))
+    queued_reports = per_replica[METRIC_QUEUED]
+    queued = round(max(queued_reports, default=0.0) + at_handles)
+    queued_units = max(per_replica[METRIC_QUEUED_UNITS], default=0.0)
+    units_per_s = _mean(v for v in per_replica[METRIC_UNITS_PER_S] if v and v > 0)
+    if queued and not queued_units:  # a wake-up with no size yet: count it as one chunk of the default request
+        from autoscaling.policy import PRIOR_SIZE, PRIOR_STEPS
+        from deployments.dispatch import work_units
+
+        queued_units = queued * work_units(PRIOR_SIZE, PRIOR_SIZE, 1, PRIOR_STEPS)
+    # Cold start: what the replicas measured loading the model (remembered while the tier is at zero), else the
+    # configured guess.
+    load_s = max(per_replica[METRIC_LOAD_S], default=0.0) or state.get("_cold_start_s") or cold_start_s
+    last_work = state.get("_last_work")
+    if running or queued:
+        last_work = now
+    elif last_work is None:
+        last_work = now  # the first call: idle from now on
+    signals = TierSignals(
+        tier=tier,
+        replicas=int(ctx.current_num_replicas),
+        cards=int(ctx.capacity_adjusted_max_replicas),
+        running=running,
+        queued=queued,
+        queued_units=float(queued_units),
+        busy_fraction=min(1.0, max(0.0, _mean(per_replica[METRIC_BUSY]) or 0.0)),
+        units_per_s=units_per_s,
+        idle_s=max(0.0, now - last_work),
+        cold_start_s=float(load_s),
+    )
+    return signals, now
+
+
+class TierAutoscaler:
+    """Serve's policy object for one tier: `__call__(ctx) -> (replicas, state)`. The state is the policy's, with
+    `signal` and the numbers that decided it, readable in `serve status`."""
+
+    def __init__(self, tier: str, settings: dict | None = None, prior_units_per_s: float | None = None):
+        self.tier = tier
+        self.settings = AutoscalingSettings.model_validate(settings or {})
+        config = self.settings.policy_config()
+        if prior_units_per_s:
+            config = dataclasses.replace(config, priors=((tier, prior_units_per_s),))
+        self.config = config
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        previous = dict(ctx.policy_state or {})
+        signals, now = tier_signals(self.tier, ctx, previous, self.settings.cold_start_s)
+        replicas, states = decide([signals], self.config, now, {self.tier: previous})
+        state = states[self.tier]
+        state["_last_work"] = now - signals.idle_s
+        state["_cold_start_s"] = signals.cold_start_s
+        return replicas[self.tier], state

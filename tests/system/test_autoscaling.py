@@ -1,0 +1,73 @@
+"""Autoscaling on a local simulated fleet: a tier that starts at zero replicas wakes on the first request, a burst
+raises it towards one replica per card, and idleness takes it back to zero (autoscaling/serve_policy.py driving the
+policy of autoscaling/policy.py inside Ray Serve's controller)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from autoscaling.serve_policy import AutoscalingSettings
+from cluster.local import fleet_cluster
+from tests.system.conftest import TEST_FLEETS, deploy
+
+pytestmark = pytest.mark.system
+
+DEPLOYMENT = "Generator_vram_12"
+# Short timers so the test sees a whole cycle in about a minute; the policy is the production one.
+SETTINGS = AutoscalingSettings(initial_replicas=0, idle_timeout_s=10, downscale_delay_s=4, target_wait_s=4,
+                               cold_start_s=5, metrics_interval_s=1)
+BODY = {"prompt": "a burst of foxes", "size": "512x512", "steps": 9}
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    deployment = serve.status().applications["zit"].deployments[DEPLOYMENT]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+@pytest.fixture(scope="module")
+def url():
+    # One 512x512 image takes a simulated RTX 3060 about 1.7 s here (time scale 0.4): a burst is real work.
+    with fleet_cluster(TEST_FLEETS / "autoscale.yaml", {"ZIT_SIM_TIME_SCALE": "0.4"}) as (cards, port):
+        assert len(cards) == 3
+        yield deploy(cards, port, autoscaling=SETTINGS)
+
+
+def test_a_burst_raises_the_tier_from_zero_and_idleness_takes_it_back_to_zero(url):
+    assert running_replicas() == 0  # initial_replicas 0: nothing runs before the first request
+    seen = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append((time.monotonic(), running_replicas()))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda i: httpx.post(f"{url}/v1/images/generations", json={**BODY, "seed": i},
+                                                       timeout=180), range(12)))
+    burst_s = time.monotonic() - started
+    assert [r.status_code for r in responses] == [200] * 12, [r.text[:200] for r in responses if r.status_code != 200]
+    assert {c["tier"] for r in responses for c in r.json()["metadata"]["chunks"]} == {"vram_12"}
+    peak = max(n for _, n in seen)
+    print(f"burst of 12 images in {burst_s:.1f} s; replicas every 0.5 s: {[n for _, n in seen]}")
+    assert peak >= 2, f"the burst of 12 images ({burst_s:.0f} s) never raised the tier above {peak} replica(s)"
+    # Idle: back to zero after the idle timeout (plus a control period and a registry report).
+    deadline = time.monotonic() + SETTINGS.idle_timeout_s + SETTINGS.downscale_delay_s + 40
+    while time.monotonic() < deadline and running_replicas() > 0:
+        time.sleep(1)
+    stop.set()
+    watcher.join()
+    assert running_replicas() == 0, f"replicas over time: {seen[-10:]}"
+    # And the next request wakes it again.
+    again = httpx.post(f"{url}/v1/images/generations", json={**BODY, "seed": 99}, timeout=180)
+    assert again.status_code == 200, again.text

@@ -1,0 +1,38 @@
+"""What a Generator replica tells its tier's autoscaler (record_autoscaling_stats), on the tiny model without Ray."""
+
+import asyncio
+
+import pytest
+
+from cluster.tiers import cpu_tier
+from deployments.schemas import GenerationJob
+
+
+@pytest.fixture(scope="module")
+def generator():
+    from deployments.generator import Generator
+
+    return Generator(cpu_tier(), "tiny")
+
+
+def test_busy_share_throughput_load_time_and_the_queue_the_ingress_sent(generator, monkeypatch):
+    import deployments.generator as module
+
+    generator.record_autoscaling_stats()  # start a fresh period
+    idle = generator.record_autoscaling_stats()
+    assert idle["busy_fraction"] == pytest.approx(0.0, abs=0.05) and idle["queued"] == 0.0
+    job = GenerationJob(prompt="a fox", width=64, height=64, steps=2, guidance_scale=0.0, seeds=[1],
+                        tier_queue=(3, 1234.0))
+    asyncio.run(generator.generate(job))
+    stats = generator.record_autoscaling_stats()
+    assert 0.0 < stats["busy_fraction"] <= 1.0
+    assert stats["units_per_s"] > 0 and stats["load_s"] == generator.load_seconds > 0
+    assert (stats["queued"], stats["queued_units"]) == (3.0, 1234.0)
+    monkeypatch.setattr(module, "QUEUE_SEEN_TTL_S", 0.0)  # no news from the ingress: the queue is forgotten
+    assert generator.record_autoscaling_stats()["queued"] == 0.0
+
+
+def test_a_wake_up_reports_the_queue_until_jobs_come(generator):
+    asyncio.run(generator.wake(5, 999.0))
+    stats = generator.record_autoscaling_stats()
+    assert (stats["queued"], stats["queued_units"]) == (5.0, 999.0)

@@ -59,7 +59,7 @@ class LoadedAdapter:
         self.owner, self.name, self._gone = owner, name, False
 
     def __del__(self):
-        if self._gone or sys.is_finalizing():  # at exit the pipeline goes with the process
+        if self._gone or sys is None or sys.is_finalizing():  # at exit the pipeline goes with the process
             return
         self._gone = True
         try:

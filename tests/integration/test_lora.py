@@ -33,8 +33,9 @@ def lora_dir(tmp_path_factory):
         (folder / adapter.name).write_bytes(adapter.read_bytes())
     (root / "secret.safetensors").write_bytes((folder / "tiny-ink.safetensors").read_bytes())
     os.symlink(root / "secret.safetensors", folder / "escape.safetensors")
-    # A third adapter (to overflow the slots), and a link to a file in a subfolder (inside: allowed).
-    (folder / "tiny-ink-copy.safetensors").write_bytes((folder / "tiny-ink.safetensors").read_bytes())
+    # More adapters (each test that needs a fresh one has its own), and a link to a file in a subfolder (allowed).
+    for copy in ("tiny-ink-copy", "tiny-ink-three"):
+        (folder / f"{copy}.safetensors").write_bytes((folder / "tiny-ink.safetensors").read_bytes())
     (folder / "sub").mkdir()
     (folder / "sub" / "deep.safetensors").write_bytes((folder / "tiny-glow.safetensors").read_bytes())
     os.symlink(folder / "sub" / "deep.safetensors", folder / "deeplink.safetensors")
@@ -63,7 +64,7 @@ def test_the_folder_is_listed_with_sizes_and_nothing_outside_it(url):
     listing = httpx.get(url + "/v1/loras", timeout=30).json()
     assert listing["enabled"] is True and listing["slots"] == 1
     by_name = {a["name"]: a for a in listing["data"]}
-    assert sorted(by_name) == ["deeplink", "tiny-glow", "tiny-ink", "tiny-ink-copy"]  # not the link out of it
+    assert sorted(by_name) == ["deeplink", "tiny-glow", "tiny-ink", "tiny-ink-copy", "tiny-ink-three"]
     assert by_name["tiny-glow"]["params"] == 2 * by_name["tiny-ink"]["params"] > 0  # rank 8 vs rank 4
     assert listing["reserve_params"] == by_name["tiny-glow"]["params"]
     a1111 = httpx.get(url + "/sdapi/v1/loras", timeout=30).json()
@@ -87,7 +88,7 @@ def test_an_adapter_changes_the_image_reproducibly_and_scale_zero_is_the_base_mo
     ("loras/tiny-ink", "no paths"),
     ("..", "no paths"),
     ("escape", "outside the LoRA folder"),
-    ("tiny-inc", "available: deeplink, tiny-glow, tiny-ink, tiny-ink-copy"),
+    ("tiny-inc", "available: deeplink, tiny-glow, tiny-ink, tiny-ink-copy, tiny-ink-three"),
     ("tiny-ink\n", "no paths"),
 ])
 def test_names_that_leave_the_folder_or_do_not_exist_get_422(url, name, says):
@@ -98,18 +99,20 @@ def test_names_that_leave_the_folder_or_do_not_exist_get_422(url, name, says):
 
 
 def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(url):
-    first = generate(url, lora="tiny-glow", seed=100)["metadata"]["chunks"][0]["replica"]
+    # An adapter no earlier test used, so exactly one replica holds it after the first request.
+    first = generate(url, lora="tiny-ink-copy", seed=100)["metadata"]["chunks"][0]["replica"]
     # Serve learns which replica holds which adapter from the replicas' reports (pushed on load).
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         fleet = httpx.get(url + "/v1/fleet", timeout=30).json()
-        holders = [r["replica"] for r in fleet["replicas"] if "tiny-glow" in r.get("loras", [])]
+        holders = [r["replica"] for r in fleet["replicas"] if "tiny-ink-copy" in r.get("loras", [])]
         if holders == [first]:
             break
         time.sleep(0.5)
     assert holders == [first]
     time.sleep(1.5)
-    replicas = {generate(url, lora="tiny-glow", seed=101 + i)["metadata"]["chunks"][0]["replica"] for i in range(4)}
+    replicas = {generate(url, lora="tiny-ink-copy", seed=101 + i)["metadata"]["chunks"][0]["replica"]
+                for i in range(4)}
     assert replicas == {first}
 
 
@@ -133,16 +136,16 @@ def test_a_link_to_a_file_in_a_subfolder_serves_that_file(url):
 
 
 def test_one_slot_keeps_one_adapter_per_replica(url):
-    """Three adapters in turn on two replicas of one slot each: the last one's replica evicted what it held."""
-    for name in ("tiny-ink", "tiny-glow", "tiny-ink-copy"):
+    """Adapters in turn on two replicas of one slot each: the replica that took a fresh one evicted what it held."""
+    for name in ("tiny-ink", "tiny-glow", "tiny-ink-three"):
         last = generate(url, lora=name, seed=5)["metadata"]["chunks"][0]["replica"]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # the registry's reports come every 2 s
         held = {r["replica"]: r.get("loras", []) for r in httpx.get(url + "/v1/fleet", timeout=30).json()["replicas"]}
-        if "tiny-ink-copy" in held.get(last, []):
+        if "tiny-ink-three" in held.get(last, []):
             break
         time.sleep(0.5)
-    assert held[last] == ["tiny-ink-copy"]
+    assert held[last] == ["tiny-ink-three"]
     assert all(len(names) <= 1 for names in held.values())
 
 

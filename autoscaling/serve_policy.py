@@ -6,7 +6,8 @@ TierSignals (`tier_signals`, pure), asks `autoscaling.policy.decide` and returns
 applies the count within [min_replicas, max_replicas], max_replicas being the tier's cards.
 
 Where each signal comes from:
-- replicas: Serve's current replica count (loading ones included); cards: max_replicas;
+- replicas: Serve's target replica count (replicas still starting included: the policy knows they are loading
+  from its own state); cards: max_replicas;
 - running: requests at the replicas (Serve's count) minus those still queued at a handle;
 - queued and queued_units: the chunks waiting in the ingress's queue for this tier, which the ingress attaches to
   every job and to the wake-up call it sends a tier at zero replicas (Generator.record_autoscaling_stats reports the
@@ -33,6 +34,8 @@ METRIC_UNITS_PER_S = "units_per_s"
 METRIC_LOAD_S = "load_s"
 METRIC_QUEUED = "queued"
 METRIC_QUEUED_UNITS = "queued_units"
+# A new replica is ready this long after its model load time (Ray starts the worker, Serve checks its health).
+COLD_START_OVERHEAD_S = 5.0
 
 
 class AutoscalingSettings(BaseModel):
@@ -96,17 +99,19 @@ def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[Tier
         from deployments.dispatch import work_units
 
         queued_units = queued * work_units(PRIOR_SIZE, PRIOR_SIZE, 1, PRIOR_STEPS)
-    # Cold start: what the replicas measured loading the model (remembered while the tier is at zero), else the
-    # configured guess.
-    load_s = max(per_replica[METRIC_LOAD_S], default=0.0) or state.get("_cold_start_s") or cold_start_s
+    # Cold start: what the replicas measured loading the model plus Ray starting them (remembered while the tier is
+    # at zero), else the configured guess.
+    measured = max(per_replica[METRIC_LOAD_S], default=0.0)
+    load_s = (measured + COLD_START_OVERHEAD_S if measured else 0.0) or state.get("_cold_start_s") or cold_start_s
     last_work = state.get("_last_work")
     if running or queued:
         last_work = now
     elif last_work is None:
         last_work = now  # the first call: idle from now on
+    target = ctx.target_num_replicas if ctx.target_num_replicas is not None else ctx.current_num_replicas
     signals = TierSignals(
         tier=tier,
-        replicas=int(ctx.current_num_replicas),
+        replicas=int(max(target, 0)),
         cards=int(ctx.capacity_adjusted_max_replicas),
         running=running,
         queued=queued,
@@ -121,7 +126,9 @@ def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[Tier
 
 class TierAutoscaler:
     """Serve's policy object for one tier: `__call__(ctx) -> (replicas, state)`. The state is the policy's, with
-    `signal` and the numbers that decided it, readable in `serve status`."""
+    `signal` and the numbers that decided it; Serve hands it back on the next call. From zero replicas Serve starts
+    one itself when a request waits (its cold-start rule, before calling the policy); the policy takes over from
+    there with the queue the jobs report."""
 
     def __init__(self, tier: str, settings: dict | None = None, prior_units_per_s: float | None = None):
         self.tier = tier

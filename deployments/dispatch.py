@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from cluster.memory import image_tokens, predict_peak
 from cluster.speed import predict_seconds
+from autoscaling.serve_policy import COLD_START_OVERHEAD_S
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.metrics import ServiceMetrics
 from deployments.routing import NoTierFits, fitting_plans, no_tier_fits, tier_budget, tier_plans
@@ -29,8 +30,7 @@ logger = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 3
 # Prompt tokens the pipeline pads every prompt to: part of each image's work.
 PROMPT_TOKENS = 512
-# A new replica is ready this long after its model load time (Ray starts the worker, Serve checks its health).
-COLD_START_OVERHEAD_S = 5.0
+
 
 
 class ChunkExhausted(RuntimeError):
@@ -72,7 +72,8 @@ class Dispatcher:
         self.calibration = calibration
         # Autoscaled tiers (autoscaling/serve_policy.py) may be at zero replicas: work that waits for one wakes it.
         self.autoscaling = autoscaling
-        self.queues = {t.name: TierQueue(t.name, t.num_replicas, t.max_queued_requests, scalable=autoscaling is not None,
+        self.queues = {t.name: TierQueue(t.name, t.num_replicas, t.max_queued_requests,
+                                         scalable=autoscaling is not None and t.num_replicas > 0,
                                          cold_start_s=autoscaling.cold_start_s if autoscaling else 60.0)
                        for t in tiers}
         self._wakes: dict[str, asyncio.Future] = {}
@@ -98,8 +99,13 @@ class Dispatcher:
             if reports or self.drained.get(name) or self.autoscaling is not None:
                 self.queues[name].set_replicas(len(reports))
             loads = [r["load_seconds"] for r in reports if r.get("load_seconds")]
-            if loads and self.autoscaling is not None:  # a cold start takes what loading took (plus Ray's start)
-                self.queues[name].cold_start_s = max(loads) + COLD_START_OVERHEAD_S
+            queue = self.queues[name]
+            if loads and queue.scalable:  # a cold start takes what loading took (plus Ray's start)
+                queue.cold_start_s = max(loads) + COLD_START_OVERHEAD_S
+            if queue.scalable and queue.replicas == 0 and queue.waiting:
+                # Work waits for a tier the registry shows at zero: (again) wake it. If it has replicas the
+                # registry has not heard of yet, the call returns at once and opens the queue.
+                self._wake(name, queue.waiting, queue.waiting_units)
             capacities = [r["card"]["memory_total"] - r["card"].get("foreign_memory", 0)
                           for r in reports if r.get("card") and "memory_total" in r["card"]]
             if capacities and tier.vram_bytes is not None:
@@ -190,6 +196,9 @@ class Dispatcher:
 
     async def _wake_call(self, tier: str, queued: int, queued_units: float) -> None:
         await self.generators[tier].wake.remote(queued, queued_units)
+        queue = self.queues[tier]
+        if queue.replicas == 0:  # a replica answered: the chunks can go before its first registry report
+            queue.set_replicas(1)
 
     # -- one chunk, with retries ---------------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaling.policy import POLICIES, PolicyConfig, TierSignals, prior_units_per_s
-from cluster.memory import load_calibration, predict_peak
+from cluster.memory import load_calibration, predict_peak, resident_bytes
 from cluster.nvml import BF16_MIN_CC, MIB, CardSpec, FleetFile, load_fleet_file
 from cluster.speed import predict_seconds
 from cluster.tiers import classify, tiers_for_cards
@@ -275,8 +275,7 @@ class Simulation:
             (t.name, prior_units_per_s(t.name, t.speed, t.bf16)) for t in configs)}) if not config.priors else config
         self.tiers: dict[str, Tier] = {}
         for t in configs:
-            idle = predict_peak(64, 64, 1, self.profiles[t.name], self.cal)
-            resident = idle.weights + idle.context  # what a loaded replica holds (deployments/generator.py)
+            resident = resident_bytes(self.profiles[t.name], self.cal)  # what a loaded replica holds
             hosts = sorted((c for c in usable if c.tier == t.name and not c.failed and c.capacity >= resident),
                            key=lambda c: (-c.capacity, -c.speed, c.index))
             self.tiers[t.name] = Tier(t.name, hosts, resident, max(32, queue_per_card * t.num_replicas))

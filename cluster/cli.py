@@ -96,6 +96,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(f"error: bad configuration: {exc}")
         return 2
     from deployments.auth import KeyFileError, load_keys
+    from deployments.lora import LoraError
     from deployments.pipeline import ModelNotFound, resolve_model
 
     try:  # fail here, with the fix, rather than in a replica's log
@@ -106,17 +107,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
             config = config.model_copy(update={"lora_dir": str(ensure_tiny_loras(models_dir(), model_path))})
         if config.lora_dir:
-            from deployments.lora import LoraLibrary
+            from deployments.lora import LoraLibrary, lora_folder
 
-            folder = Path(config.lora_dir).expanduser().resolve()  # replicas may run in another working directory
-            if not folder.is_dir():
-                raise ModelNotFound(f"the LoRA folder {config.lora_dir} (lora_dir / --lora-dir) is not a folder")
-            config = config.model_copy(update={"lora_dir": str(folder)})
+            config = config.model_copy(update={"lora_dir": str(lora_folder(config.lora_dir))})
             names = LoraLibrary(config.lora_dir).names()
             _say(f"LoRA: {len(names)} adapter(s) in {config.lora_dir}: {', '.join(names) or 'none yet'}")
         if config.api_keys_file:
             _say(f"API keys: {len(load_keys(config.api_keys_file))} from {config.api_keys_file}")
-    except (ModelNotFound, KeyFileError) as exc:
+    except (ModelNotFound, KeyFileError, LoraError) as exc:
         _say(f"error: {exc}")
         return 2
 

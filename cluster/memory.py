@@ -162,6 +162,14 @@ def predict_peak(
     return MemoryEstimate(peak.weights, peak.activations, peak.vae, peak.text_encoder, context, margin, peak.phase)
 
 
+def resident_bytes(profile: Profile, calibration: Calibration | None = None) -> int:
+    """What a loaded replica holds on its card between jobs under `profile`: the weights it keeps there and the CUDA
+    context (the smallest call's weights and context terms). Placement, simulated cards and the fleet simulator use
+    it."""
+    idle = predict_peak(64, 64, 1, profile, calibration)
+    return idle.weights + idle.context
+
+
 def predict_phases(
     width: int, height: int, n: int, profile: Profile, calibration: Calibration | None = None
 ) -> dict[str, MemoryEstimate]:

@@ -99,22 +99,15 @@ def start_card_nodes(
     return [start(node) for node in nodes]
 
 
-def resident_bytes(tier: str, bf16: bool) -> int:
-    """What a replica of `tier` holds on its card while idle under the tier's default profile: the weights it
-    keeps there and the CUDA context (the memory model's idle call)."""
-    from cluster.memory import predict_peak
-    from cluster.profiles import default_profile
-
-    idle = predict_peak(64, 64, 1, default_profile(tier, bf16))
-    return idle.weights + idle.context
-
-
 def room_problem(card: GpuSnapshot) -> str | None:
     """Why `card` cannot host a replica of its tier now, or None: its tier is known and what other processes leave
     of its memory holds the profile's resident memory."""
     if card.tier is None:
         return f"has {card.memory_total / 2**30:.1f} GiB, below the smallest tier"
-    need = resident_bytes(card.tier, card.bf16)
+    from cluster.memory import resident_bytes
+    from cluster.profiles import default_profile
+
+    need = resident_bytes(default_profile(card.tier, card.bf16))
     left = card.memory_total - card.foreign_memory
     if left < need:
         return (f"is shared: other processes hold {card.foreign_memory / 2**30:.1f} GiB, leaving {left / 2**30:.1f} "

@@ -5,8 +5,6 @@ serve_config.yaml points at `deployments.app:build_app`; Serve validates its `ar
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
@@ -37,12 +35,11 @@ def build_app(config: ServiceConfig) -> Application:
     if isinstance(config, dict):  # `serve run module:build_app key=value` passes a dict
         config = ServiceConfig.model_validate(config)
     if config.lora_dir:
-        folder = Path(config.lora_dir).expanduser().resolve()
-        if not folder.is_dir():
-            raise ValueError(f"lora_dir {config.lora_dir!r} is not a folder; create it or unset lora_dir")
+        from deployments.lora import lora_folder
+
         # An absolute folder (replicas run elsewhere) and the LoRA memory reserve fixed once, so the ingress and
         # every replica plan with the same number.
-        config = config.model_copy(update={"lora_dir": str(folder)})
+        config = config.model_copy(update={"lora_dir": str(lora_folder(config.lora_dir))})
         config = config.model_copy(update={"lora_reserve_params": config.lora_settings().reserve_params})
     lora = config.lora_settings()
     generators = {}

@@ -16,6 +16,7 @@ import time
 from cluster.nvml import NvmlMonitor
 from cluster.tiers import TierConfig
 from cluster.profiles import apply_vae, degraded_profile
+from deployments.dispatch import work_units
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.hostmem import trim_host_memory
 from deployments.lora import LoraSettings, adapter_to_dtype
@@ -80,7 +81,7 @@ class Generator:
     """
 
     def __init__(self, tier: TierConfig, model: str, lora: LoraSettings | None = None):
-        from cluster.memory import predict_peak
+        from cluster.memory import resident_bytes
         from deployments.routing import tier_profile
 
         started = time.perf_counter()
@@ -118,8 +119,7 @@ class Generator:
             from cluster.simcard import SimulatedCard
 
             self.sim = SimulatedCard(self.card)
-            idle = predict_peak(64, 64, 1, tier_profile(tier))  # without adapters: they are held as they load
-            self._resident = idle.weights + idle.context
+            self._resident = resident_bytes(tier_profile(tier))  # without adapters: they are held as they load
             self.sim.hold(self._resident, f"{self.profile.name} resident weights")
         # 6. LoRA adapters: loaded on first use, at most lora.slots kept (Serve model multiplexing, LRU).
         self._adapters: dict[str, int] = {}  # name -> bytes it holds on the card
@@ -208,8 +208,6 @@ class Generator:
                 self._busy_since = None
         self._jobs += 1
         self._step_seconds = seconds / job.steps
-        from deployments.dispatch import work_units
-
         measured = work_units(job.width, job.height, len(job.seeds), job.steps) / max(seconds, 1e-6)
         self._units_per_s = measured if self._units_per_s is None else 0.7 * self._units_per_s + 0.3 * measured
         return GenerationResult(

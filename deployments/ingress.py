@@ -157,7 +157,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         if self.loras is None:
             return {"enabled": False, "data": []}
         return {"enabled": True, "slots": self.lora.slots, "fuse": self.lora.fuse,
-                "reserve_params": self.lora.reserve_params, "data": self.loras.describe()}
+                "reserve_params": self.lora.reserve_params, "data": await asyncio.to_thread(self.loras.describe)}
 
     @api.get("/v1/models")
     async def models(self) -> dict:

@@ -52,6 +52,14 @@ class LoraSettings(BaseModel):
         return self.slots * self.reserve_params
 
 
+def lora_folder(path: str) -> Path:
+    """The LoRA folder as an absolute path (replicas may run in another working directory), or LoraError."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise LoraError(f"the LoRA folder {path!r} (lora_dir / --lora-dir) is not a folder; create it or unset lora_dir")
+    return folder
+
+
 def adapter_params(path: Path) -> int:
     """Parameters in a safetensors adapter file, from its header (no tensor is read; cached per file version)."""
     stat = Path(path).stat()

@@ -46,9 +46,10 @@ def test_too_small_card_is_skipped_with_a_reason(tmp_path):
 
 
 def test_a_card_other_processes_fill_is_skipped_and_one_with_room_left_joins(tmp_path):
-    from cluster.node import resident_bytes
+    from cluster.memory import resident_bytes
+    from cluster.profiles import default_profile
 
-    need_mib = -(-resident_bytes("vram_12", True) // 2**20)  # rounded up
+    need_mib = -(-resident_bytes(default_profile("vram_12", True)) // 2**20)  # rounded up
     path = tmp_path / "f.yaml"
     path.write_text(yaml.safe_dump({"name": "f", "cards": [
         {"model": "RTX 3060", "vram_gb": 12, "compute_capability": "8.6", "foreign_memory_mib": 12 * 1024 - need_mib + 1},

@@ -121,6 +121,7 @@ class Generator:
             self.sim = SimulatedCard(self.card)
             self._resident = resident_bytes(tier_profile(tier))  # without adapters: they are held as they load
             self.sim.hold(self._resident, f"{self.profile.name} resident weights")
+            self.monitor.refresh()  # reports never show the card as it was before the weights were on it
         # 6. LoRA adapters: loaded on first use, at most lora.slots kept (Serve model multiplexing, LRU).
         self._adapters: dict[str, int] = {}  # name -> bytes it holds on the card
         self._fused: tuple[str, float] | None = None

@@ -213,7 +213,8 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 "queue": {"running": self.dispatcher.queues[tier.name].running,
                           "waiting": self.dispatcher.queues[tier.name].waiting},
             })
-        return {"cards": cards, "tiers": tiers, "replicas": replicas}
+        routing = {"tier_policy": self.config.tier_policy, "in_tier_router": self.config.in_tier_router}
+        return {"cards": cards, "tiers": tiers, "replicas": replicas, "routing": routing}
 
     @api.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(self) -> Response:

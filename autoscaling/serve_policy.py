@@ -1,9 +1,18 @@
-"""The Ray Serve adapter of the autoscaling policy: one `TierAutoscaler` per tier's Generator deployment.
+"""The Ray Serve adapters of the autoscaling policy (autoscaling/policy.py `decide`).
 
-Serve instantiates the class once per deployment (`autoscaling_config.policy`, with `policy_kwargs`) and calls it
-every control-loop period with the deployment's AutoscalingContext. The call turns the context into the policy's
-TierSignals (`tier_signals`, pure), asks `autoscaling.policy.decide` and returns its replica count and state. Serve
-applies the count within [min_replicas, max_replicas], max_replicas being the tier's cards.
+Two ways in, the same decision:
+- `FleetAutoscaler`, the application-level policy: `autoscaling_policy: {policy_function:
+  autoscaling.serve_policy:FleetAutoscaler}` under the application in serve_config.yaml (and the Helm chart's
+  serveConfigV2; `zit up --autoscale` deploys that way too). Serve calls it every control-loop period with the
+  AutoscalingContext of every autoscaled deployment of the application; it decides all tiers in one `decide` call, so
+  a saturated small tier's demand raises a larger tier (`spill_up`) and a warm larger tier covers a tier that is
+  still loading (`cold_start_cover`).
+- `TierAutoscaler`, the deployment-level policy build_app gives every Generator deployment (`autoscaling_config.
+  policy` with `policy_kwargs`: the tier, the settings, its throughput prior and VRAM). It decides its tier alone
+  where no application-level policy is configured (an app started with `serve.run`); where one is, Serve uses the
+  application's and logs that it takes precedence, and `FleetAutoscaler` reads each tier's kwargs from there.
+Each turns a context into the policy's TierSignals (`tier_signals`, pure), asks `decide` and returns replica counts
+and state. Serve applies a count within [min_replicas, max_replicas], max_replicas being the tier's cards.
 
 Where each signal comes from:
 - replicas: Serve's target replica count (replicas still starting included: the policy knows they are loading
@@ -14,8 +23,11 @@ Where each signal comes from:
   latest it saw), plus requests Serve holds at handles (a wake-up of a tier at zero);
 - busy_fraction, units_per_s, cold_start_s: the replicas' own measurements (record_autoscaling_stats);
 - idle_s: kept in the policy state (when the tier last had work).
-Each tier decides alone: moving a saturated small tier's work to larger tiers happens at routing time (the ingress
-sends a chunk where it finishes first, deployments/scheduler.py), and the larger tier then sees that work as its own.
+- lost cards: replicas whose card NVML reports lost (`card_lost`) count neither as replicas nor as cards, so the
+  policy sizes the tier from its healthy cards; the adapter adds them back to the count it returns, so Serve stops
+  no healthy replica in their place (routing sends them nothing; they serve again when the card comes back).
+Work itself moves between tiers at routing time (the ingress sends a chunk where it finishes first,
+deployments/scheduler.py); the application-level policy sizes the tiers for where it will go.
 """
 
 from __future__ import annotations
@@ -34,6 +46,9 @@ METRIC_UNITS_PER_S = "units_per_s"
 METRIC_LOAD_S = "load_s"
 METRIC_QUEUED = "queued"
 METRIC_QUEUED_UNITS = "queued_units"
+METRIC_CARD_LOST = "card_lost"
+# The application-level policy as serve_config.yaml, the Helm chart and `zit up` name it (`autoscaling_policy`).
+APPLICATION_POLICY = {"policy_function": "autoscaling.serve_policy:FleetAutoscaler"}
 # A new replica is ready this long after its model load time (Ray starts the worker, Serve checks its health).
 COLD_START_OVERHEAD_S = 5.0
 
@@ -58,8 +73,10 @@ class AutoscalingSettings(BaseModel):
                             downscale_delay_s=self.downscale_delay_s, idle_timeout_s=self.idle_timeout_s,
                             min_replicas=self.min_replicas)
 
-    def serve_autoscaling_config(self, tier: str, cards: int, prior_units_per_s: float | None = None) -> dict:
-        """The deployment's `autoscaling_config` for a tier of `cards` cards."""
+    def serve_autoscaling_config(self, tier: str, cards: int, prior_units_per_s: float | None = None,
+                                 vram_bytes: int | None = None) -> dict:
+        """The deployment's `autoscaling_config` for a tier of `cards` cards (`vram_bytes`: its cards' memory, which
+        orders the tiers for the application-level policy)."""
         initial = cards if self.initial_replicas is None else min(self.initial_replicas, cards)
         return {
             "min_replicas": min(self.min_replicas, cards),
@@ -72,7 +89,7 @@ class AutoscalingSettings(BaseModel):
             "downscale_delay_s": 0.0,
             "policy": {"policy_function": "autoscaling.serve_policy:TierAutoscaler",
                        "policy_kwargs": {"tier": tier, "settings": self.model_dump(),
-                                         "prior_units_per_s": prior_units_per_s}},
+                                         "prior_units_per_s": prior_units_per_s, "vram_bytes": vram_bytes}},
         }
 
 
@@ -81,13 +98,15 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[TierSignals, float]:
-    """(TierSignals of `tier` from a Serve AutoscalingContext, the time now). `state` is the policy state of the
-    previous call (when the tier last had work: `_last_work`)."""
+def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[TierSignals, float, int]:
+    """(TierSignals of `tier` from a Serve AutoscalingContext, the time now, replicas on lost cards: left out of the
+    signals' replicas and cards). `state` is the policy state of the previous call (when the tier last had work:
+    `_last_work`)."""
     now = ctx.current_time or time.time()
     metrics = ctx.aggregated_metrics or {}
     per_replica = {name: list((metrics.get(name) or {}).values()) for name in
-                   (METRIC_BUSY, METRIC_UNITS_PER_S, METRIC_LOAD_S, METRIC_QUEUED, METRIC_QUEUED_UNITS)}
+                   (METRIC_BUSY, METRIC_UNITS_PER_S, METRIC_LOAD_S, METRIC_QUEUED, METRIC_QUEUED_UNITS,
+                    METRIC_CARD_LOST)}
     at_handles = float(ctx.total_queued_requests or 0.0)
     running = max(0, round(float(ctx.total_num_requests or 0.0) - at_handles))
     queued_reports = per_replica[METRIC_QUEUED]
@@ -109,10 +128,11 @@ def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[Tier
     elif last_work is None:
         last_work = now  # the first call: idle from now on
     target = ctx.target_num_replicas if ctx.target_num_replicas is not None else ctx.current_num_replicas
+    lost = round(sum(per_replica[METRIC_CARD_LOST]))
     signals = TierSignals(
         tier=tier,
-        replicas=int(max(target, 0)),
-        cards=int(ctx.capacity_adjusted_max_replicas),
+        replicas=int(max(target - lost, 0)),
+        cards=max(0, int(ctx.capacity_adjusted_max_replicas) - lost),
         running=running,
         queued=queued,
         queued_units=float(queued_units),
@@ -121,7 +141,7 @@ def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[Tier
         idle_s=max(0.0, now - last_work),
         cold_start_s=float(load_s),
     )
-    return signals, now
+    return signals, now, lost
 
 
 class TierAutoscaler:
@@ -130,8 +150,10 @@ class TierAutoscaler:
     one itself when a request waits (its cold-start rule, before calling the policy); the policy takes over from
     there with the queue the jobs report."""
 
-    def __init__(self, tier: str, settings: dict | None = None, prior_units_per_s: float | None = None):
+    def __init__(self, tier: str, settings: dict | None = None, prior_units_per_s: float | None = None,
+                 vram_bytes: int | None = None):
         self.tier = tier
+        self.vram_bytes = vram_bytes
         self.settings = AutoscalingSettings.model_validate(settings or {})
         config = self.settings.policy_config()
         if prior_units_per_s:
@@ -140,9 +162,64 @@ class TierAutoscaler:
 
     def __call__(self, ctx) -> tuple[int, dict]:
         previous = dict(ctx.policy_state or {})
-        signals, now = tier_signals(self.tier, ctx, previous, self.settings.cold_start_s)
+        signals, now, lost = tier_signals(self.tier, ctx, previous, self.settings.cold_start_s)
         replicas, states = decide([signals], self.config, now, {self.tier: previous})
-        state = states[self.tier]
-        state["_last_work"] = now - signals.idle_s
-        state["_cold_start_s"] = signals.cold_start_s
-        return replicas[self.tier], state
+        return replicas[self.tier] + lost, _keep(states[self.tier], now, signals, lost)
+
+
+class FleetAutoscaler:
+    """Serve's application-level policy: `__call__(contexts) -> (replicas per deployment, state per deployment)`,
+    every tier in one `decide` call, cheapest tier first. Each Generator deployment's own `TierAutoscaler` kwargs
+    (in its AutoscalingContext's config) name its tier, settings, prior and VRAM; a deployment without them (not a
+    tier) is left to Serve. `settings` here, when given, override the tiers' own."""
+
+    def __init__(self, settings: dict | None = None):
+        self.settings = settings or {}
+        self._tiers: dict[str, TierAutoscaler] = {}  # policy_kwargs, resolved once per deployment version
+
+    def _tier(self, ctx) -> TierAutoscaler | None:
+        policy = getattr(ctx.config, "policy", None)
+        kwargs = dict(getattr(policy, "policy_kwargs", None) or {})
+        if "tier" not in kwargs:
+            return None
+        kwargs["settings"] = {**(kwargs.get("settings") or {}), **self.settings}
+        key = repr(sorted(kwargs.items()))
+        if key not in self._tiers:
+            self._tiers[key] = TierAutoscaler(**kwargs)
+        return self._tiers[key]
+
+    def __call__(self, contexts: dict) -> tuple[dict, dict]:
+        tiers = []
+        for deployment_id, ctx in contexts.items():
+            tier = self._tier(ctx)
+            if tier is not None:
+                tiers.append((tier.vram_bytes or 0, tier.tier, deployment_id, ctx, tier))
+        tiers.sort(key=lambda t: (t[0], t[1]))
+        if not tiers:
+            return {}, {}
+        signals, lost, previous, config = [], [], {}, tiers[-1][4].config
+        now = max(float(ctx.current_time or 0.0) for *_, ctx, _ in tiers) or time.time()
+        for _, name, _, ctx, tier in tiers:
+            previous[name] = dict(ctx.policy_state or {})
+            tier_signal, _, tier_lost = tier_signals(name, ctx, previous[name], tier.settings.cold_start_s)
+            signals.append(tier_signal)
+            lost.append(tier_lost)
+        # One config for the whole fleet (settings are the application's), with every tier's own prior.
+        config = dataclasses.replace(config, priors=tuple((tier.tier, tier.config.prior(tier.tier))
+                                                          for *_, tier in tiers))
+        replicas, states = decide(signals, config, now, previous)
+        decisions, out = {}, {}
+        for (_, name, deployment_id, _, _), tier_signal, tier_lost in zip(tiers, signals, lost):
+            decisions[deployment_id] = replicas[name] + tier_lost
+            out[deployment_id] = _keep(states[name], now, tier_signal, tier_lost)
+        return decisions, out
+
+
+def _keep(state: dict, now: float, signals: TierSignals, lost: int) -> dict:
+    """The state Serve hands back next period: the policy's, plus when the tier last had work, its cold start and
+    (shown, not used) the replicas on lost cards."""
+    state["_last_work"] = now - signals.idle_s
+    state["_cold_start_s"] = signals.cold_start_s
+    if lost:
+        state["lost_cards"] = lost
+    return state

@@ -4,11 +4,13 @@ For each level: throughput, p50/p95/p99 latency, how many requests were turned a
 tier that could serve is full; the tiers' queues are kept short here, 4, so saturation shows), and lost requests
 (anything that is neither a 200 with all its images nor a 503 with Retry-After: must be 0).
 
-Memory: the levels run `--warmup-rounds` then `--rounds` times over. The RSS of every Ray process (each named by its
-role: raylet, GCS, a Serve replica, ...) is sampled after every round; each process's growth from the last warm-up
-round to the end must stay under 5 %. A leak grows every round; a warm-up (allocator arenas, caches and buffers
-filling) grows in the first rounds and then stays: measured here, the replicas and raylets grow 5-15 % over the first
-two rounds and are flat (within the allocator's +-5 % swings) after, so two rounds are warm-up.
+Memory: the levels run `--warmup-rounds` then `--rounds` times over. The private memory (RssAnon) of every Ray
+process (each named by its role: raylet, GCS, a Serve replica, ...) is read at rest after every round (2 s after the
+last response, the lowest of three reads a second apart: what a round's last request still holds for a moment is
+not growth), and each process's trend over the measured rounds must stay under 5 %. A leak grows every round; a
+warm-up (allocator arenas, caches and buffers filling) grows in the first rounds and then stays. The Ray processes
+run with MALLOC_ARENA_MAX=2 as `zit up` starts them (cluster/local.py ALLOCATOR_ENV): with glibc's default arenas the
+threaded ones (raylets, the proxy, the ingress) grew 5-20 % over the same run.
 Prints a Markdown table; with --write appends it to docs/benchmarks.md.
 
   .venv/bin/python -m bench.load [--levels 2,8,32] [--requests 40] [--warmup-rounds 2] [--rounds 8] [--write]
@@ -41,6 +43,22 @@ def ray_rss_bytes() -> dict[int, tuple[str, int]]:
                 role = cmd.split()[0] if cmd.startswith("ray::") else name
                 out[proc.info["pid"]] = (role, proc.info["memory_info"].rss, _status_kib(proc.info["pid"]))
     return out
+
+
+def ray_memory_at_rest(settle_s: float = 2.0, reads: int = 3, every_s: float = 1.0) -> dict[int, tuple[str, int]]:
+    """`ray_rss_bytes` once the round's last responses have gone out: wait `settle_s`, read `reads` times `every_s`
+    apart and keep each process's lowest private memory. A leak raises the resting level; what a round's last
+    request still holds for a moment (an image being encoded, a response being sent) does not."""
+    time.sleep(settle_s)
+    reads_ = []
+    for i in range(reads):
+        if i:
+            time.sleep(every_s)
+        reads_.append(ray_rss_bytes())
+    rest = {}
+    for pid in set.intersection(*(set(r) for r in reads_)):
+        rest[pid] = min((r[pid] for r in reads_), key=lambda v: v[2].get("RssAnon", v[1] >> 10))
+    return rest
 
 
 def _status_kib(pid: int) -> dict[str, int]:
@@ -142,7 +160,7 @@ def main() -> None:
         for round_ in range(args.warmup_rounds):
             for level in levels:
                 run_level(url, level, args.requests)
-            samples.append(ray_rss_bytes())
+            samples.append(ray_memory_at_rest())
         base = len(samples) - 1  # growth is measured from the last warm-up round
         for round_ in range(args.rounds):
             for level in levels:
@@ -152,7 +170,7 @@ def main() -> None:
                     rows.append(result)
                 else:  # the latency table shows the first round; every round must lose nothing
                     rows[levels.index(level)]["lost"] += result["lost"]
-            samples.append(ray_rss_bytes())
+            samples.append(ray_memory_at_rest())
             print(round_, [(r["role"], r["mib"], samples[-1][r["pid"]][2]) for r in memory_growth(samples, base)[:3]],
                   flush=True)
     procs = memory_growth(samples, base)
@@ -175,7 +193,8 @@ def main() -> None:
     warm = [f"warm-up {i + 1}" for i in range(args.warmup_rounds)]
     lines += ["", f"Latencies are from the first of {args.rounds} measured rounds (after {args.warmup_rounds} warm-up "
                   f"rounds); `lost` counts all measured rounds ({args.rounds * args.requests} requests per level).", "",
-              f"Private memory (RssAnon) of the {len(procs)} Ray processes alive throughout, after each round (MiB; "
+              f"Private memory (RssAnon) of the {len(procs)} Ray processes alive throughout, at rest after each round "
+              f"(MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}; MiB; "
               f"the five with the steepest trend). `trend`: growth over the measured rounds along the least-squares "
               f"line; `first to last`: the two end points. All processes together: {total * 100:+.1f} %.", "",
               "| process | " + " | ".join(warm + [f"round {i + 1}" for i in range(args.rounds)])

@@ -1,9 +1,10 @@
 """The `zit` command: run the service, see the fleet, fetch weights, generate from the shell.
 
   zit up [--fleet FILE | --cpu] [--model tiny|PATH|Tongyi-MAI/Z-Image-Turbo] [--config serve_config.yaml] [--detach]
+         [--split CARD=TIER]
   zit down
   zit fleet [--fleet FILE] [--json]
-  zit node --address HEAD [--fleet FILE] [--host NAME]
+  zit node --address HEAD [--fleet FILE] [--host NAME] [--split CARD=TIER]
   zit download [--model Tongyi-MAI/Z-Image-Turbo] [--dir DIR]
   zit generate "a red fox" --size 256x256 --n 2 -o out/
 """
@@ -82,7 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from cluster import local
-    from cluster.node import nodes_for_cards
+    from cluster.node import apply_splits, nodes_for_cards
     from cluster.tiers import tiers_for_cards
 
     try:
@@ -94,6 +95,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         cards, fleet_file, what = discover_cards(args)
     except (ValidationError, OSError) as exc:
         _say(f"error: bad configuration: {exc}")
+        return 2
+    try:
+        cards = apply_splits(cards, args.split)
+    except ValueError as exc:
+        _say(f"error: {exc}")
         return 2
     from deployments.auth import KeyFileError, load_keys
     from deployments.lora import LoraError
@@ -131,7 +137,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         configured = config.tiers if "tiers" in config.model_fields_set else None
         config = config.model_copy(update={"tiers": tiers_for_cards([n.card for n in nodes], configured)})
         for node in nodes:
-            _say(f"  {node.card.name:<32} {node.card.memory_total / 2**30:5.1f} GiB  -> {node.card.tier}")
+            slots = f" x {node.card.slots} slots" if node.card.slots > 1 else ""
+            _say(f"  {node.card.name:<32} {node.card.memory_total / 2**30:5.1f} GiB  -> {node.card.tier}{slots}")
 
     # 2. Ray: the head here, then one node per card that is not in the cluster yet.
     mode = local.ensure_auth_mode()
@@ -144,7 +151,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import deploy
     from deployments.registry import card_nodes
 
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
@@ -159,7 +166,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     _say(f"Deploying {config.model_name} from {model_path} on tiers {[t.name for t in config.tiers]} ...")
     serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    try:  # as serve_config.yaml and KubeRay deploy it: Serve builds the app and sizes autoscaled tiers together
+        deploy(config, APP_NAME, args.host, args.port)
+    except RuntimeError as exc:
+        _say(f"error: {exc}")
+        return 1
     url = f"http://{args.host}:{args.port}"
     _say(f"ZIT Cluster is serving at {url} (ready in {time.perf_counter() - started:.1f} s)")
     _say(
@@ -207,10 +218,12 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _fleet_cards(args: argparse.Namespace):
-    """The cards of --fleet FILE, else the real ones (NvmlUnavailable when there is no driver)."""
+    """The cards of --fleet FILE, else the real ones (NvmlUnavailable when there is no driver), with the --split
+    specs applied (ValueError saying why when one cannot be)."""
+    from cluster.node import apply_splits
     from cluster.nvml import load_fleet, probe
 
-    return load_fleet(args.fleet) if args.fleet else probe()
+    return apply_splits(load_fleet(args.fleet) if args.fleet else probe(), args.split)
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
@@ -229,21 +242,26 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     except (OSError, ValidationError) as exc:
         _say(f"error: bad fleet file: {exc}")
         return 2
+    except ValueError as exc:
+        _say(f"error: {exc}")
+        return 2
     if args.json:
         print(json.dumps([c.to_dict() for c in cards], indent=2))
         return 0
-    header = f"{'#':>3}  {'card':<34} {'tier':<8} {'total':>7} {'free':>7}  {'cc':<4} {'bf16':<4} {'util':>5}  host"
+    header = f"{'#':>3}  {'card':<34} {'tier':<10} {'total':>7} {'free':>7}  {'cc':<4} {'bf16':<4} {'util':>5}  host"
     _say(header)
     for c in cards:
         util = "-" if c.utilization_pct is None else f"{c.utilization_pct:.0f}%"
-        _say(f"{c.index:>3}  {c.name[:34]:<34} {c.tier or 'too small':<8} {c.memory_total / 2**30:6.1f}G "
+        tier = f"{c.tier} x{c.slots}" if c.slots > 1 else (c.tier or "too small")
+        _say(f"{c.index:>3}  {c.name[:34]:<34} {tier:<10} {c.memory_total / 2**30:6.1f}G "
              f"{c.memory_free / 2**30:6.1f}G  {c.compute_capability[0]}.{c.compute_capability[1]:<2} "
              f"{'yes' if c.bf16 else 'no':<4} {util:>5}  {c.host or socket_host()}"
              + ("  (simulated)" if c.simulated else ""))
     tiers: dict[str, int] = {}
     for c in cards:
-        tiers[c.tier or "too small"] = tiers.get(c.tier or "too small", 0) + 1
-    _say(f"{len(cards)} card(s): " + ", ".join(f"{n} x {t}" for t, n in tiers.items()))
+        tiers[c.tier or "too small"] = tiers.get(c.tier or "too small", 0) + c.slots
+    _say(f"{len(cards)} card(s): " + ", ".join(f"{n} x {t}" for t, n in tiers.items())
+         + (" (split cards count once per slot)" if any(c.slots > 1 for c in cards) else ""))
     return 0
 
 
@@ -255,10 +273,9 @@ def socket_host() -> str:
 
 def cmd_node(args: argparse.Namespace) -> int:
     """Join this host's cards (or one simulated host's cards) to a running cluster, one Ray node per card."""
-    from cluster.node import nodes_for_cards, start_card_nodes
-
     from pydantic import ValidationError
 
+    from cluster.node import nodes_for_cards, start_card_nodes
     from cluster.nvml import NvmlUnavailable
 
     try:
@@ -268,6 +285,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         return 1
     except (OSError, ValidationError) as exc:
         _say(f"error: bad fleet file: {exc}")
+        return 2
+    except ValueError as exc:
+        _say(f"error: {exc}")
         return 2
     if args.host:
         cards = [c for c in cards if c.host == args.host]
@@ -396,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "in --config sets them)")
     up.add_argument("--lora-dir", help="folder of LoRA adapters (<name>.safetensors) requests may name in 'lora' "
                     "(default with the tiny model: its own two adapters)")
+    up.add_argument("--split", action="append", metavar="CARD=TIER",
+                    help="host several replicas of a smaller tier on a big card, e.g. 'RTX 4090=vram_12' (two "
+                         "vram_12 slots); CARD is an index, a UUID or part of the name; repeatable")
     up.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (default %(default)s)")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
     up.add_argument("--detach", action="store_true", help="return once serving; stop later with `zit down`")
@@ -408,12 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = sub.add_parser("fleet", help="list the cards (NVML, or a fleet file) and their tiers")
     fleet.add_argument("--fleet", type=Path, help="a simulated fleet file instead of the real cards")
     fleet.add_argument("--json", action="store_true", help="machine-readable output")
+    fleet.add_argument("--split", action="append", metavar="CARD=TIER", help="show the fleet as `zit up --split` "
+                                                                             "would serve it; repeatable")
     fleet.set_defaults(func=cmd_fleet)
 
     node = sub.add_parser("node", help="join this host's cards to a cluster, one Ray node per card")
     node.add_argument("--address", required=True, help="the Ray head, HOST:PORT (port 6379 by default)")
     node.add_argument("--fleet", type=Path, help="join simulated cards of this fleet file instead of real ones")
     node.add_argument("--host", help="with --fleet: only the cards of this host of the fleet file")
+    node.add_argument("--split", action="append", metavar="CARD=TIER",
+                    help="host several replicas of a smaller tier on a big card, e.g. 'RTX 4090=vram_12' (two "
+                         "vram_12 slots); CARD is an index, a UUID or part of the name; repeatable")
     node.add_argument("--node-ip", help="this host's address as the head sees it (default: Ray's guess)")
     node.set_defaults(func=cmd_node)
 

@@ -29,6 +29,18 @@ def ensure_auth_mode() -> str:
     return os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+# glibc gives every thread that allocates its own malloc arena (up to 8 per core), and memory freed in one arena is
+# not reused by another: Ray's processes are heavily threaded (gRPC, the core worker), so their resident memory creeps
+# up under load. Two arenas keep them flat (docs/benchmarks.md, the load section); an operator's own value wins.
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
+def ensure_allocator_env() -> None:
+    """Set ALLOCATOR_ENV for the Ray processes this process starts (they inherit its environment)."""
+    for key, value in ALLOCATOR_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def ray_executable() -> str:
     candidate = Path(sys.executable).with_name("ray")
     return str(candidate) if candidate.exists() else "ray"
@@ -42,6 +54,7 @@ def start_head(
     import json
 
     ensure_auth_mode()
+    ensure_allocator_env()
     cmd = [
         ray_executable(), "start", "--head",
         f"--port={RAY_HEAD_PORT}",
@@ -114,12 +127,13 @@ def add_card_node(card_uuid: str) -> None:
 
 
 @contextmanager
-def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None):
+def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: list[str] | None = None):
     """Yield (cards, port) with Ray and Serve running in this process on one node per card of `fleet_file`.
 
     Each card node gets what `zit up --fleet` gives it (cluster.node.card_node: num_gpus=1, its vram_<tier>
     resource, labels, ZIT_FLEET_FILE), through ray.cluster_utils.Cluster instead of `ray start`, so tests and
-    benchmarks start and stop it without ending other Ray processes. `env` is set on every node.
+    benchmarks start and stop it without ending other Ray processes. `env` is set on every node; `splits` are
+    `zit up --split` specs (CARD=TIER).
     """
     import tempfile
 
@@ -127,14 +141,15 @@ def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None):
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from cluster.node import nodes_for_cards
+    from cluster.node import apply_splits, nodes_for_cards
     from cluster.nvml import ZIT_SIM_STATE_DIR_ENV, load_fleet
 
+    ensure_allocator_env()
     # A private driver-state folder: simulated memory held by earlier runs must not leak into this one.
     state = tempfile.mkdtemp(prefix="zit-sim-state-")
     os.environ[ZIT_SIM_STATE_DIR_ENV] = state
     env = {**(env or {}), ZIT_SIM_STATE_DIR_ENV: state}
-    cards = load_fleet(fleet_file)
+    cards = apply_splits(load_fleet(fleet_file), splits)
     nodes, _ = nodes_for_cards(cards, fleet_file)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "env_vars": env,
                                                            "resources": HEAD_RESOURCES})

@@ -4,6 +4,11 @@ Each card becomes its own Ray node with `num_gpus=1`, a `vram_<tier>` resource a
 compute capability, bf16). A tier's Generator replicas ask for that tier's resource, so Serve can only place them on
 cards of that tier, and a host with mixed cards never hands a replica the wrong one. A real card's node sees only
 that card (CUDA_VISIBLE_DEVICES=<uuid>); a simulated card's node carries the fleet file in ZIT_FLEET_FILE.
+
+A big card can instead be split (`--split CARD=TIER`): it then offers `vram_<TIER>: k`, k slots of a smaller tier
+(as many as its memory holds at that tier's size), and hosts up to k replicas of that tier side by side, each with
+a fraction of the GPU (the tier's `num_gpus` is 1/k, cluster/tiers.py) and the tier's memory budget. A split card
+hosts only that tier: its own tier's replica would need the whole card.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.nvml import ZIT_FLEET_FILE_ENV, FakeNvml, GpuSnapshot, read_card
-from cluster.tiers import VRAM_TIERS_GIB
+from cluster.tiers import CLASSIFY_MARGIN, VRAM_TIERS_GIB, classify, tier_vram_bytes
 
 LABEL_CARD = "zit/card"
 LABEL_TIER = "zit/tier"
@@ -25,6 +30,7 @@ LABEL_CC = "zit/compute-capability"
 LABEL_BF16 = "zit/bf16"
 LABEL_SIMULATED = "zit/simulated"
 LABEL_HOST = "zit/host"
+LABEL_SLOTS = "zit/slots"
 # Logical CPUs each card's node offers: one for its Generator replica, one for the odd Ray task beside it. Logical
 # CPUs are scheduling slots, not cores; the replica's torch threads follow its own num_cpus.
 CARD_NODE_CPUS = 2
@@ -53,7 +59,8 @@ def card_node(card: GpuSnapshot, fleet_file: str | Path | None = None) -> CardNo
         LABEL_CARD: card.uuid,
         LABEL_TIER: card.tier,
         LABEL_MODEL: _slug(card.name),
-        LABEL_VRAM: f"{VRAM_TIERS_GIB[card.tier]:g}",
+        LABEL_VRAM: f"{VRAM_TIERS_GIB[classify(card.memory_total) or card.tier]:g}",  # the card's own class
+        LABEL_SLOTS: str(card.slots),
         LABEL_CC: "{}.{}".format(*card.compute_capability),
         LABEL_BF16: "true" if card.bf16 else "false",
         LABEL_SIMULATED: "true" if card.simulated else "false",
@@ -66,7 +73,7 @@ def card_node(card: GpuSnapshot, fleet_file: str | Path | None = None) -> CardNo
         env = {ZIT_FLEET_FILE_ENV: str(Path(fleet_file).resolve())}
     else:
         env = {"CUDA_VISIBLE_DEVICES": card.uuid}
-    return CardNode(card, {card.tier: 1.0}, labels, env)
+    return CardNode(card, {card.tier: float(card.slots)}, labels, env)
 
 
 def start_card_nodes(
@@ -75,9 +82,10 @@ def start_card_nodes(
     """`ray start --address` once per card, one after another. Returns one line per card saying what joined."""
     import json
 
-    from cluster.local import ensure_auth_mode, ray_executable
+    from cluster.local import ensure_allocator_env, ensure_auth_mode, ray_executable
 
     ensure_auth_mode()
+    ensure_allocator_env()
 
     def start(node: CardNode) -> str:
         cmd = [
@@ -92,7 +100,8 @@ def start_card_nodes(
         if proc.returncode != 0:
             raise RuntimeError(f"card {node.card.name} ({node.card.uuid}) could not join {address}:\n"
                                f"{(proc.stdout + proc.stderr)[-2000:]}")
-        return f"{node.card.name} [{node.card.uuid}] joined as a {node.card.tier} node"
+        slots = f" ({node.card.slots} slots)" if node.card.slots > 1 else ""
+        return f"{node.card.name} [{node.card.uuid}] joined as a {node.card.tier} node{slots}"
 
     # One after another: raylets started together on one machine can pick the same free port and die with
     # "bind: Address already in use" (about 5 s per card).
@@ -107,17 +116,58 @@ def room_problem(card: GpuSnapshot) -> str | None:
     from cluster.memory import resident_bytes
     from cluster.profiles import default_profile
 
-    need = resident_bytes(default_profile(card.tier, card.bf16))
+    need = resident_bytes(default_profile(card.tier, card.bf16)) * card.slots
     left = card.memory_total - card.foreign_memory
     if left < need:
+        what = f"{card.slots} {card.tier} replicas keep" if card.slots > 1 else f"a {card.tier} replica keeps"
         return (f"is shared: other processes hold {card.foreign_memory / 2**30:.1f} GiB, leaving {left / 2**30:.1f} "
-                f"GiB; a {card.tier} replica keeps {need / 2**30:.1f} GiB there")
+                f"GiB; {what} {need / 2**30:.1f} GiB there")
     return None
 
 
+def split_card(card: GpuSnapshot, tier: str) -> GpuSnapshot:
+    """`card` as k slots of the smaller `tier`: k = how many cards of that tier its memory makes (with the same
+    margin that classifies cards, so a 24 GB card makes two 12 GB slots or three 8 GB ones). Raises ValueError
+    saying why when the split is not possible."""
+    import dataclasses
+
+    if tier not in VRAM_TIERS_GIB:
+        raise ValueError(f"unknown tier {tier!r}; tiers are {', '.join(VRAM_TIERS_GIB)}")
+    own = classify(card.memory_total)
+    if own is None or VRAM_TIERS_GIB[tier] >= VRAM_TIERS_GIB[own]:
+        raise ValueError(f"{card.name} is a {own or 'sub-tier'} card; it can only be split into a smaller tier "
+                         f"than its own (got {tier})")
+    slots = int(card.memory_total // (tier_vram_bytes(tier) * (1 - CLASSIFY_MARGIN)))
+    if slots < 2:
+        raise ValueError(f"{card.name} ({card.memory_total / 2**30:.1f} GiB) holds only one {tier} slot; splitting "
+                         "it gains nothing")
+    return dataclasses.replace(card, tier=tier, slots=slots)
+
+
+def apply_splits(cards: list[GpuSnapshot], specs: list[str] | None) -> list[GpuSnapshot]:
+    """Cards with the operator's splits applied. Each spec is CARD=TIER, CARD being a card's index, its UUID or a
+    part of its name (`"RTX 4090=vram_12"`: every RTX 4090 becomes two vram_12 slots). A spec that matches no card
+    is an error, so a typo does not silently leave a card whole."""
+    cards = list(cards)
+    for spec in specs or []:
+        match, sep, tier = spec.rpartition("=")
+        if not sep or not match.strip():
+            raise ValueError(f"--split {spec!r}: write CARD=TIER, e.g. 'RTX 4090=vram_12'")
+        match = match.strip()
+        hits = [i for i, c in enumerate(cards) if match == str(c.index) or match == c.uuid
+                or match.lower() in c.name.lower()]
+        if not hits:
+            raise ValueError(f"--split {spec!r}: no card matches {match!r} (cards: "
+                             f"{', '.join(f'{c.index} {c.name}' for c in cards)})")
+        for i in hits:
+            cards[i] = split_card(cards[i], tier.strip())
+    return cards
+
+
 def nodes_for_cards(cards: list[GpuSnapshot], fleet_file: str | Path | None) -> tuple[list[CardNode], list[str]]:
-    """Card nodes for every card that can host a replica of its tier, and a warning line for each that cannot (too
-    small, or too much of it held by other processes: a replica there would fail to load)."""
+    """Card nodes for every card that can host its replicas (one of its tier, or its slots when split), and a
+    warning line for each that cannot (too small, or too much of it held by other processes: a replica there would
+    fail to load)."""
     nodes, skipped = [], []
     for card in cards:
         problem = room_problem(card)

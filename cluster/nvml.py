@@ -68,6 +68,9 @@ class GpuSnapshot:
     speed: float | None = None
     host: str | None = None
     taken_at: float = field(default_factory=time.time)
+    # Replicas of `tier` the card hosts: 1, or k when it is split into k slots of a smaller tier (cluster/node.py
+    # split_card; `tier` is then the smaller tier).
+    slots: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

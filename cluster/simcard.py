@@ -22,10 +22,13 @@ ZIT_SIM_TIME_SCALE = float(os.environ.get("ZIT_SIM_TIME_SCALE", "0.02"))
 
 
 class SimulatedCard:
-    def __init__(self, card: LocalCard):
+    def __init__(self, card: LocalCard, limit_bytes: int | None = None):
+        """`limit_bytes`: the most this process may hold, as torch.cuda.set_per_process_memory_fraction caps it on
+        a real card (a replica on a split card is capped at its tier's budget)."""
         if not card.simulated or not isinstance(card.nvml, FakeNvml):
             raise ValueError(f"card {card.uuid} is not simulated")
         self.card = card
+        self.limit_bytes = limit_bytes
         self.nvml: FakeNvml = card.nvml
         self.handle = self.nvml.nvmlDeviceGetHandleByUUID(card.uuid)
         self.spec = self.handle.spec
@@ -39,7 +42,10 @@ class SimulatedCard:
         usable = snapshot.memory_total
         if self.spec.oom_above_mib is not None:
             usable = min(usable, self.spec.oom_above_mib << 20)
-        return snapshot.memory_total, others, usable - others
+        available = usable - others
+        if self.limit_bytes is not None:
+            available = min(available, self.limit_bytes)
+        return snapshot.memory_total, others, available
 
     def _refuse(self, need: int, what: str) -> None:
         total, others, available = self._available()

@@ -6,6 +6,7 @@ A tier is what the router chooses between. Cards are classified into VRAM tiers 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -99,21 +100,28 @@ def cpu_tier() -> TierConfig:
     return TierConfig(name="cpu")
 
 
-def card_tier(name: str, cards: int, bf16: bool, vram_bytes: int, speed: float | None = None, **fields) -> TierConfig:
-    """A VRAM tier with one replica per card, each pinned to a card of this tier by the tier's Ray resource."""
+def card_tier(name: str, cards: int, bf16: bool, vram_bytes: int, speed: float | None = None, num_gpus: float = 1,
+              **fields) -> TierConfig:
+    """A VRAM tier with one replica per card (per slot on split cards), each pinned to a card of this tier by the
+    tier's Ray resource."""
     return TierConfig(
-        name=name, device="cuda", num_gpus=1, num_cpus=1, num_replicas=cards, resources={name: 1.0}, bf16=bf16,
-        vram_bytes=vram_bytes, speed=speed, **fields,
+        name=name, device="cuda", num_gpus=num_gpus, num_cpus=1, num_replicas=cards, resources={name: 1.0},
+        bf16=bf16, vram_bytes=vram_bytes, speed=speed, **fields,
     )
 
 
 def tiers_for_cards(cards: list, configured: list[TierConfig] | None = None) -> list[TierConfig]:
     """One tier per VRAM class present, smallest first, with one replica per card.
 
-    `cards` are NVML snapshots (anything with `.tier`, `.bf16`, `.memory_total`). A tier's profile must be safe on
-    every card in it, so it has bf16 only if all its cards do, and its memory budget is its smallest card's. A tier
-    the operator configured keeps its settings (limits, profile overrides); its replica count, placement, bf16 and
-    budget follow the cards found. Configured tiers with no card are dropped.
+    `cards` are NVML snapshots (anything with `.tier`, `.bf16`, `.memory_total`, `.slots`). A tier's profile must be
+    safe on every card in it, so it has bf16 only if all its cards do, and its memory budget is its smallest card's.
+    A tier the operator configured keeps its settings (limits, profile overrides); its replica count, placement,
+    bf16 and budget follow the cards found. Configured tiers with no card are dropped.
+
+    Split cards (cluster/node.py split_card) count as `slots` cards of `card.memory_total / slots` each. Their tier's
+    replicas then take 1/k of a GPU (k the most slots on one card), so k of them fit on a split card and one on a
+    card of the tier's own size (which offers one `vram_<tier>`), and its profile caps each replica's CUDA memory at
+    the tier's budget (`max_memory_gb`), so neighbours on one card cannot take each other's memory.
     """
     by_name = {t.name: t for t in configured or []}
     groups: dict[str, list] = {}
@@ -123,16 +131,23 @@ def tiers_for_cards(cards: list, configured: list[TierConfig] | None = None) -> 
     tiers = []
     for name in sorted(groups, key=lambda n: VRAM_TIERS_GIB[n]):
         members = groups[name]
+        slots = max(getattr(c, "slots", 1) for c in members)
         found = {
-            "num_replicas": len(members),
+            "num_replicas": sum(getattr(c, "slots", 1) for c in members),
             "bf16": all(c.bf16 for c in members),
-            "vram_bytes": min(c.memory_total for c in members),
+            "vram_bytes": min(c.memory_total // getattr(c, "slots", 1) for c in members),
             "speed": min((c.speed for c in members if c.speed), default=None),
+            "num_gpus": 1 / slots,
         }
+        profile = dict(by_name[name].profile) if name in by_name else {}
+        if slots > 1:  # the cap, and the budget the tier is planned with, are the same number
+            cap = min(profile.get("max_memory_gb") or math.inf, math.floor(found["vram_bytes"] / GIB * 100) / 100)
+            profile["max_memory_gb"] = cap
+            found["vram_bytes"] = int(cap * GIB)
         if name in by_name:
             base = by_name[name].model_dump()
-            base.update(device="cuda", num_gpus=1, resources={**base["resources"], name: 1.0}, **found)
+            base.update(device="cuda", resources={**base["resources"], name: 1.0}, profile=profile, **found)
             tiers.append(TierConfig.model_validate(base))
         else:
-            tiers.append(card_tier(name, found.pop("num_replicas"), **found))
+            tiers.append(card_tier(name, found.pop("num_replicas"), profile=profile, **found))
     return tiers

@@ -18,6 +18,9 @@ from deployments.router import ZIT_ROUTING_STATS_PERIOD_S, VramAwareRouter
 GRACEFUL_SHUTDOWN_S = 30.0
 
 
+APP_IMPORT_PATH = "deployments.app:build_app"
+
+
 def generator_deployment_name(tier: str) -> str:
     return f"Generator_{tier}"
 
@@ -46,7 +49,7 @@ def build_app(config: ServiceConfig) -> Application:
     for tier in config.tiers:
         # Autoscaled: between the policy's minimum and one replica per card (the tier's configured count).
         replicas = ({"autoscaling_config": config.autoscaling.serve_autoscaling_config(
-                        tier.name, tier.num_replicas, _prior_units_per_s(tier))}
+                        tier.name, tier.num_replicas, _prior_units_per_s(tier), tier.vram_bytes)}
                     if config.autoscaling is not None else {"num_replicas": tier.num_replicas})
         deployment = serve.deployment(Generator).options(
             name=generator_deployment_name(tier.name),
@@ -74,3 +77,37 @@ def build_app(config: ServiceConfig) -> Application:
         max_ongoing_requests=256,
     )
     return ingress.bind(config, generators)
+
+
+def deploy_schema(config: ServiceConfig, name: str, host: str, port: int) -> "ServeDeploySchema":
+    """What `serve deploy serve_config.yaml` hands Serve for `config`: the builder by import path, the settings as
+    args, the application-level autoscaling policy (autoscaling/serve_policy.py FleetAutoscaler)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from autoscaling.serve_policy import APPLICATION_POLICY
+
+    return ServeDeploySchema.model_validate({
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [{"name": name, "route_prefix": "/", "import_path": APP_IMPORT_PATH,
+                          "args": config.model_dump(mode="json"),
+                          "autoscaling_policy": APPLICATION_POLICY}],
+    })
+
+
+def deploy(config: ServiceConfig, name: str, host: str, port: int, poll_s: float = 1.0) -> None:
+    """Deploy `config` the way serve_config.yaml and KubeRay do (Serve builds the app from its import path; only
+    that path takes an application-level autoscaling policy) and wait until it runs. Serve must be started (serve.
+    start) with the same host and port. Raises RuntimeError with Serve's message if the deployment fails."""
+    import time
+
+    from ray.serve.context import _get_global_client  # Ray's own `serve run config.yaml` deploys through it
+
+    _get_global_client().deploy_apps(deploy_schema(config, name, host, port))
+    while True:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"application {name} {status.status.lower()}: {status.message}")
+        time.sleep(poll_s)

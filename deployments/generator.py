@@ -118,7 +118,8 @@ class Generator:
         if self.card is not None and self.card.simulated:
             from cluster.simcard import SimulatedCard
 
-            self.sim = SimulatedCard(self.card)
+            cap = self.profile.max_memory_gb
+            self.sim = SimulatedCard(self.card, int(cap * (1 << 30)) if cap else None)
             self._resident = resident_bytes(tier_profile(tier))  # without adapters: they are held as they load
             self.sim.hold(self._resident, f"{self.profile.name} resident weights")
             self.monitor.refresh()  # reports never show the card as it was before the weights were on it
@@ -364,6 +365,8 @@ class Generator:
             if readings:
                 card = readings[0]
                 capacity = card.memory_total - card.foreign_memory  # what this replica could grow into
+                if self.profile.max_memory_gb:  # capped (a split card's slot): no further than its budget
+                    capacity = min(capacity, int(self.profile.max_memory_gb * (1 << 30)))
                 free = card.memory_free
             else:
                 capacity = 0  # the card is lost: route nothing here
@@ -382,8 +385,8 @@ class Generator:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics for the tier's autoscaler (autoscaling/serve_policy.py), called by Serve periodically:
         the share of time spent computing since the last call, measured work units per second, the model load
-        time, and the ingress's queue for this tier as the last job or wake-up told it (forgotten after
-        QUEUE_SEEN_TTL_S: no news means the ingress has sent nothing new)."""
+        time, the ingress's queue for this tier as the last job or wake-up told it (forgotten after
+        QUEUE_SEEN_TTL_S: no news means the ingress has sent nothing new), and whether NVML has lost this card."""
         now = time.monotonic()
         busy = self._busy_total + (now - self._busy_since if self._busy_since is not None else 0.0)
         then, busy_then = self._stats_at
@@ -396,6 +399,7 @@ class Generator:
             "load_s": self.load_seconds,
             "queued": float(queued) if fresh else 0.0,
             "queued_units": float(queued_units) if fresh else 0.0,
+            "card_lost": 1.0 if self.monitor is not None and self.monitor.error else 0.0,
         }
 
     def describe(self) -> dict:

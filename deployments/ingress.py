@@ -169,18 +169,23 @@ class Ingress(A1111Api, ProgressApi, WebUi):
     @api.get("/v1/fleet")
     async def fleet(self) -> dict:
         """Cards (Ray nodes labelled with a card), tiers, and the replica on each card, as the registry last heard."""
-        from cluster.node import LABEL_BF16, LABEL_CARD, LABEL_CC, LABEL_HOST, LABEL_SIMULATED, LABEL_TIER, LABEL_VRAM
+        from cluster.node import (LABEL_BF16, LABEL_CARD, LABEL_CC, LABEL_HOST, LABEL_SIMULATED, LABEL_SLOTS,
+                                  LABEL_TIER, LABEL_VRAM)
         from deployments.registry import card_nodes, get_registry
 
         if self._registry is None:
             self._registry = get_registry()
         replicas, nodes = await asyncio.gather(self._registry.replicas.remote(), asyncio.to_thread(card_nodes))
-        on_card = {r["card"]["uuid"]: r for r in replicas if r.get("card")}
+        on_card: dict[str, list[dict]] = {}  # a split card hosts several replicas
+        for r in replicas:
+            if r.get("card"):
+                on_card.setdefault(r["card"]["uuid"], []).append(r)
         cards = []
         for node in sorted(nodes, key=lambda n: (n["labels"].get(LABEL_HOST, ""), n["labels"][LABEL_CARD])):
             labels = node["labels"]
-            replica = on_card.get(labels[LABEL_CARD])
-            reading = (replica or {}).get("card") or {}
+            hosted = sorted(on_card.get(labels[LABEL_CARD], []), key=lambda r: r["replica"])
+            # The freshest reading of the card (every replica on it reads the same card).
+            reading = max((r["card"] for r in hosted), key=lambda c: c.get("taken_at") or 0, default={})
             cards.append({
                 "uuid": labels[LABEL_CARD],
                 "name": reading.get("name"),
@@ -196,9 +201,11 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 "memory_used_gib": reading.get("memory_used_gib"),
                 "utilization_pct": reading.get("utilization_pct"),
                 "temperature_c": reading.get("temperature_c"),
-                "replica": replica["replica"] if replica else None,
-                "busy": bool(replica and replica.get("busy")),
-                "loras": (replica or {}).get("loras", []),
+                "slots": int(labels.get(LABEL_SLOTS, 1)),
+                "replica": hosted[0]["replica"] if hosted else None,
+                "replicas": [r["replica"] for r in hosted],
+                "busy": any(r.get("busy") for r in hosted),
+                "loras": sorted({name for r in hosted for name in r.get("loras", [])}),
                 "error": reading.get("error"),
             })
         tiers = []
@@ -207,6 +214,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
             tiers.append({
                 "name": tier.name,
                 "cards": sum(1 for c in cards if c["tier"] == tier.name),
+                "slots": sum(c["slots"] for c in cards if c["tier"] == tier.name),
                 "replicas_target": tier.num_replicas,
                 "replicas_running": len(in_tier),
                 "profile": in_tier[0]["profile"] if in_tier else None,

@@ -197,8 +197,10 @@ function renderFleet(fleet) {
     tr.className = "card";
     const [state, stateClass] = cardState(card);
     const name = `${card.name || "card"}${card.simulated ? " (simulated)" : ""}`;
-    tr.append(cell(name), cell(card.tier || "-"), vramCell(card),
-      cell(card.replica ? card.replica.slice(0, 8) : "-", "mono"),
+    const replicas = (card.replicas || []).map((r) => r.slice(0, 8)).join(", ");
+    const tier = card.slots > 1 ? `${card.tier} × ${card.slots} slots` : (card.tier || "-");
+    tr.append(cell(name), cell(tier), vramCell(card),
+      cell(replicas || "-", "mono"),
       cell(card.loras && card.loras.length ? `${state} · LoRA ${card.loras.join(", ")}` : state, `state ${stateClass}`));
     return tr;
   });

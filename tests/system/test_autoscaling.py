@@ -1,19 +1,24 @@
 """Autoscaling on a local simulated fleet: a tier that starts at zero replicas wakes on the first request, a burst
-raises it towards one replica per card, and idleness takes it back to zero (autoscaling/serve_policy.py driving the
-policy of autoscaling/policy.py inside Ray Serve's controller)."""
+raises it towards one replica per card, and idleness takes it back to zero (autoscaling/serve_policy.py's
+application-level FleetAutoscaler driving the policy of autoscaling/policy.py inside Ray Serve's controller). The
+application is deployed as serve_config.yaml deploys it (deployments.app.deploy, what `zit up` does)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
 from autoscaling.serve_policy import AutoscalingSettings
 from cluster.local import fleet_cluster
-from tests.system.conftest import TEST_FLEETS, deploy
+from cluster.tiers import tiers_for_cards
+from deployments.app import deploy
+from deployments.config import ServiceConfig
+from tests.system.conftest import TEST_FLEETS
 
 pytestmark = pytest.mark.system
 
@@ -36,11 +41,22 @@ def url():
     # One 512x512 image takes a simulated RTX 3060 about 1.7 s here (time scale 0.4): a burst is real work.
     with fleet_cluster(TEST_FLEETS / "autoscale.yaml", {"ZIT_SIM_TIME_SCALE": "0.4"}) as (cards, port):
         assert len(cards) == 3
-        yield deploy(cards, port, autoscaling=SETTINGS)
+        deploy(ServiceConfig(tiers=tiers_for_cards(cards), autoscaling=SETTINGS), "zit", "127.0.0.1", port)
+        yield f"http://127.0.0.1:{port}"
+
+
+def controller_log() -> str:
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    return "".join(path.read_text(errors="replace") for path in logs.glob("controller_*.log"))
 
 
 def test_a_burst_raises_the_tier_from_zero_and_idleness_takes_it_back_to_zero(url):
     assert running_replicas() == 0  # initial_replicas 0: nothing runs before the first request
+    # The application-level policy is the one in force (Serve says so when it registers it).
+    assert "Using custom autoscaling policy 'autoscaling.serve_policy:FleetAutoscaler' for application 'zit'" \
+        in controller_log()
     seen = []
     stop = threading.Event()
 

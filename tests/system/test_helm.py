@@ -35,6 +35,7 @@ VALUES = {
     "mixed-fleet": [REPO / "k8s" / "examples" / "mixed-fleet-values.yaml"],
     "monitoring-off": [CHART / "ci" / "monitoring-off-values.yaml"],
     "existing-volume": [CHART / "ci" / "existing-volume-values.yaml"],
+    "split": [CHART / "ci" / "split-values.yaml"],
 }
 MIXED_CLASSES = ["vram_4", "vram_6", "vram_8", "vram_12", "vram_24"]
 
@@ -260,8 +261,11 @@ def test_serve_config_is_the_service_config_and_builds(rendered):
     assert config["proxy_location"] == local["proxy_location"]
     assert config["http_options"] == {"host": "0.0.0.0", "port": local["http_options"]["port"]}
     [app], [local_app] = config["applications"], local["applications"]
-    assert {k: app[k] for k in ("name", "route_prefix", "import_path")} == \
-        {k: local_app[k] for k in ("name", "route_prefix", "import_path")}
+    assert {k: app[k] for k in ("name", "route_prefix", "import_path", "autoscaling_policy")} == \
+        {k: local_app[k] for k in ("name", "route_prefix", "import_path", "autoscaling_policy")}
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(config)  # what KubeRay hands Serve
     service = ServiceConfig.model_validate(app["args"])
     assert [t.name for t in service.tiers] == MIXED_CLASSES
     groups = only(rendered["mixed-fleet"], "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
@@ -275,6 +279,23 @@ def test_serve_config_is_the_service_config_and_builds(rendered):
     assert by_name["vram_4"].vram_bytes == 3891 << 20 and by_name["vram_4"].profile == {"max_n": 1}
     assert service.model == "/models/Tongyi-MAI/Z-Image-Turbo"
     assert isinstance(build_app(service), Application)
+
+
+def test_a_group_of_big_cards_split_into_slots_serves_the_smaller_tier(rendered):
+    """workerGroups.vram_12 with slots: 2 on RTX 4090s: each pod offers two vram_12, each replica takes half the GPU
+    and is capped at one slot's memory; four replicas fit two pods."""
+    from deployments.config import ServiceConfig
+
+    [group] = only(rendered["split"], "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert json.loads(group["rayStartParams"]["resources"].strip("'")) == {"vram_12": 2}
+    assert group["labels"]["zit/slots"] == "2" and group["maxReplicas"] == 2
+    [tier] = ServiceConfig.model_validate(serve_config(rendered["split"])["applications"][0]["args"]).tiers
+    assert (tier.name, tier.num_gpus, tier.num_replicas) == ("vram_12", 0.5, 4)
+    assert tier.profile["max_memory_gb"] * (1 << 30) == tier.vram_bytes == 12282 << 20
+    # More replicas than the pods' slots is refused with the numbers.
+    proc = helm("template", "zit", str(CHART), *value_args(VALUES["split"], "workerGroups.vram_12.tier.num_replicas=5"),
+                check=False)
+    assert proc.returncode != 0 and "maxReplicas (2) x slots (2)" in proc.stderr, proc.stderr
 
 
 def test_token_auth_reaches_every_ray_process(rendered):

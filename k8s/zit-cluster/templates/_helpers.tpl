@@ -130,8 +130,9 @@ worker group (device, num_gpus, the vram_<tier> resource, bf16, memory budget); 
 {{- $tierValues := default dict $group.tier -}}
 {{- $replicas := int (default 1 $tierValues.num_replicas) -}}
 {{- if hasKey $tierValues "num_replicas" -}}{{- $replicas = int $tierValues.num_replicas -}}{{- end -}}
-{{- if gt $replicas (int $group.maxReplicas) -}}
-{{- fail (printf "workerGroups.%s: tier.num_replicas (%d) is more than maxReplicas (%d); each replica needs a card of its own, so raise maxReplicas or lower num_replicas" $name $replicas (int $group.maxReplicas)) -}}
+{{- $slots := int (default 1 $group.slots) -}}
+{{- if gt $replicas (mul (int $group.maxReplicas) $slots) -}}
+{{- fail (printf "workerGroups.%s: tier.num_replicas (%d) is more than maxReplicas (%d) x slots (%d); each replica needs a card (or a slot) of its own, so raise maxReplicas or lower num_replicas" $name $replicas (int $group.maxReplicas) $slots) -}}
 {{- end -}}
 {{- if gt (int $group.minReplicas) (int $group.maxReplicas) -}}
 {{- fail (printf "workerGroups.%s: minReplicas (%d) is more than maxReplicas (%d)" $name (int $group.minReplicas) (int $group.maxReplicas)) -}}
@@ -147,7 +148,13 @@ worker group (device, num_gpus, the vram_<tier> resource, bf16, memory budget); 
 {{- end -}}
 {{- $_ := set $tier "name" $name -}}
 {{- $_ := set $tier "device" "cuda" -}}
-{{- $_ := set $tier "num_gpus" 1 -}}
+{{- /* k slots per card: each replica takes 1/k of the GPU and its CUDA memory is capped at the slot's budget. */ -}}
+{{- $_ := set $tier "num_gpus" (divf 1 $slots) -}}
+{{- if gt $slots 1 -}}
+{{- $profile := deepCopy (default dict $tier.profile) -}}
+{{- $_ := set $profile "max_memory_gb" (divf (int64 $vramMiB) 1024) -}}
+{{- $_ := set $tier "profile" $profile -}}
+{{- end -}}
 {{- $_ := set $tier "num_replicas" $replicas -}}
 {{- $_ := set $tier "resources" (dict $name 1) -}}
 {{- $_ := set $tier "bf16" (eq (toString $group.bf16) "true") -}}
@@ -173,6 +180,8 @@ JSON text: a JSON round trip would turn vram_bytes into a float.)
 {{- if not (hasKey $args "model") -}}{{- $_ := set $args "model" (include "zit.modelDir" .) -}}{{- end -}}
 {{- $_ := include "zit.tiers" (dict "root" . "out" $args) -}}
 {{- $app := dict "name" "zit" "route_prefix" "/" "import_path" "deployments.app:build_app" "args" $args -}}
+{{- /* Autoscaled tiers (service.autoscaling) are sized together by the application-level policy. */ -}}
+{{- $_ := set $app "autoscaling_policy" (dict "policy_function" "autoscaling.serve_policy:FleetAutoscaler") -}}
 {{- /* HeadOnly like serve_config.yaml: the Ingress lives on the head, so its proxy is the only one needed. */ -}}
 {{- $config := dict "proxy_location" "HeadOnly" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
 {{- toYaml $config -}}

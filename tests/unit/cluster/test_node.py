@@ -1,6 +1,7 @@
 """How cards become Ray nodes, and how a simulated card enforces its memory budget."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -120,3 +121,76 @@ def test_zit_fleet_without_a_driver_points_at_the_simulated_fleet(capsys):
 def test_zit_node_refuses_an_unknown_host(mixed, capsys):
     assert main(["node", "--address", "127.0.0.1:1", "--fleet", str(mixed), "--host", "nowhere"]) == 2
     assert "no card" in capsys.readouterr().out
+
+
+# -- split cards: a big card as several slots of a smaller tier -----------------------------------------------------
+
+
+def test_zit_fleet_and_zit_node_take_splits_and_refuse_bad_ones(mixed, capsys):
+    assert main(["fleet", "--fleet", str(mixed), "--split", "RTX 4090=vram_8", "--json"]) == 0
+    rtx4090 = next(c for c in json.loads(capsys.readouterr().out) if "4090" in c["name"])
+    assert (rtx4090["tier"], rtx4090["slots"]) == ("vram_8", 3)
+    assert main(["fleet", "--fleet", str(mixed), "--split", "RTX 3060=vram_8"]) == 2
+    assert "holds only one vram_8 slot" in capsys.readouterr().out
+    assert main(["node", "--address", "127.0.0.1:1", "--fleet", str(mixed), "--split", "Voodoo=vram_8"]) == 2
+    assert "no card matches 'Voodoo'" in capsys.readouterr().out
+
+
+def test_a_split_card_offers_slots_of_the_smaller_tier(mixed):
+    from cluster.node import apply_splits
+
+    cards = apply_splits(load_fleet(mixed), ["RTX 4090=vram_12"])
+    rtx4090 = next(c for c in cards if "4090" in c.name)
+    assert (rtx4090.tier, rtx4090.slots) == ("vram_12", 2)
+    node = card_node(rtx4090, mixed)
+    assert node.resources == {"vram_12": 2.0}
+    assert node.labels["zit/tier"] == "vram_12" and node.labels["zit/slots"] == "2"
+    assert node.labels["zit/vram-gb"] == "24"  # what the card is
+    assert [(c.tier, c.slots) for c in cards if "4090" not in c.name] == \
+        [(c.tier, 1) for c in load_fleet(mixed) if "4090" not in c.name]
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("4", "write CARD=TIER"),
+    ("Voodoo=vram_8", "no card matches 'Voodoo'"),
+    ("RTX 4090=vram_24", "smaller tier than its own"),
+    ("RTX 4090=vram_64", "unknown tier 'vram_64'"),
+    ("RTX 3060=vram_8", "holds only one vram_8 slot"),
+])
+def test_a_split_that_cannot_be_done_says_why(mixed, spec, says):
+    from cluster.node import apply_splits
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        apply_splits(load_fleet(mixed), [spec])
+
+
+def test_split_by_index_or_uuid_and_the_slots_memory_must_fit(mixed):
+    from cluster.memory import resident_bytes
+    from cluster.node import apply_splits, room_problem
+    from cluster.profiles import default_profile
+
+    cards = load_fleet(mixed)
+    rtx4090 = next(c for c in cards if "4090" in c.name)
+    by_index = apply_splits(cards, [f"{rtx4090.index}=vram_8"])
+    by_uuid = apply_splits(cards, [f"{rtx4090.uuid}=vram_8"])
+    assert [(c.tier, c.slots) for c in by_index] == [(c.tier, c.slots) for c in by_uuid]
+    split = next(c for c in by_index if c.uuid == rtx4090.uuid)
+    assert (split.tier, split.slots) == ("vram_8", 3)
+    assert room_problem(split) is None
+    # Other processes leave room for two vram_8 replicas but not three: the card is not joined.
+    resident = resident_bytes(default_profile("vram_8", True))
+    crowded = split.__class__(**{**split.__dict__, "foreign_memory": split.memory_total - 2 * resident - 1})
+    assert "3 vram_8 replicas keep" in room_problem(crowded)
+
+
+def test_a_capped_process_is_refused_beyond_its_cap_on_a_card_with_room(mixed, tmp_path):
+    nvml = FakeNvml(mixed, state_dir=tmp_path)
+    nvml.nvmlInit()
+    rtx4090 = next(c for c in nvml.cards if "4090" in nvml.nvmlDeviceGetName(c))
+    card = SimulatedCard(LocalCard(rtx4090.uuid, rtx4090.index, nvml, simulated=True), limit_bytes=12 * GIB)
+    card.hold(6 * GIB)
+    with card.running(12 * GIB, "at the cap"):
+        pass
+    with pytest.raises(torch.OutOfMemoryError):
+        with card.running(13 * GIB, "over the cap, with 11 GiB of the card free"):
+            pass

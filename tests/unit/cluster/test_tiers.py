@@ -62,3 +62,20 @@ def test_configured_tier_keeps_its_settings_but_follows_the_cards():
 def test_cuda_tier_without_a_gpu_is_refused_with_both_values():
     with pytest.raises(ValueError, match="device='cuda' needs num_gpus > 0"):
         TierConfig(name="vram_8", device="cuda", num_gpus=0)
+
+
+def test_split_cards_add_slots_to_the_smaller_tier_with_a_gpu_share_and_a_memory_cap(repo_root):
+    from cluster.node import apply_splits
+    from cluster.nvml import load_fleet
+
+    cards = apply_splits(load_fleet(repo_root / "cluster" / "fleets" / "mixed.yaml"), ["RTX 4090=vram_12"])
+    tiers = {t.name: t for t in tiers_for_cards(cards)}
+    assert "vram_24" not in tiers  # the only 24 GB card now serves vram_12
+    twelve = tiers["vram_12"]
+    assert twelve.num_replicas == 3  # the RTX 3060, and two slots of the RTX 4090
+    assert twelve.num_gpus == 0.5 and twelve.resources == {"vram_12": 1.0}
+    # Planned with the smallest slot, capped there: the 4090's half (24564 MiB / 2) rounded down to 0.01 GiB.
+    assert twelve.profile["max_memory_gb"] == 11.99
+    assert twelve.vram_bytes == int(11.99 * (1 << 30)) <= (24564 << 20) // 2
+    # Unsplit tiers are as before: a whole GPU, no cap.
+    assert tiers["vram_8"].num_gpus == 1 and "max_memory_gb" not in tiers["vram_8"].profile

@@ -1,6 +1,7 @@
 """What a Generator replica tells its tier's autoscaler (record_autoscaling_stats), on the tiny model without Ray."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +37,22 @@ def test_a_wake_up_reports_the_queue_until_jobs_come(generator):
     asyncio.run(generator.wake(5, 999.0))
     stats = generator.record_autoscaling_stats()
     assert (stats["queued"], stats["queued_units"]) == (5.0, 999.0)
+
+
+def test_a_card_that_nvml_lost_is_reported_to_the_autoscaler(generator, tmp_path, monkeypatch):
+    from cluster.nvml import ZIT_SIM_STATE_DIR_ENV, FakeNvml, NvmlMonitor
+
+    monkeypatch.setenv(ZIT_SIM_STATE_DIR_ENV, str(tmp_path))
+    nvml = FakeNvml(Path(__file__).resolve().parents[3] / "cluster" / "fleets" / "single-4gb.yaml")
+    monitor = NvmlMonitor(nvml, indices=[0])
+    monkeypatch.setattr(generator, "monitor", monitor)
+    try:
+        assert generator.record_autoscaling_stats()["card_lost"] == 0.0
+        nvml.set_lost(nvml.cards[0])
+        monitor.refresh()
+        assert generator.record_autoscaling_stats()["card_lost"] == 1.0
+        nvml.set_lost(nvml.cards[0], False)
+        monitor.refresh()
+        assert generator.record_autoscaling_stats()["card_lost"] == 0.0
+    finally:
+        monitor.close()

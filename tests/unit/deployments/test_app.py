@@ -1,0 +1,34 @@
+"""build_app's deployment options and the config-path deploy (deployments.app.deploy_schema), without a cluster."""
+
+import yaml
+
+from autoscaling.serve_policy import APPLICATION_POLICY, AutoscalingSettings
+from cluster.node import apply_splits
+from cluster.nvml import load_fleet
+from cluster.tiers import tiers_for_cards
+from deployments.app import APP_IMPORT_PATH, build_app, deploy_schema
+from deployments.config import ServiceConfig
+
+
+def test_the_deploy_schema_is_serve_config_yaml_with_these_settings(repo_root):
+    cards = apply_splits(load_fleet(repo_root / "cluster" / "fleets" / "mixed.yaml"), ["RTX 4090=vram_8"])
+    config = ServiceConfig(tiers=tiers_for_cards(cards), autoscaling=AutoscalingSettings(idle_timeout_s=60))
+    schema = deploy_schema(config, "zit", "127.0.0.1", 8123)
+    [app] = schema.applications
+    local = yaml.safe_load((repo_root / "serve_config.yaml").read_text())["applications"][0]
+    assert (app.import_path, app.autoscaling_policy) == (local["import_path"], local["autoscaling_policy"])
+    assert app.import_path == APP_IMPORT_PATH and app.autoscaling_policy == APPLICATION_POLICY
+    assert ServiceConfig.model_validate(app.args) == config  # the settings survive the trip through Serve
+    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8123)
+
+
+def test_split_tier_deployments_ask_for_a_share_of_the_gpu_and_one_slot(repo_root):
+    cards = apply_splits(load_fleet(repo_root / "cluster" / "fleets" / "mixed.yaml"), ["RTX 4090=vram_8"])
+    from ray.serve._private.build_app import build_app as serve_build  # what serve.run does with the application
+
+    built = {d.name: d for d in serve_build(build_app(ServiceConfig(tiers=tiers_for_cards(cards))), name="zit")
+             .deployments}
+    eight = built["Generator_vram_8"]
+    assert eight.num_replicas == 4  # the RTX 3070 and three slots of the RTX 4090
+    assert eight.ray_actor_options["num_gpus"] == 1 / 3 and eight.ray_actor_options["resources"] == {"vram_8": 1.0}
+    assert built["Generator_vram_4"].ray_actor_options["num_gpus"] == 1

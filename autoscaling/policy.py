@@ -14,8 +14,9 @@ cheapest (smallest VRAM) first, as the router orders them; a larger tier can tak
   5. scale up at once (the cold start is delay enough); scale down only when the need stayed below the replicas
      for `downscale_delay_s`, and then only to the largest need seen in that window (hysteresis); never below one
      replica while the tier has had work within `idle_timeout_s`, and to zero after that (`scale_to_zero`);
-  6. bounds: `min_replicas` <= replicas <= cards (cards with room for the profile's resident memory now; a lost
-     card is not a card, so its replica is drained: `drain`).
+  6. bounds: `min_replicas` <= replicas <= cards (cards with room for the profile's resident memory now); a tier
+     with more replicas than cards is brought down to its cards (`drain`). The Serve adapter leaves replicas on
+     lost cards out of both counts (autoscaling/serve_policy.py).
 The state of each tier says which rule decided and with which numbers; it also carries the policy's memory (when
 replicas were added, the need over the hysteresis window) under keys starting with "_", which the adapter passes
 back unchanged. The function never raises on well-formed signals; an unknown tier in `state` is ignored.

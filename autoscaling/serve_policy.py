@@ -104,9 +104,11 @@ def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[Tier
     `_last_work`)."""
     now = ctx.current_time or time.time()
     metrics = ctx.aggregated_metrics or {}
-    per_replica = {name: list((metrics.get(name) or {}).values()) for name in
-                   (METRIC_BUSY, METRIC_UNITS_PER_S, METRIC_LOAD_S, METRIC_QUEUED, METRIC_QUEUED_UNITS,
-                    METRIC_CARD_LOST)}
+    # Replicas on cards NVML lost: counted out here, and their readings (idle, stale) kept out of the averages.
+    lost_ids = {rid for rid, value in (metrics.get(METRIC_CARD_LOST) or {}).items() if value >= 0.5}
+    lost = len(lost_ids)
+    per_replica = {name: [v for rid, v in (metrics.get(name) or {}).items() if rid not in lost_ids] for name in
+                   (METRIC_BUSY, METRIC_UNITS_PER_S, METRIC_LOAD_S, METRIC_QUEUED, METRIC_QUEUED_UNITS)}
     at_handles = float(ctx.total_queued_requests or 0.0)
     running = max(0, round(float(ctx.total_num_requests or 0.0) - at_handles))
     queued_reports = per_replica[METRIC_QUEUED]
@@ -128,7 +130,6 @@ def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[Tier
     elif last_work is None:
         last_work = now  # the first call: idle from now on
     target = ctx.target_num_replicas if ctx.target_num_replicas is not None else ctx.current_num_replicas
-    lost = round(sum(per_replica[METRIC_CARD_LOST]))
     signals = TierSignals(
         tier=tier,
         replicas=int(max(target - lost, 0)),
@@ -171,7 +172,9 @@ class FleetAutoscaler:
     """Serve's application-level policy: `__call__(contexts) -> (replicas per deployment, state per deployment)`,
     every tier in one `decide` call, cheapest tier first. Each Generator deployment's own `TierAutoscaler` kwargs
     (in its AutoscalingContext's config) name its tier, settings, prior and VRAM; a deployment without them (not a
-    tier) is left to Serve. `settings` here, when given, override the tiers' own."""
+    tier) gets no decision and keeps its replica count. `settings` here, when given, override the tiers' own. Serve
+    makes a new instance at every redeploy, so the policy's memory (recent starts, the downscale window) starts
+    over then."""
 
     def __init__(self, settings: dict | None = None):
         self.settings = settings or {}

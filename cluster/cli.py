@@ -155,8 +155,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     from deployments.registry import card_nodes
 
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
-    present = {n["labels"].get("zit/card") for n in card_nodes() if n["alive"]}
+    present = {n["labels"].get("zit/card"): n["labels"] for n in card_nodes() if n["alive"]}
     missing = [n for n in nodes if n.card.uuid not in present]
+    for node in nodes:  # a card already joined keeps the resources it joined with
+        joined = present.get(node.card.uuid)
+        if joined and (joined.get("zit/tier"), joined.get("zit/slots", "1")) != (node.card.tier,
+                                                                               str(node.card.slots)):
+            _say(f"warning: {node.card.name} [{node.card.uuid}] joined earlier as {joined.get('zit/tier')} x "
+                 f"{joined.get('zit/slots', '1')}; `zit down` first to serve it as {node.card.tier} x "
+                 f"{node.card.slots}")
     if missing:
         _say(f"Starting {len(missing)} card node(s) ...")
         from cluster.node import start_card_nodes
@@ -167,9 +174,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"Deploying {config.model_name} from {model_path} on tiers {[t.name for t in config.tiers]} ...")
     serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
     try:  # as serve_config.yaml and KubeRay deploy it: Serve builds the app and sizes autoscaled tiers together
-        deploy(config, APP_NAME, args.host, args.port)
-    except RuntimeError as exc:
-        _say(f"error: {exc}")
+        deploy(config, APP_NAME, args.host, args.port, progress=lambda line: _say(f"  {line}"))
+    except Exception as exc:  # Serve's own errors come back as Ray task errors with its message
+        _say(f"error: the deployment failed: {str(exc).strip().splitlines()[-1][:2000]}")
+        _say("  (an application started another way, e.g. by an older `zit up`: run `zit down` first)")
         return 1
     url = f"http://{args.host}:{args.port}"
     _say(f"ZIT Cluster is serving at {url} (ready in {time.perf_counter() - started:.1f} s)")

@@ -123,7 +123,8 @@ def add_card_node(card_uuid: str) -> None:
     """Start the Ray node of one card of the running in-process fleet cluster again (the card is back)."""
     cluster, nodes, env = ACTIVE_FLEET_CLUSTERS[-1]
     node = nodes[card_uuid]
-    cluster.add_node(num_cpus=2, num_gpus=1, resources=node.resources, labels=node.labels, env_vars={**node.env, **env})
+    cluster.add_node(num_cpus=node.num_cpus, num_gpus=1, resources=node.resources, labels=node.labels,
+                     env_vars={**node.env, **env})
 
 
 @contextmanager
@@ -154,7 +155,7 @@ def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: l
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "env_vars": env,
                                                            "resources": HEAD_RESOURCES})
     for node in nodes:
-        cluster.add_node(num_cpus=2, num_gpus=1, resources=node.resources, labels=node.labels,
+        cluster.add_node(num_cpus=node.num_cpus, num_gpus=1, resources=node.resources, labels=node.labels,
                          env_vars={**node.env, **env})
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     ACTIVE_FLEET_CLUSTERS.append((cluster, {node.card.uuid: node for node in nodes}, env))

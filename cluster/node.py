@@ -31,8 +31,9 @@ LABEL_BF16 = "zit/bf16"
 LABEL_SIMULATED = "zit/simulated"
 LABEL_HOST = "zit/host"
 LABEL_SLOTS = "zit/slots"
-# Logical CPUs each card's node offers: one for its Generator replica, one for the odd Ray task beside it. Logical
-# CPUs are scheduling slots, not cores; the replica's torch threads follow its own num_cpus.
+# Logical CPUs each card's node offers: one for its Generator replica (one per slot on a split card), one for the odd
+# Ray task beside it. Logical CPUs are scheduling slots, not cores; the replica's torch threads follow its own
+# num_cpus.
 CARD_NODE_CPUS = 2
 
 
@@ -49,6 +50,10 @@ class CardNode:
     resources: dict[str, float]
     labels: dict[str, str]
     env: dict[str, str]
+
+    @property
+    def num_cpus(self) -> int:
+        return CARD_NODE_CPUS - 1 + self.card.slots
 
 
 def card_node(card: GpuSnapshot, fleet_file: str | Path | None = None) -> CardNode:
@@ -76,9 +81,7 @@ def card_node(card: GpuSnapshot, fleet_file: str | Path | None = None) -> CardNo
     return CardNode(card, {card.tier: float(card.slots)}, labels, env)
 
 
-def start_card_nodes(
-    address: str, nodes: list[CardNode], node_ip: str | None = None, num_cpus: int = CARD_NODE_CPUS
-) -> list[str]:
+def start_card_nodes(address: str, nodes: list[CardNode], node_ip: str | None = None) -> list[str]:
     """`ray start --address` once per card, one after another. Returns one line per card saying what joined."""
     import json
 
@@ -89,7 +92,7 @@ def start_card_nodes(
 
     def start(node: CardNode) -> str:
         cmd = [
-            ray_executable(), "start", f"--address={address}", "--num-gpus=1", f"--num-cpus={num_cpus}",
+            ray_executable(), "start", f"--address={address}", "--num-gpus=1", f"--num-cpus={node.num_cpus}",
             f"--resources={json.dumps(node.resources)}",
             "--labels=" + ",".join(f"{k}={v}" for k, v in node.labels.items()),
             "--disable-usage-stats",
@@ -145,21 +148,30 @@ def split_card(card: GpuSnapshot, tier: str) -> GpuSnapshot:
 
 
 def apply_splits(cards: list[GpuSnapshot], specs: list[str] | None) -> list[GpuSnapshot]:
-    """Cards with the operator's splits applied. Each spec is CARD=TIER, CARD being a card's index, its UUID or a
-    part of its name (`"RTX 4090=vram_12"`: every RTX 4090 becomes two vram_12 slots). A spec that matches no card
-    is an error, so a typo does not silently leave a card whole."""
+    """Cards with the operator's splits applied. Each spec is CARD=TIER, CARD being a card's index (digits only), its
+    UUID, or else a part of its name (`"RTX 4090=vram_12"`: every RTX 4090 becomes two vram_12 slots). A spec that
+    matches no card, and a card that two specs match, are errors, so a typo neither leaves a card whole nor splits
+    it twice."""
     cards = list(cards)
+    split_by: dict[int, str] = {}
     for spec in specs or []:
         match, sep, tier = spec.rpartition("=")
-        if not sep or not match.strip():
-            raise ValueError(f"--split {spec!r}: write CARD=TIER, e.g. 'RTX 4090=vram_12'")
         match = match.strip()
-        hits = [i for i, c in enumerate(cards) if match == str(c.index) or match == c.uuid
-                or match.lower() in c.name.lower()]
+        if not sep or not match:
+            raise ValueError(f"--split {spec!r}: write CARD=TIER, e.g. 'RTX 4090=vram_12'")
+        if match.isdigit():
+            hits = [i for i, c in enumerate(cards) if c.index == int(match)]
+        else:
+            hits = [i for i, c in enumerate(cards) if c.uuid == match] or \
+                [i for i, c in enumerate(cards) if match.lower() in c.name.lower()]
         if not hits:
             raise ValueError(f"--split {spec!r}: no card matches {match!r} (cards: "
                              f"{', '.join(f'{c.index} {c.name}' for c in cards)})")
         for i in hits:
+            if i in split_by:
+                raise ValueError(f"--split {spec!r} and {split_by[i]!r} both match card {cards[i].index} "
+                                 f"({cards[i].name}); give it one")
+            split_by[i] = spec
             cards[i] = split_card(cards[i], tier.strip())
     return cards
 

@@ -100,6 +100,12 @@ def cpu_tier() -> TierConfig:
     return TierConfig(name="cpu")
 
 
+def gpu_share(slots: int) -> float:
+    """1/slots of a GPU, rounded down to Ray's resource unit (0.0001): Ray rounds 1/6 to 0.1667, and six of those
+    would not fit one GPU."""
+    return math.floor(10000 / slots) / 10000
+
+
 def card_tier(name: str, cards: int, bf16: bool, vram_bytes: int, speed: float | None = None, num_gpus: float = 1,
               **fields) -> TierConfig:
     """A VRAM tier with one replica per card (per slot on split cards), each pinned to a card of this tier by the
@@ -120,8 +126,9 @@ def tiers_for_cards(cards: list, configured: list[TierConfig] | None = None) -> 
 
     Split cards (cluster/node.py split_card) count as `slots` cards of `card.memory_total / slots` each. Their tier's
     replicas then take 1/k of a GPU (k the most slots on one card), so k of them fit on a split card and one on a
-    card of the tier's own size (which offers one `vram_<tier>`), and its profile caps each replica's CUDA memory at
-    the tier's budget (`max_memory_gb`), so neighbours on one card cannot take each other's memory.
+    card of the tier's own size (which offers one `vram_<tier>`), and its profile caps each replica's CUDA allocator
+    at the tier's budget (`max_memory_gb`): a replica that goes past its plan runs out of memory itself (and is
+    retried) instead of taking its neighbour's.
     """
     by_name = {t.name: t for t in configured or []}
     groups: dict[str, list] = {}
@@ -137,7 +144,7 @@ def tiers_for_cards(cards: list, configured: list[TierConfig] | None = None) -> 
             "bf16": all(c.bf16 for c in members),
             "vram_bytes": min(c.memory_total // getattr(c, "slots", 1) for c in members),
             "speed": min((c.speed for c in members if c.speed), default=None),
-            "num_gpus": 1 / slots,
+            "num_gpus": gpu_share(slots),
         }
         profile = dict(by_name[name].profile) if name in by_name else {}
         if slots > 1:  # the cap, and the budget the tier is planned with, are the same number

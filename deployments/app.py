@@ -95,19 +95,28 @@ def deploy_schema(config: ServiceConfig, name: str, host: str, port: int) -> "Se
     })
 
 
-def deploy(config: ServiceConfig, name: str, host: str, port: int, poll_s: float = 1.0) -> None:
+def deploy(config: ServiceConfig, name: str, host: str, port: int, poll_s: float = 1.0,
+           progress=None, progress_every_s: float = 30.0) -> None:
     """Deploy `config` the way serve_config.yaml and KubeRay do (Serve builds the app from its import path; only
     that path takes an application-level autoscaling policy) and wait until it runs. Serve must be started (serve.
-    start) with the same host and port. Raises RuntimeError with Serve's message if the deployment fails."""
+    start) with the same host and port. While it waits, `progress` (a callable taking a line) hears every
+    `progress_every_s` which deployments are not ready and why (Serve's message: replicas loading, or waiting for
+    resources no node has). Raises RuntimeError with Serve's message if the deployment fails."""
     import time
 
     from ray.serve.context import _get_global_client  # Ray's own `serve run config.yaml` deploys through it
 
     _get_global_client().deploy_apps(deploy_schema(config, name, host, port))
+    started = last_said = time.monotonic()
     while True:
         status = serve.status().applications.get(name)
         if status is not None and status.status == "RUNNING":
             return
         if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise RuntimeError(f"application {name} {status.status.lower()}: {status.message}")
+        if progress is not None and status is not None and time.monotonic() - last_said >= progress_every_s:
+            last_said = time.monotonic()
+            waiting = [f"{d}: {s.status}" + (f" ({s.message.strip()[:300]})" if s.message else "")
+                       for d, s in status.deployments.items() if s.status != "HEALTHY"]
+            progress(f"still deploying after {last_said - started:.0f} s: " + ("; ".join(waiting) or status.status))
         time.sleep(poll_s)

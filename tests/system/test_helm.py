@@ -296,6 +296,15 @@ def test_a_group_of_big_cards_split_into_slots_serves_the_smaller_tier(rendered)
     proc = helm("template", "zit", str(CHART), *value_args(VALUES["split"], "workerGroups.vram_12.tier.num_replicas=5"),
                 check=False)
     assert proc.returncode != 0 and "maxReplicas (2) x slots (2)" in proc.stderr, proc.stderr
+    # A slot's memory must be given: the class's card range is the whole card's.
+    proc = helm("template", "zit", str(CHART), *value_args(VALUES["split"], "workerGroups.vram_12.vramMiB=null"),
+                check=False)
+    assert proc.returncode != 0 and "set vramMiB to one slot's memory" in proc.stderr, proc.stderr
+    # An operator's lower cap wins, and the tier is planned with it.
+    [app] = serve_config(render(VALUES["split"], "workerGroups.vram_12.tier.profile.max_memory_gb=10.5"))["applications"]
+    [capped] = ServiceConfig.model_validate(app["args"]).tiers
+    assert capped.profile["max_memory_gb"] == 10.5 and capped.vram_bytes == int(10.5 * (1 << 30))
+    assert group["labels"]["zit/vram-gb"] == "24"  # the card's own class
 
 
 def test_token_auth_reaches_every_ray_process(rendered):

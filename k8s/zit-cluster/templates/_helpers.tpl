@@ -148,17 +148,26 @@ worker group (device, num_gpus, the vram_<tier> resource, bf16, memory budget); 
 {{- end -}}
 {{- $_ := set $tier "name" $name -}}
 {{- $_ := set $tier "device" "cuda" -}}
-{{- /* k slots per card: each replica takes 1/k of the GPU and its CUDA memory is capped at the slot's budget. */ -}}
-{{- $_ := set $tier "num_gpus" (divf 1 $slots) -}}
-{{- if gt $slots 1 -}}
-{{- $profile := deepCopy (default dict $tier.profile) -}}
-{{- $_ := set $profile "max_memory_gb" (divf (int64 $vramMiB) 1024) -}}
-{{- $_ := set $tier "profile" $profile -}}
-{{- end -}}
+{{- /* k slots per card: each replica takes 1/k of the GPU (rounded down to Ray's resource unit, 0.0001, so k of
+them fit one GPU), and its CUDA allocator is capped at the slot's budget, which is also what it is planned with. */ -}}
+{{- $_ := set $tier "num_gpus" (divf (floor (divf 10000 $slots)) 10000) -}}
 {{- $_ := set $tier "num_replicas" $replicas -}}
 {{- $_ := set $tier "resources" (dict $name 1) -}}
 {{- $_ := set $tier "bf16" (eq (toString $group.bf16) "true") -}}
 {{- $_ := set $tier "vram_bytes" (mul (int64 $vramMiB) 1048576) -}}
+{{- if gt $slots 1 -}}
+{{- if kindIs "invalid" $group.vramMiB -}}
+{{- fail (printf "workerGroups.%s: slots is %d; set vramMiB to one slot's memory (a card's MiB / %d, rounded down), or each replica would plan with the whole card" $name $slots $slots) -}}
+{{- end -}}
+{{- $profile := deepCopy (default dict $tier.profile) -}}
+{{- $cap := divf (int64 $vramMiB) 1024 -}}
+{{- if and (hasKey $profile "max_memory_gb") (not (kindIs "invalid" $profile.max_memory_gb)) -}}
+{{- $cap = minf $cap $profile.max_memory_gb -}}
+{{- $_ := set $tier "vram_bytes" (int64 (mulf $cap 1073741824)) -}}
+{{- end -}}
+{{- $_ := set $profile "max_memory_gb" $cap -}}
+{{- $_ := set $tier "profile" $profile -}}
+{{- end -}}
 {{- $tiers = append $tiers $tier -}}
 {{- end -}}
 {{- if not $tiers -}}

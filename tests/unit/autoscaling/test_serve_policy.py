@@ -150,6 +150,7 @@ def test_replicas_on_cards_nvml_lost_are_neither_capacity_nor_stopped_in_place_o
                    config=cfg)
     decisions, states = fleet_policy()({LARGE: busy})
     assert decisions[LARGE] == 3 and states[LARGE]["lost_cards"] == 1
+    assert states[LARGE]["busy"] == 1.0  # the lost card's idle replica is not in the average
     assert states[LARGE]["replicas"] == "2 -> 2" and states[LARGE]["saturated"]  # capped at the healthy cards
     # Without the lost card the same demand would keep all three.
     healthy = context(1000.0, replicas=3, cards=3, busy_fraction=[1.0, 0.0, 1.0], units_per_s=[6000.0] * 3,

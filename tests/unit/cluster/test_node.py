@@ -156,12 +156,27 @@ def test_a_split_card_offers_slots_of_the_smaller_tier(mixed):
     ("RTX 4090=vram_24", "smaller tier than its own"),
     ("RTX 4090=vram_64", "unknown tier 'vram_64'"),
     ("RTX 3060=vram_8", "holds only one vram_8 slot"),
+    ("4090=vram_8", "no card matches '4090'"),  # digits are an index, never part of a name
 ])
 def test_a_split_that_cannot_be_done_says_why(mixed, spec, says):
     from cluster.node import apply_splits
 
     with pytest.raises(ValueError, match=re.escape(says)):
         apply_splits(load_fleet(mixed), [spec])
+
+
+def test_one_card_named_by_two_splits_is_refused(mixed):
+    from cluster.node import apply_splits
+
+    with pytest.raises(ValueError, match="both match card 4"):
+        apply_splits(load_fleet(mixed), ["RTX 4090=vram_12", "4=vram_8"])
+
+
+def test_a_split_cards_node_has_a_cpu_per_slot(mixed):
+    from cluster.node import CARD_NODE_CPUS, apply_splits
+
+    nodes, _ = nodes_for_cards(apply_splits(load_fleet(mixed), ["RTX 4090=vram_8"]), mixed)
+    assert [n.num_cpus for n in nodes] == [CARD_NODE_CPUS] * 4 + [CARD_NODE_CPUS + 2]
 
 
 def test_split_by_index_or_uuid_and_the_slots_memory_must_fit(mixed):

@@ -79,3 +79,12 @@ def test_split_cards_add_slots_to_the_smaller_tier_with_a_gpu_share_and_a_memory
     assert twelve.vram_bytes == int(11.99 * (1 << 30)) <= (24564 << 20) // 2
     # Unsplit tiers are as before: a whole GPU, no cap.
     assert tiers["vram_8"].num_gpus == 1 and "max_memory_gb" not in tiers["vram_8"].profile
+
+
+@pytest.mark.parametrize("slots", range(1, 9))
+def test_a_gpu_share_times_its_slots_fits_one_gpu_in_rays_units(slots):
+    from cluster.tiers import gpu_share
+
+    share = gpu_share(slots)
+    assert round(share * 10000) == share * 10000  # a whole number of Ray's 0.0001 units: no rounding up
+    assert slots * share <= 1 and share > 1 / slots - 0.0001

@@ -30,5 +30,5 @@ def test_split_tier_deployments_ask_for_a_share_of_the_gpu_and_one_slot(repo_roo
              .deployments}
     eight = built["Generator_vram_8"]
     assert eight.num_replicas == 4  # the RTX 3070 and three slots of the RTX 4090
-    assert eight.ray_actor_options["num_gpus"] == 1 / 3 and eight.ray_actor_options["resources"] == {"vram_8": 1.0}
+    assert eight.ray_actor_options["num_gpus"] == 0.3333 and eight.ray_actor_options["resources"] == {"vram_8": 1.0}
     assert built["Generator_vram_4"].ray_actor_options["num_gpus"] == 1

@@ -23,9 +23,10 @@ Where each signal comes from:
   latest it saw), plus requests Serve holds at handles (a wake-up of a tier at zero);
 - busy_fraction, units_per_s, cold_start_s: the replicas' own measurements (record_autoscaling_stats);
 - idle_s: kept in the policy state (when the tier last had work).
-- lost cards: replicas whose card NVML reports lost (`card_lost`) count neither as replicas nor as cards, so the
-  policy sizes the tier from its healthy cards; the adapter adds them back to the count it returns, so Serve stops
-  no healthy replica in their place (routing sends them nothing; they serve again when the card comes back).
+- unusable cards: replicas whose card NVML has lost, or where other processes (NVML's foreign memory) leave no
+  room for even the smallest request (`card_unusable`), count neither as replicas nor as cards, so the policy
+  sizes the tier from its usable cards; the adapter adds them back to the count it returns, so Serve stops no
+  healthy replica in their place (routing sends them nothing; they serve again when the card is back).
 Work itself moves between tiers at routing time (the ingress sends a chunk where it finishes first,
 deployments/scheduler.py); the application-level policy sizes the tiers for where it will go.
 """
@@ -46,7 +47,7 @@ METRIC_UNITS_PER_S = "units_per_s"
 METRIC_LOAD_S = "load_s"
 METRIC_QUEUED = "queued"
 METRIC_QUEUED_UNITS = "queued_units"
-METRIC_CARD_LOST = "card_lost"
+METRIC_CARD_UNUSABLE = "card_unusable"
 # The application-level policy as serve_config.yaml, the Helm chart and `zit up` name it (`autoscaling_policy`).
 APPLICATION_POLICY = {"policy_function": "autoscaling.serve_policy:FleetAutoscaler"}
 # A new replica is ready this long after its model load time (Ray starts the worker, Serve checks its health).
@@ -99,13 +100,13 @@ def _mean(values) -> float | None:
 
 
 def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[TierSignals, float, int]:
-    """(TierSignals of `tier` from a Serve AutoscalingContext, the time now, replicas on lost cards: left out of the
-    signals' replicas and cards). `state` is the policy state of the previous call (when the tier last had work:
+    """(TierSignals of `tier` from a Serve AutoscalingContext, the time now, replicas on unusable cards: left out of
+    the signals' replicas and cards). `state` is the policy state of the previous call (when the tier last had work:
     `_last_work`)."""
     now = ctx.current_time or time.time()
     metrics = ctx.aggregated_metrics or {}
-    # Replicas on cards NVML lost: counted out here, and their readings (idle, stale) kept out of the averages.
-    lost_ids = {rid for rid, value in (metrics.get(METRIC_CARD_LOST) or {}).items() if value >= 0.5}
+    # Replicas on unusable cards: counted out here, and their readings (idle, stale) kept out of the averages.
+    lost_ids = {rid for rid, value in (metrics.get(METRIC_CARD_UNUSABLE) or {}).items() if value >= 0.5}
     lost = len(lost_ids)
     per_replica = {name: [v for rid, v in (metrics.get(name) or {}).items() if rid not in lost_ids] for name in
                    (METRIC_BUSY, METRIC_UNITS_PER_S, METRIC_LOAD_S, METRIC_QUEUED, METRIC_QUEUED_UNITS)}
@@ -220,9 +221,9 @@ class FleetAutoscaler:
 
 def _keep(state: dict, now: float, signals: TierSignals, lost: int) -> dict:
     """The state Serve hands back next period: the policy's, plus when the tier last had work, its cold start and
-    (shown, not used) the replicas on lost cards."""
+    (shown, not used) the replicas on unusable cards."""
     state["_last_work"] = now - signals.idle_s
     state["_cold_start_s"] = signals.cold_start_s
     if lost:
-        state["lost_cards"] = lost
+        state["unusable_cards"] = lost
     return state

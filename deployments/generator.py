@@ -356,20 +356,33 @@ class Generator:
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
+    def _capacity(self) -> tuple[int | None, int | None]:
+        """(the most this replica could hold on its card now, the card's free memory) from the cached NVML reading:
+        (None, None) without a card, capacity 0 when NVML has lost it."""
+        if self.monitor is None:
+            return None, None
+        readings = self.monitor.latest()
+        if not readings:
+            return 0, None  # the card is lost: route nothing here
+        card = readings[0]
+        capacity = card.memory_total - card.foreign_memory  # what this replica could grow into
+        if self.profile.max_memory_gb:  # capped (a split card's slot): no further than its budget
+            capacity = min(capacity, int(self.profile.max_memory_gb * (1 << 30)))
+        return capacity, card.memory_free
+
+    def _card_unusable(self) -> bool:
+        """NVML lost the card, or other processes leave this replica no room for even the smallest request."""
+        from cluster.memory import predict_peak
+        from deployments.schemas import MIN_IMAGE_SIDE
+
+        capacity, _ = self._capacity()
+        if capacity is None:
+            return False
+        return capacity < predict_peak(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 1, self.profile).total
+
     def record_routing_stats(self) -> dict:
         """What the in-tier router ranks replicas by (Serve polls this; it reads only cached values)."""
-        capacity = None
-        free = None
-        if self.monitor is not None:
-            readings = self.monitor.latest()
-            if readings:
-                card = readings[0]
-                capacity = card.memory_total - card.foreign_memory  # what this replica could grow into
-                if self.profile.max_memory_gb:  # capped (a split card's slot): no further than its budget
-                    capacity = min(capacity, int(self.profile.max_memory_gb * (1 << 30)))
-                free = card.memory_free
-            else:
-                capacity = 0  # the card is lost: route nothing here
+        capacity, free = self._capacity()
         return {
             "capacity_bytes": capacity,
             "free_bytes": free,
@@ -386,7 +399,8 @@ class Generator:
         """Custom metrics for the tier's autoscaler (autoscaling/serve_policy.py), called by Serve periodically:
         the share of time spent computing since the last call, measured work units per second, the model load
         time, the ingress's queue for this tier as the last job or wake-up told it (forgotten after
-        QUEUE_SEEN_TTL_S: no news means the ingress has sent nothing new), and whether NVML has lost this card."""
+        QUEUE_SEEN_TTL_S: no news means the ingress has sent nothing new), and whether the card is unusable (NVML
+        lost it, or other processes took so much of it that not even the smallest request fits)."""
         now = time.monotonic()
         busy = self._busy_total + (now - self._busy_since if self._busy_since is not None else 0.0)
         then, busy_then = self._stats_at
@@ -399,7 +413,7 @@ class Generator:
             "load_s": self.load_seconds,
             "queued": float(queued) if fresh else 0.0,
             "queued_units": float(queued_units) if fresh else 0.0,
-            "card_lost": 1.0 if self.monitor is not None and self.monitor.error else 0.0,
+            "card_unusable": 1.0 if self._card_unusable() else 0.0,
         }
 
     def describe(self) -> dict:

@@ -97,23 +97,17 @@ def wait_for_policy(url: str, tier_policy: str, in_tier_router: str, reads: int 
 
 
 def test_round_robin_and_rays_default_router_would_hit_out_of_memory(tier_aware):
-    """The baseline: same workload, chunks rotated over the tiers without the memory model, Ray's default router,
-    no retries. The simulated cards refuse what does not fit: count how often."""
+    """The baseline: chunks rotated over the tiers without the memory model, Ray's default router, no retries. The
+    simulated cards refuse what does not fit. One single-image request per tier, at a size the memory model says the
+    smallest tier cannot hold even degraded, takes each tier once (in any order), so exactly that tier must refuse
+    it. (How often a mixed workload hits such a card depends on the order threads take rotation slots; the routing
+    benchmark, bench/fleet_routing.py, measures that.)"""
     cards, port, _ = tier_aware
     # The last test of the module: it leaves the baseline deployed, and the module's cluster ends after it.
     url = deploy(cards, port, tier_policy="round_robin", in_tier_router="ray_default")
     wait_for_policy(url, "round_robin", "ray_default")
     fleet = wait_for_replicas(url, len(cards))
-    results = send_workload(url)
-    oom = [body for body, r in results if r.status_code == 503 and "out_of_memory" in r.text]
-    ok = [body for body, r in results if r.status_code == 200]
-    print(f"round robin + default router: {len(oom)} of {len(results)} requests hit out-of-memory, "
-          f"{len(ok)} succeeded")
-    assert len(oom) + len(ok) == len(results)
-    # How many of the mixed workload land on a card too small depends on the order the threads take rotation
-    # slots. Certain: one single-image request per tier, at a size the memory model says the small tiers cannot
-    # hold even degraded, takes each tier once, so exactly those tiers must refuse it.
-    side = 1664
+    side = 1280
     tiers = [t["name"] for t in fleet["tiers"] if t["replicas_target"]]
     budgets = fleet_tiers(FLEETS / "mixed.yaml")
     too_small = {row["tier"] for row in plan(side, side, 1, STEPS, budgets) if not row["fits"]}
@@ -131,4 +125,5 @@ def test_round_robin_and_rays_default_router_would_hit_out_of_memory(tier_aware)
         if answer.status_code != 200:
             assert answer.status_code == 503 and "out_of_memory" in answer.text, answer.text
             refused[re.search(r"last on (\w+)", answer.text).group(1)] = answer.json()
+    print(f"round robin + default router: {len(refused)} of {len(answers)} requests hit out-of-memory")
     assert set(refused) == too_small, (refused, too_small)

@@ -44,7 +44,7 @@ def test_the_tier_serves_from_every_slot_without_running_out_of_memory(split_fle
     on_4090 = set(next(c for c in fleet["cards"] if c["uuid"] == cards[0].uuid)["replicas"])
 
     def one(i):
-        body = {"prompt": f"slot {i}", "size": "1536x1536", "n": 1, "seed": i, "steps": 2}
+        body = {"prompt": f"slot {i}", "size": "768x768", "n": 1, "seed": i, "steps": 2}
         return httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
 
     with ThreadPoolExecutor(8) as pool:

@@ -146,17 +146,17 @@ def test_replicas_on_cards_nvml_lost_are_neither_capacity_nor_stopped_in_place_o
     up onto the lost one) and returns the lost card's replica on top, so Serve stops nothing healthy."""
     cfg = tier_config("vram_12", 3, 12, 6000.0)
     busy = context(1000.0, replicas=3, cards=3, busy_fraction=[1.0, 0.0, 1.0], units_per_s=[6000.0] * 3,
-                   card_lost=[0.0, 1.0, 0.0], queued=[9] * 3, queued_units=[9 * 40000.0] * 3, deployment=LARGE,
+                   card_unusable=[0.0, 1.0, 0.0], queued=[9] * 3, queued_units=[9 * 40000.0] * 3, deployment=LARGE,
                    config=cfg)
     decisions, states = fleet_policy()({LARGE: busy})
-    assert decisions[LARGE] == 3 and states[LARGE]["lost_cards"] == 1
+    assert decisions[LARGE] == 3 and states[LARGE]["unusable_cards"] == 1
     assert states[LARGE]["busy"] == 1.0  # the lost card's idle replica is not in the average
     assert states[LARGE]["replicas"] == "2 -> 2" and states[LARGE]["saturated"]  # capped at the healthy cards
     # Without the lost card the same demand would keep all three.
     healthy = context(1000.0, replicas=3, cards=3, busy_fraction=[1.0, 0.0, 1.0], units_per_s=[6000.0] * 3,
                       queued=[9] * 3, queued_units=[9 * 40000.0] * 3, deployment=LARGE, config=cfg)
     decisions, states = fleet_policy()({LARGE: healthy})
-    assert decisions[LARGE] == 3 and states[LARGE]["replicas"] == "3 -> 3" and "lost_cards" not in states[LARGE]
+    assert decisions[LARGE] == 3 and states[LARGE]["replicas"] == "3 -> 3" and "unusable_cards" not in states[LARGE]
 
 
 def test_deployments_that_are_not_tiers_are_left_to_serve():

@@ -39,20 +39,37 @@ def test_a_wake_up_reports_the_queue_until_jobs_come(generator):
     assert (stats["queued"], stats["queued_units"]) == (5.0, 999.0)
 
 
-def test_a_card_that_nvml_lost_is_reported_to_the_autoscaler(generator, tmp_path, monkeypatch):
+def test_a_card_nvml_lost_or_others_filled_is_reported_unusable_to_the_autoscaler(generator, tmp_path, monkeypatch):
+    import os
+
+    from cluster.memory import predict_peak
     from cluster.nvml import ZIT_SIM_STATE_DIR_ENV, FakeNvml, NvmlMonitor
+    from cluster.profiles import default_profile
 
     monkeypatch.setenv(ZIT_SIM_STATE_DIR_ENV, str(tmp_path))
     nvml = FakeNvml(Path(__file__).resolve().parents[3] / "cluster" / "fleets" / "single-4gb.yaml")
     monitor = NvmlMonitor(nvml, indices=[0])
     monkeypatch.setattr(generator, "monitor", monitor)
+    monkeypatch.setattr(generator, "profile", default_profile("vram_4", False))  # as a replica of that card's tier
+    card = nvml.cards[0]
+
+    def unusable() -> float:
+        monitor.refresh()
+        return generator.record_autoscaling_stats()["card_unusable"]
+
     try:
-        assert generator.record_autoscaling_stats()["card_lost"] == 0.0
-        nvml.set_lost(nvml.cards[0])
-        monitor.refresh()
-        assert generator.record_autoscaling_stats()["card_lost"] == 1.0
-        nvml.set_lost(nvml.cards[0], False)
-        monitor.refresh()
-        assert generator.record_autoscaling_stats()["card_lost"] == 0.0
+        assert unusable() == 0.0
+        nvml.set_lost(card)
+        assert unusable() == 1.0
+        nvml.set_lost(card, False)
+        assert unusable() == 0.0
+        # Another process (this test's parent) takes the card but for less than the smallest request needs.
+        smallest = predict_peak(64, 64, 1, generator.profile).total
+        total = monitor.latest()[0].memory_total
+        nvml.update_state(card, os.getppid(), held=total - smallest + (1 << 20))
+        assert unusable() == 1.0
+        nvml.update_state(card, os.getppid(), held=total - smallest - (1 << 20))
+        assert unusable() == 0.0
     finally:
+        nvml.update_state(card, os.getppid(), held=0)
         monitor.close()

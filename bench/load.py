@@ -182,7 +182,8 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, commit {commit()}, {machine()}. Fleet "
         f"`cluster/fleets/mixed.yaml`, one Ray node per card, tier queues of 4; {args.requests} requests of 512x512 "
         f"(n 1-2, 4 steps) per level, simulated time scale {args.time_scale}. Command: `python -m bench.load "
-        f"--warmup-rounds {args.warmup_rounds} --rounds {args.rounds}`.",
+        f"--levels {args.levels} --requests {args.requests} --warmup-rounds {args.warmup_rounds} "
+        f"--rounds {args.rounds}`.",
         "",
         "| concurrency | images/s | p50 s | p95 s | p99 s | ok | 503 + Retry-After | lost |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -407,6 +407,13 @@ def _generate_with_progress(url: str, body: dict, headers: dict, timeout: float)
 # -- entry point -------------------------------------------------------------------------------------------------
 
 
+def _add_split_argument(parser: argparse.ArgumentParser) -> None:
+    """--split for zit up, node and fleet (cluster/node.py apply_splits)."""
+    parser.add_argument("--split", action="append", metavar="CARD=TIER",
+                        help="serve a big card as several slots of a smaller tier, e.g. 'RTX 4090=vram_12' (two "
+                             "vram_12 slots); CARD is an index (digits), a UUID or part of the name; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from deployments.config import REAL_MODEL_ID
 
@@ -424,9 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "in --config sets them)")
     up.add_argument("--lora-dir", help="folder of LoRA adapters (<name>.safetensors) requests may name in 'lora' "
                     "(default with the tiny model: its own two adapters)")
-    up.add_argument("--split", action="append", metavar="CARD=TIER",
-                    help="host several replicas of a smaller tier on a big card, e.g. 'RTX 4090=vram_12' (two "
-                         "vram_12 slots); CARD is an index, a UUID or part of the name; repeatable")
+    _add_split_argument(up)
     up.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (default %(default)s)")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
     up.add_argument("--detach", action="store_true", help="return once serving; stop later with `zit down`")
@@ -439,17 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = sub.add_parser("fleet", help="list the cards (NVML, or a fleet file) and their tiers")
     fleet.add_argument("--fleet", type=Path, help="a simulated fleet file instead of the real cards")
     fleet.add_argument("--json", action="store_true", help="machine-readable output")
-    fleet.add_argument("--split", action="append", metavar="CARD=TIER", help="show the fleet as `zit up --split` "
-                                                                             "would serve it; repeatable")
+    _add_split_argument(fleet)
     fleet.set_defaults(func=cmd_fleet)
 
     node = sub.add_parser("node", help="join this host's cards to a cluster, one Ray node per card")
     node.add_argument("--address", required=True, help="the Ray head, HOST:PORT (port 6379 by default)")
     node.add_argument("--fleet", type=Path, help="join simulated cards of this fleet file instead of real ones")
     node.add_argument("--host", help="with --fleet: only the cards of this host of the fleet file")
-    node.add_argument("--split", action="append", metavar="CARD=TIER",
-                    help="host several replicas of a smaller tier on a big card, e.g. 'RTX 4090=vram_12' (two "
-                         "vram_12 slots); CARD is an index, a UUID or part of the name; repeatable")
+    _add_split_argument(node)
     node.add_argument("--node-ip", help="this host's address as the head sees it (default: Ray's guess)")
     node.set_defaults(func=cmd_node)
 

@@ -15,9 +15,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from autoscaling.serve_policy import COLD_START_OVERHEAD_S
 from cluster.memory import image_tokens, predict_peak
 from cluster.speed import predict_seconds
-from autoscaling.serve_policy import COLD_START_OVERHEAD_S
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.metrics import ServiceMetrics
 from deployments.routing import NoTierFits, fitting_plans, no_tier_fits, tier_budget, tier_plans
@@ -30,7 +30,6 @@ logger = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 3
 # Prompt tokens the pipeline pads every prompt to: part of each image's work.
 PROMPT_TOKENS = 512
-
 
 
 class ChunkExhausted(RuntimeError):

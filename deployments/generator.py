@@ -13,16 +13,17 @@ import sys
 import threading
 import time
 
+from cluster.memory import effective_budget, predict_peak, resident_bytes
 from cluster.nvml import NvmlMonitor
-from cluster.tiers import TierConfig
 from cluster.profiles import apply_vae, degraded_profile
+from cluster.tiers import TierConfig
 from deployments.dispatch import work_units
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.hostmem import trim_host_memory
 from deployments.lora import LoraSettings, adapter_to_dtype
 from deployments.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from deployments.progress import ReplicaProgress
-from deployments.schemas import GenerationJob, GenerationResult
+from deployments.schemas import MIN_IMAGE_SIDE, GenerationJob, GenerationResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,7 +82,6 @@ class Generator:
     """
 
     def __init__(self, tier: TierConfig, model: str, lora: LoraSettings | None = None):
-        from cluster.memory import resident_bytes
         from deployments.routing import tier_profile
 
         started = time.perf_counter()
@@ -97,6 +97,8 @@ class Generator:
         #    memory for the LoRA adapters this replica may hold).
         self.lora = lora
         self.profile = tier_profile(tier, lora.reserved_params if lora else 0)
+        # The smallest request's peak: a card with less room than this is unusable (record_autoscaling_stats).
+        self._smallest_peak = predict_peak(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 1, self.profile).total
         if snapshot is not None and tier.bf16 and not snapshot.bf16:
             raise RuntimeError(f"{snapshot.name} has no bf16 but tier {tier.name} was configured with bf16=true")
         # 3. Where the pixels are computed: CUDA for a real card, else the CPU.
@@ -118,8 +120,8 @@ class Generator:
         if self.card is not None and self.card.simulated:
             from cluster.simcard import SimulatedCard
 
-            cap = self.profile.max_memory_gb
-            self.sim = SimulatedCard(self.card, int(cap * (1 << 30)) if cap else None)
+            # Capped like the CUDA allocator on a real card (profile max_memory_gb; a split card's slot).
+            self.sim = SimulatedCard(self.card, effective_budget(self.profile, snapshot.memory_total))
             self._resident = resident_bytes(tier_profile(tier))  # without adapters: they are held as they load
             self.sim.hold(self._resident, f"{self.profile.name} resident weights")
             self.monitor.refresh()  # reports never show the card as it was before the weights were on it
@@ -274,7 +276,6 @@ class Generator:
             trim_host_memory()  # what the job freed goes back to the host (deployments/hostmem.py)
 
     def _compute(self, job: GenerationJob, profile, on_step, cancel: threading.Event) -> tuple[list[bytes], float]:
-        from cluster.memory import predict_peak
         from cluster.speed import predict_seconds
 
         if self.sim is None:
@@ -365,20 +366,13 @@ class Generator:
         if not readings:
             return 0, None  # the card is lost: route nothing here
         card = readings[0]
-        capacity = card.memory_total - card.foreign_memory  # what this replica could grow into
-        if self.profile.max_memory_gb:  # capped (a split card's slot): no further than its budget
-            capacity = min(capacity, int(self.profile.max_memory_gb * (1 << 30)))
-        return capacity, card.memory_free
+        # What this replica could grow into: what others leave, no further than its cap (a split card's slot).
+        return effective_budget(self.profile, card.memory_total - card.foreign_memory), card.memory_free
 
     def _card_unusable(self) -> bool:
         """NVML lost the card, or other processes leave this replica no room for even the smallest request."""
-        from cluster.memory import predict_peak
-        from deployments.schemas import MIN_IMAGE_SIDE
-
         capacity, _ = self._capacity()
-        if capacity is None:
-            return False
-        return capacity < predict_peak(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 1, self.profile).total
+        return capacity is not None and capacity < self._smallest_peak
 
     def record_routing_stats(self) -> dict:
         """What the in-tier router ranks replicas by (Serve polls this; it reads only cached values)."""

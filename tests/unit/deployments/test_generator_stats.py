@@ -51,6 +51,7 @@ def test_a_card_nvml_lost_or_others_filled_is_reported_unusable_to_the_autoscale
     monitor = NvmlMonitor(nvml, indices=[0])
     monkeypatch.setattr(generator, "monitor", monitor)
     monkeypatch.setattr(generator, "profile", default_profile("vram_4", False))  # as a replica of that card's tier
+    monkeypatch.setattr(generator, "_smallest_peak", predict_peak(64, 64, 1, generator.profile).total)
     card = nvml.cards[0]
 
     def unusable() -> float:

@@ -1,13 +1,15 @@
 """The in-tier request router: which replica of a tier's Generator deployment takes a chunk.
 
 `rank_replicas` is the decision, a pure function: replicas whose card cannot hold the chunk's predicted peak (its
-capacity: total memory minus what other processes hold, from NVML via `record_routing_stats`) are never chosen;
-the rest are ranked by work on them (queue length, busy), then whether they already hold the chunk's LoRA adapter
-(Serve model multiplexing: an idle replica without it beats a busy one with it, since loading an adapter takes far
-less than waiting for a job), then measured seconds per step (faster first; a replica not measured yet counts as
-fastest, so new replicas get measured), then capacity (more room first). With no replica able to hold the chunk it returns no rank and Serve keeps retrying
-with backoff, so the chunk waits for memory to come back (bounded by the request's timeout) instead of failing on a
-card that is too full. `VramAwareRouter` adapts it to Ray Serve's RequestRouter interface.
+capacity: total memory minus what other processes hold, from NVML via `record_routing_stats`) are never chosen; the
+rest are ranked by work on them (the router's own queue length count, which Serve keeps on every send, accept and
+completion; only where it has none, the replica's last reported `busy`, which can be a stats period old), then whether
+they already hold the chunk's LoRA adapter (Serve model multiplexing: an idle replica without it beats a busy one with
+it, since loading an adapter takes far less than waiting for a job), then measured seconds per step (faster first; a
+replica not measured yet counts as fastest, so new replicas get measured), then capacity (more room first). With no
+replica able to hold the chunk it returns no rank and Serve keeps retrying with backoff, so the chunk waits for memory
+to come back (bounded by the request's timeout) instead of failing on a card that is too full. `VramAwareRouter`
+adapts it to Ray Serve's RequestRouter interface.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def rank_replicas(replicas: list[ReplicaView], need_bytes: int, adapter: str | N
     ordered = sorted(
         eligible,
         key=lambda r: (
-            (r.queue_len or 0) + (1 if r.busy and not r.queue_len else 0),
+            r.queue_len if r.queue_len is not None else int(r.busy),
             bool(adapter) and adapter not in r.adapters,
             r.seconds_per_step if r.seconds_per_step is not None else 0.0,
             -(r.capacity_bytes or 0),

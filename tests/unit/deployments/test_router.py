@@ -64,3 +64,13 @@ def test_an_equally_loaded_replica_that_holds_the_adapter_ranks_first():
 def test_an_idle_replica_without_the_adapter_beats_a_busy_one_with_it():
     replicas = [ReplicaView("holder", None, busy=True, adapters=frozenset({"ink"})), ReplicaView("idle", None)]
     assert ids(rank_replicas(replicas, 0, "ink")) == ["idle", "holder"]
+
+
+def test_the_routers_own_queue_count_outranks_a_stale_busy_report():
+    """Serve counts the router's sends and completions at once; the replica's `busy` is up to a stats period old. A
+    holder that just finished (queue 0, still reported busy) keeps its adapter's requests."""
+    replicas = [ReplicaView("holder", None, busy=True, queue_len=0, adapters=frozenset({"ink"})),
+                ReplicaView("other", None, queue_len=0)]
+    assert ids(rank_replicas(replicas, 0, "ink")) == ["holder", "other"]
+    unknown = [ReplicaView("holder", None, busy=True, adapters=frozenset({"ink"})), ReplicaView("other", None)]
+    assert ids(rank_replicas(unknown, 0, "ink")) == ["other", "holder"]  # no count: the report decides

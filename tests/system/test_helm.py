@@ -384,6 +384,27 @@ def test_weights_volume_choices(rendered):
         assert "model_index.json" in wait
 
 
+def test_api_keys_come_from_a_secret_mounted_on_the_head(rendered):
+    """apiKeys.existingSecret: the head (where the ingress runs) mounts the Secret read-only and the service reads
+    the key file at the path its args name; without it the API is open and nothing is mounted."""
+    from deployments.config import ServiceConfig
+
+    objects = rendered["existing-volume"]
+    head = only(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    service = ServiceConfig.model_validate(serve_config(objects)["applications"][0]["args"])
+    volume = next(v for v in head["volumes"] if v.get("secret", {}).get("secretName") == "my-api-keys")
+    mount = next(m for m in head["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+    assert mount["readOnly"] is True
+    assert volume["secret"]["items"] == [{"key": "keys.txt", "path": "keys.txt"}]
+    assert service.api_keys_file == f"{mount['mountPath']}/keys.txt" and service.rate_limit_per_minute == 30
+    default = rendered["default"]
+    assert ServiceConfig.model_validate(serve_config(default)["applications"][0]["args"]).api_keys_file is None
+    default_head = only(default, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert [v["name"] for v in default_head["volumes"]] == ["dshm", "cache"]
+    failed = helm("template", "zit", str(CHART), "--set", "apiKeys.ratePerMinute=10", check=False)
+    assert failed.returncode != 0 and "set apiKeys.existingSecret" in failed.stderr
+
+
 def test_monitoring_off_renders_no_monitoring_objects(rendered):
     kinds = {o["kind"] for o in rendered["monitoring-off"]}
     assert not kinds & {"ServiceMonitor", "PrometheusRule"}
@@ -481,6 +502,9 @@ def test_notes_tell_how_to_reach_the_endpoint_and_dashboards(tmp_path):
     assert "grafana_dashboard=1" in notes and "ServiceMonitor zit-zit-cluster" in notes
     mixed = render_notes(VALUES["mixed-fleet"], tmp_path / "mixed")
     assert "export ZIT_URL=https://zit.example.com" in mixed
+    assert "Authorization" not in notes
+    keyed = render_notes(VALUES["existing-volume"], tmp_path / "keyed")
+    assert "a key from the Secret my-api-keys" in keyed and 'Authorization: Bearer $ZIT_API_KEY' in keyed
     assert "5 GPU class(es): vram_4, vram_6, vram_8, vram_12, vram_24" in mixed
 
 

@@ -78,6 +78,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end -}}
 
+{{/* Where the head mounts the API key Secret (apiKeys), and the key file in it. */}}
+{{- define "zit.apiKeysDir" -}}/etc/zit/api-keys{{- end -}}
+{{- define "zit.apiKeysFile" -}}
+{{- printf "%s/%s" (include "zit.apiKeysDir" .) .Values.apiKeys.secretKey -}}
+{{- end -}}
+
 {{/* Environment every Ray container shares: token auth (the same variables KubeRay injects, so it adds none). */}}
 {{- define "zit.rayEnv" -}}
 {{- if .Values.ray.auth.enabled }}
@@ -187,6 +193,12 @@ JSON text: a JSON round trip would turn vram_bytes into a float.)
 {{- if not (kindIs "invalid" $value) -}}{{- $_ := set $args $key $value -}}{{- end -}}
 {{- end -}}
 {{- if not (hasKey $args "model") -}}{{- $_ := set $args "model" (include "zit.modelDir" .) -}}{{- end -}}
+{{- if .Values.apiKeys.existingSecret -}}
+{{- $_ := set $args "api_keys_file" (include "zit.apiKeysFile" .) -}}
+{{- with .Values.apiKeys.ratePerMinute -}}{{- $_ := set $args "rate_limit_per_minute" (int .) -}}{{- end -}}
+{{- else if .Values.apiKeys.ratePerMinute -}}
+{{- fail "apiKeys.ratePerMinute limits each API key: set apiKeys.existingSecret to the Secret that holds the keys" -}}
+{{- end -}}
 {{- $_ := include "zit.tiers" (dict "root" . "out" $args) -}}
 {{- $app := dict "name" "zit" "route_prefix" "/" "import_path" "deployments.app:build_app" "args" $args -}}
 {{- /* Autoscaled tiers (service.autoscaling) are sized together by the application-level policy. */ -}}

@@ -9,8 +9,9 @@ process (each named by its role: raylet, GCS, a Serve replica, ...) is read at r
 last response, the lowest of three reads a second apart: what a round's last request still holds for a moment is
 not growth), and each process's trend over the measured rounds must stay under 5 %. A leak grows every round; a
 warm-up (allocator arenas, caches and buffers filling) grows in the first rounds and then stays. The Ray processes
-run with MALLOC_ARENA_MAX=2 as `zit up` starts them (cluster/local.py ALLOCATOR_ENV): with glibc's default arenas the
-threaded ones (raylets, the proxy, the ingress) grew 5-20 % over the same run.
+run as `zit up` starts them (cluster/local.py RAY_PROCESS_ENV: MALLOC_ARENA_MAX=2, results up to 16 MiB inline): with
+glibc's default arenas the threaded ones (raylets, the proxy, the ingress) grew 5-20 % over the same run, and with
+images through the object store the raylets swung by megabytes from round to round.
 Prints a Markdown table; with --write appends it to docs/benchmarks.md.
 
   .venv/bin/python -m bench.load [--levels 2,8,32] [--requests 40] [--warmup-rounds 2] [--rounds 8] [--write]
@@ -142,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-    from cluster.local import fleet_cluster
+    from cluster.local import RAY_PROCESS_ENV, fleet_cluster
     from cluster.tiers import tiers_for_cards
     from deployments.app import build_app
     from deployments.config import ServiceConfig
@@ -192,10 +193,11 @@ def main() -> None:
         lines.append(f"| {r['concurrency']} | {r['images_per_s']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | "
                      f"{r['p99']:.2f} | {r['ok']} | {r['rejected']} | {r['lost']} |")
     warm = [f"warm-up {i + 1}" for i in range(args.warmup_rounds)]
+    ray_env = "; ".join(f"{key}={os.environ.get(key, 'unset')}" for key in RAY_PROCESS_ENV)
     lines += ["", f"Latencies are from the first of {args.rounds} measured rounds (after {args.warmup_rounds} warm-up "
                   f"rounds); `lost` counts all measured rounds ({args.rounds * args.requests} requests per level).", "",
               f"Private memory (RssAnon) of the {len(procs)} Ray processes alive throughout, at rest after each round "
-              f"(MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}; MiB; "
+              f"({ray_env}; MiB; "
               f"the five with the steepest trend). `trend`: growth over the measured rounds along the least-squares "
               f"line; `first to last`: the two end points. All processes together: {total * 100:+.1f} %.", "",
               "| process | " + " | ".join(warm + [f"round {i + 1}" for i in range(args.rounds)])

@@ -29,15 +29,21 @@ def ensure_auth_mode() -> str:
     return os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
-# glibc gives every thread that allocates its own malloc arena (up to 8 per core), and memory freed in one arena is
-# not reused by another: Ray's processes are heavily threaded (gRPC, the core worker), so their resident memory creeps
-# up under load. Two arenas keep them flat (docs/benchmarks.md, the load section); an operator's own value wins.
-ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2"}
+# How the Ray processes this project starts are tuned (`zit up`, `zit node`, the test fleets, Dockerfile.gpu). An
+# operator's own value of any of these wins. Both measured in docs/benchmarks.md (the load section):
+# - glibc gives every thread that allocates its own malloc arena (up to 8 per core), and memory freed in one arena is
+#   not reused by another: Ray's processes are heavily threaded (gRPC, the core worker), so their resident memory
+#   creeps up under load. Two arenas keep them flat.
+# - A chunk's images (PNG, a few hundred KiB to a few MiB) and the ingress's JSON answer are bigger than Ray's 100 KiB
+#   inline limit, so each went through the object store: put on the card's node, pulled by the head's raylet in
+#   5 MiB chunks. Returned inline (in the reply of the call itself, up to 16 MiB), they skip both raylets, whose
+#   memory then no longer swings by megabytes from one request to the next. Larger results still use the store.
+RAY_PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", "RAY_max_direct_call_object_size": str(16 * 1024 * 1024)}
 
 
-def ensure_allocator_env() -> None:
-    """Set ALLOCATOR_ENV for the Ray processes this process starts (they inherit its environment)."""
-    for key, value in ALLOCATOR_ENV.items():
+def ensure_ray_process_env() -> None:
+    """Set RAY_PROCESS_ENV for the Ray processes this process starts (they inherit its environment)."""
+    for key, value in RAY_PROCESS_ENV.items():
         os.environ.setdefault(key, value)
 
 
@@ -54,7 +60,7 @@ def start_head(
     import json
 
     ensure_auth_mode()
-    ensure_allocator_env()
+    ensure_ray_process_env()
     cmd = [
         ray_executable(), "start", "--head",
         f"--port={RAY_HEAD_PORT}",
@@ -145,7 +151,7 @@ def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: l
     from cluster.node import apply_splits, nodes_for_cards
     from cluster.nvml import ZIT_SIM_STATE_DIR_ENV, load_fleet
 
-    ensure_allocator_env()
+    ensure_ray_process_env()
     # A private driver-state folder: simulated memory held by earlier runs must not leak into this one.
     state = tempfile.mkdtemp(prefix="zit-sim-state-")
     os.environ[ZIT_SIM_STATE_DIR_ENV] = state

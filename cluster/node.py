@@ -85,10 +85,10 @@ def start_card_nodes(address: str, nodes: list[CardNode], node_ip: str | None = 
     """`ray start --address` once per card, one after another. Returns one line per card saying what joined."""
     import json
 
-    from cluster.local import ensure_allocator_env, ensure_auth_mode, ray_executable
+    from cluster.local import ensure_ray_process_env, ensure_auth_mode, ray_executable
 
     ensure_auth_mode()
-    ensure_allocator_env()
+    ensure_ray_process_env()
 
     def start(node: CardNode) -> str:
         cmd = [

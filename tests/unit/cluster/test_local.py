@@ -1,0 +1,24 @@
+"""How the Ray processes this project starts are tuned (cluster/local.py RAY_PROCESS_ENV), the same everywhere."""
+
+import os
+import re
+
+from cluster.local import RAY_PROCESS_ENV, ensure_ray_process_env
+
+
+def test_the_ray_process_env_fills_gaps_and_keeps_the_operators_values(monkeypatch):
+    for key in RAY_PROCESS_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    ensure_ray_process_env()
+    assert os.environ["MALLOC_ARENA_MAX"] == "4"
+    assert os.environ["RAY_max_direct_call_object_size"] == RAY_PROCESS_ENV["RAY_max_direct_call_object_size"]
+    assert int(RAY_PROCESS_ENV["RAY_max_direct_call_object_size"]) > 4 * 1024 * 1024  # a 1024x1024 chunk fits
+
+
+def test_the_gpu_image_sets_the_same_values(repo_root):
+    dockerfile = (repo_root / "Dockerfile.gpu").read_text()
+    env_block = dockerfile[dockerfile.index("\nENV "):]
+    env_block = env_block[:env_block.index("\n\n")]
+    values = dict(re.findall(r"(\w+)=(\S+?)\s*\\?$", env_block, flags=re.M))
+    assert {key: values.get(key) for key in RAY_PROCESS_ENV} == RAY_PROCESS_ENV

@@ -9,12 +9,15 @@ process (each named by its role: raylet, GCS, a Serve replica, ...) is read at r
 last response, the lowest of three reads a second apart: what a round's last request still holds for a moment is
 not growth), and each process's trend over the measured rounds must stay under 5 %. A leak grows every round; a
 warm-up (allocator arenas, caches and buffers filling) grows in the first rounds and then stays. The Ray processes
-run as `zit up` starts them (cluster/local.py RAY_PROCESS_ENV: MALLOC_ARENA_MAX=2, results up to 16 MiB inline): with
+run as `zit up` starts them (cluster/local.py RAY_PROCESS_ENV: MALLOC_ARENA_MAX=2, results up to 10 MiB inline): with
 glibc's default arenas the threaded ones (raylets, the proxy, the ingress) grew 5-20 % over the same run, and with
 images through the object store the raylets swung by megabytes from round to round.
-Prints a Markdown table; with --write appends it to docs/benchmarks.md.
+`--idle-round-s S` is the baseline: the same cluster, application and rounds, each S seconds with no requests, so a
+trend under load can be told from what Ray's processes grow on their own. Prints a Markdown table; with --write
+appends it to docs/benchmarks.md.
 
-  .venv/bin/python -m bench.load [--levels 2,8,32] [--requests 40] [--warmup-rounds 2] [--rounds 8] [--write]
+  .venv/bin/python -m bench.load [--levels 2,8,32] [--requests 40] [--warmup-rounds 2] [--rounds 8]
+                                 [--idle-round-s S] [--write]
 """
 
 from __future__ import annotations
@@ -132,6 +135,11 @@ SECTION = 'Load, rejections and memory (`bench/load.py`)'
 INTRO = "A bounded load on loopback at several concurrency levels: throughput, latency, 503 + Retry-After once saturated, lost requests (target 0), growth of the Ray processes' memory (target under 5 %)."
 
 
+def idle(seconds: float) -> None:
+    """A round of the idle baseline: nothing sent, the cluster left to its own periodic work."""
+    time.sleep(seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="2,8,32")
@@ -139,6 +147,8 @@ def main() -> None:
     parser.add_argument("--warmup-rounds", type=int, default=2, help="rounds before memory is measured")
     parser.add_argument("--rounds", type=int, default=8, help="rounds measured after the warm-up")
     parser.add_argument("--time-scale", default="0.1")
+    parser.add_argument("--idle-round-s", type=float, default=None,
+                        help="the idle baseline: the same cluster and rounds, each this long, with no requests")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -160,11 +170,14 @@ def main() -> None:
         samples = []
         for round_ in range(args.warmup_rounds):
             for level in levels:
-                run_level(url, level, args.requests)
+                idle(args.idle_round_s) if args.idle_round_s else run_level(url, level, args.requests)
             samples.append(ray_memory_at_rest())
         base = len(samples) - 1  # growth is measured from the last warm-up round
         for round_ in range(args.rounds):
             for level in levels:
+                if args.idle_round_s:
+                    idle(args.idle_round_s)
+                    continue
                 result = run_level(url, level, args.requests)
                 print(round_, result, flush=True)
                 if round_ == 0:
@@ -177,26 +190,35 @@ def main() -> None:
     procs = memory_growth(samples, base)
     total = sum(p["last"] for p in procs) / sum(p["first"] for p in procs) - 1
     worst = procs[0]
-    lines = [
-        "### Load on the simulated mixed fleet",
-        "",
-        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, commit {commit()}, {machine()}. Fleet "
-        f"`cluster/fleets/mixed.yaml`, one Ray node per card, tier queues of 4; {args.requests} requests of 512x512 "
-        f"(n 1-2, 4 steps) per level, simulated time scale {args.time_scale}. Command: `python -m bench.load "
-        f"--levels {args.levels} --requests {args.requests} --warmup-rounds {args.warmup_rounds} "
-        f"--rounds {args.rounds}`.",
-        "",
-        "| concurrency | images/s | p50 s | p95 s | p99 s | ok | 503 + Retry-After | lost |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        lines.append(f"| {r['concurrency']} | {r['images_per_s']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | "
-                     f"{r['p99']:.2f} | {r['ok']} | {r['rejected']} | {r['lost']} |")
+    command = (f"`python -m bench.load --levels {args.levels} --requests {args.requests} --warmup-rounds "
+               f"{args.warmup_rounds} --rounds {args.rounds}"
+               + (f" --idle-round-s {args.idle_round_s:g}`" if args.idle_round_s else "`"))
+    when = f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, commit {commit()}, {machine()}."
+    if args.idle_round_s:
+        lines = ["### Idle baseline on the simulated mixed fleet", "",
+                 f"{when} The same cluster and application as the load runs, sent nothing: each round is "
+                 f"{args.idle_round_s:g} s of waiting, then the same reading at rest. What grows here grows with "
+                 f"time, not with requests. Command: {command}.", ""]
+    else:
+        lines = [
+            "### Load on the simulated mixed fleet",
+            "",
+            f"{when} Fleet `cluster/fleets/mixed.yaml`, one Ray node per card, tier queues of 4; {args.requests} "
+            f"requests of 512x512 (n 1-2, 4 steps) per level, simulated time scale {args.time_scale}. Command: "
+            f"{command}.",
+            "",
+            "| concurrency | images/s | p50 s | p95 s | p99 s | ok | 503 + Retry-After | lost |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            lines.append(f"| {r['concurrency']} | {r['images_per_s']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | "
+                         f"{r['p99']:.2f} | {r['ok']} | {r['rejected']} | {r['lost']} |")
+        lines += ["", f"Latencies are from the first of {args.rounds} measured rounds (after {args.warmup_rounds} "
+                      f"warm-up rounds); `lost` counts all measured rounds ({args.rounds * args.requests} requests per "
+                      "level)."]
     warm = [f"warm-up {i + 1}" for i in range(args.warmup_rounds)]
     ray_env = "; ".join(f"{key}={os.environ.get(key, 'unset')}" for key in RAY_PROCESS_ENV)
-    lines += ["", f"Latencies are from the first of {args.rounds} measured rounds (after {args.warmup_rounds} warm-up "
-                  f"rounds); `lost` counts all measured rounds ({args.rounds * args.requests} requests per level).", "",
-              f"Private memory (RssAnon) of the {len(procs)} Ray processes alive throughout, at rest after each round "
+    lines += ["", f"Private memory (RssAnon) of the {len(procs)} Ray processes alive throughout, at rest after each round "
               f"({ray_env}; MiB; "
               f"the five with the steepest trend). `trend`: growth over the measured rounds along the least-squares "
               f"line; `first to last`: the two end points. All processes together: {total * 100:+.1f} %.", "",
@@ -208,8 +230,8 @@ def main() -> None:
                      + f" | {p['trend'] * 100:+.1f} % | {p['growth'] * 100:+.1f} % |")
     over = [p for p in procs if p["trend"] >= 0.05]
     lines += ["", f"Steepest trend: {worst['role']} {worst['trend'] * 100:+.1f} %. Target: every process under 5 % "
-                  f"({'met' if not over else 'NOT met by ' + ', '.join(p['role'] for p in over)}); lost requests: "
-                  f"{sum(r['lost'] for r in rows)} (target 0).", ""]
+                  f"({'met' if not over else 'NOT met by ' + ', '.join(p['role'] for p in over)})"
+                  + ("." if args.idle_round_s else f"; lost requests: {sum(r['lost'] for r in rows)} (target 0)."), ""]
     report = "\n".join(lines)
     publish(report, args.write, SECTION, INTRO)
 

@@ -36,9 +36,10 @@ def ensure_auth_mode() -> str:
 #   creeps up under load. Two arenas keep them flat.
 # - A chunk's images (PNG, a few hundred KiB to a few MiB) and the ingress's JSON answer are bigger than Ray's 100 KiB
 #   inline limit, so each went through the object store: put on the card's node, pulled by the head's raylet in
-#   5 MiB chunks. Returned inline (in the reply of the call itself, up to 16 MiB), they skip both raylets, whose
-#   memory then no longer swings by megabytes from one request to the next. Larger results still use the store.
-RAY_PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", "RAY_max_direct_call_object_size": str(16 * 1024 * 1024)}
+#   5 MiB chunks. Returned inline (in the reply of the call itself, up to 10 MiB, which is also Ray's limit on what
+#   one reply carries inline), they skip both raylets, whose memory then no longer swings by megabytes from one
+#   request to the next. Larger results still use the store.
+RAY_PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", "RAY_max_direct_call_object_size": str(10 * 1024 * 1024)}
 
 
 def ensure_ray_process_env() -> None:

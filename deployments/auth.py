@@ -3,7 +3,8 @@
 Keys come from a file (one per line, optionally `name:key`; `#` comments), mounted from a Kubernetes Secret in the
 chart. A request must carry `Authorization: Bearer <key>`; each presented key is compared with every configured key
 in constant time (hmac.compare_digest, no early exit), so timing does not tell how much of a key was right. Each key
-has a token bucket of `rate_per_minute` requests. Keys never appear in logs or metrics: a key is known by its name,
+has a token bucket of `rate_per_minute` requests (per ingress replica). The file is reread when it changes (checked
+every KEYS_RELOAD_S), so keys are added and revoked without a restart. Keys never appear in logs or metrics: a key is known by its name,
 or by the first 8 hex digits of its SHA-256 when it has none.
 """
 
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 # Paths anyone may GET without a key: health checks (load balancers), metrics (Prometheus), the web page and its
 # static files (the page itself asks for a key before calling the API).
@@ -53,15 +57,51 @@ class Bucket:
     updated: float
 
 
+# How often the key file is checked for changes (its modification time and inode: Kubernetes replaces a mounted
+# Secret's files by swapping a link), so keys can be added or revoked without a restart.
+KEYS_RELOAD_S = 10.0
+
+
 @dataclass
 class Authenticator:
     keys: dict[str, str]
     rate_per_minute: int | None = None
     clock: object = time.monotonic
+    path: str | Path | None = None  # the key file, reread when it changes
     _buckets: dict[str, Bucket] = field(default_factory=dict)
+    _checked: float = 0.0
+    _version: tuple | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path, rate_per_minute: int | None = None, clock=time.monotonic) -> Authenticator:
+        auth = cls(load_keys(path), rate_per_minute, clock, path)
+        auth._version, auth._checked = _file_version(path), clock()
+        return auth
+
+    def reload_if_changed(self) -> None:
+        """Reread the key file when it changed (checked at most every KEYS_RELOAD_S). A file that cannot be read or
+        has no valid key keeps the keys in force, with a warning: a bad edit must not open or close the API."""
+        now = self.clock()
+        if self.path is None or now - self._checked < KEYS_RELOAD_S:
+            return
+        self._checked = now
+        version = _file_version(self.path)
+        if version == self._version:
+            return
+        try:
+            keys = load_keys(self.path)
+        except KeyFileError as exc:
+            logger.warning("API key file unusable, the %d keys already loaded stay in force: %s", len(self.keys), exc)
+            return
+        self._version = version
+        if keys != self.keys:
+            logger.info("API keys reloaded from %s: %d keys (%s)", self.path, len(keys), ", ".join(sorted(keys)))
+            self.keys = keys
+            self._buckets = {name: bucket for name, bucket in self._buckets.items() if name in keys}
 
     def identify(self, authorization: str | None) -> str | None:
         """The name of the key in an Authorization header, or None. Compares against every key, always."""
+        self.reload_if_changed()
         if not authorization or not authorization.lower().startswith("bearer "):
             return None
         presented = authorization[7:].strip().encode()
@@ -84,6 +124,14 @@ class Authenticator:
             bucket.tokens -= 1.0
             return None
         return (1.0 - bucket.tokens) / rate
+
+
+def _file_version(path: str | Path) -> tuple | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino, st.st_size
 
 
 def is_open(method: str, path: str) -> bool:

@@ -382,6 +382,7 @@ class Generator:
             "free_bytes": free,
             "busy": self._busy_since is not None,
             "seconds_per_step": self._step_seconds,
+            "reported_at": time.time(),  # wall clock: the router compares it with when its requests completed
         }
 
     async def wake(self, queued: int, queued_units: float) -> None:

@@ -54,9 +54,9 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         self.images = ImageStore(config.image_store_mb << 20, config.image_ttl_s)
         self.model_names = {config.model_name, config.model}
         if config.api_keys_file:
-            from deployments.auth import Authenticator, load_keys
+            from deployments.auth import Authenticator
 
-            AUTH.current = Authenticator(load_keys(config.api_keys_file), config.rate_limit_per_minute)
+            AUTH.current = Authenticator.from_file(config.api_keys_file, config.rate_limit_per_minute)
         self.lora = config.lora_settings()
         self.loras = LoraLibrary(self.lora.folder) if self.lora else None
         self.profiles = {tier.name: tier_profile(tier, self.lora.reserved_params if self.lora else 0)

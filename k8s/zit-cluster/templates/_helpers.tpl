@@ -81,7 +81,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* Where the head mounts the API key Secret (apiKeys), and the key file in it. */}}
 {{- define "zit.apiKeysDir" -}}/etc/zit/api-keys{{- end -}}
 {{- define "zit.apiKeysFile" -}}
-{{- printf "%s/%s" (include "zit.apiKeysDir" .) .Values.apiKeys.secretKey -}}
+{{- printf "%s/%s" (include "zit.apiKeysDir" .) (include "zit.apiKeysSecretKey" .) -}}
+{{- end -}}
+{{- define "zit.apiKeysSecretKey" -}}
+{{- default "api-keys" .Values.apiKeys.secretKey -}}
 {{- end -}}
 
 {{/* Environment every Ray container shares: token auth (the same variables KubeRay injects, so it adds none). */}}

@@ -61,3 +61,29 @@ def test_no_rate_limit_when_unset():
 ])
 def test_only_health_metrics_and_the_page_are_open(method, path, open_):
     assert is_open(method, path) is open_
+
+
+def test_a_changed_key_file_is_reread_and_a_broken_one_keeps_the_keys(tmp_path, caplog):
+    """Kubernetes swaps a mounted Secret's file for a new one: within KEYS_RELOAD_S the new keys are in force and
+    revoked ones refused; a file with no valid key leaves the keys as they were."""
+    from deployments.auth import KEYS_RELOAD_S
+
+    now = [0.0]
+    path = key_file(tmp_path, f"alice:{KEY_A}\n")
+    auth = Authenticator.from_file(path, clock=lambda: now[0])
+    assert auth.identify(f"Bearer {KEY_A}") == "alice" and auth.identify(f"Bearer {KEY_B}") is None
+
+    def replace(text):  # a new file moved over the old one, as the kubelet does
+        new = tmp_path / "keys.new"
+        new.write_text(text)
+        new.replace(path)
+
+    replace(f"bob:{KEY_B}\n")
+    now[0] = KEYS_RELOAD_S / 2
+    assert auth.identify(f"Bearer {KEY_A}") == "alice"  # not checked yet
+    now[0] = KEYS_RELOAD_S + 1
+    assert auth.identify(f"Bearer {KEY_B}") == "bob" and auth.identify(f"Bearer {KEY_A}") is None
+    replace("bob:short\n")
+    now[0] = 2 * KEYS_RELOAD_S + 2
+    assert auth.identify(f"Bearer {KEY_B}") == "bob"
+    assert "the 1 keys already loaded stay in force" in caplog.text and KEY_B not in caplog.text

@@ -72,5 +72,16 @@ def test_the_routers_own_queue_count_outranks_a_stale_busy_report():
     replicas = [ReplicaView("holder", None, busy=True, queue_len=0, adapters=frozenset({"ink"})),
                 ReplicaView("other", None, queue_len=0)]
     assert ids(rank_replicas(replicas, 0, "ink")) == ["holder", "other"]
-    unknown = [ReplicaView("holder", None, busy=True, adapters=frozenset({"ink"})), ReplicaView("other", None)]
-    assert ids(rank_replicas(unknown, 0, "ink")) == ["other", "holder"]  # no count: the report decides
+
+
+def test_without_serves_count_the_routers_own_requests_and_fresh_busy_reports_decide():
+    """Serve forgets its count 10 s after the last send or completion (a long chunk outlives it): then this router's
+    own running requests count, and a busy report only if it came after the router's last completion there."""
+    holder = dict(replica_id="holder", capacity_bytes=None, adapters=frozenset({"ink"}))
+    other = ReplicaView("other", None)
+    running = ReplicaView(**holder, in_flight=1)
+    assert ids(rank_replicas([running, other], 0, "ink")) == ["other", "holder"]
+    finished = ReplicaView(**holder, busy=True, busy_stale=True)  # reported busy, then our request completed
+    assert ids(rank_replicas([finished, other], 0, "ink")) == ["holder", "other"]
+    someone_elses = ReplicaView(**holder, busy=True)  # busy with another router's request
+    assert ids(rank_replicas([someone_elses, other], 0, "ink")) == ["other", "holder"]

@@ -106,9 +106,9 @@ def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[Tier
     now = ctx.current_time or time.time()
     metrics = ctx.aggregated_metrics or {}
     # Replicas on unusable cards: counted out here, and their readings (idle, stale) kept out of the averages.
-    lost_ids = {rid for rid, value in (metrics.get(METRIC_CARD_UNUSABLE) or {}).items() if value >= 0.5}
-    lost = len(lost_ids)
-    per_replica = {name: [v for rid, v in (metrics.get(name) or {}).items() if rid not in lost_ids] for name in
+    unusable_ids = {rid for rid, value in (metrics.get(METRIC_CARD_UNUSABLE) or {}).items() if value >= 0.5}
+    unusable = len(unusable_ids)
+    per_replica = {name: [v for rid, v in (metrics.get(name) or {}).items() if rid not in unusable_ids] for name in
                    (METRIC_BUSY, METRIC_UNITS_PER_S, METRIC_LOAD_S, METRIC_QUEUED, METRIC_QUEUED_UNITS)}
     at_handles = float(ctx.total_queued_requests or 0.0)
     running = max(0, round(float(ctx.total_num_requests or 0.0) - at_handles))
@@ -133,8 +133,8 @@ def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[Tier
     target = ctx.target_num_replicas if ctx.target_num_replicas is not None else ctx.current_num_replicas
     signals = TierSignals(
         tier=tier,
-        replicas=int(max(target - lost, 0)),
-        cards=max(0, int(ctx.capacity_adjusted_max_replicas) - lost),
+        replicas=int(max(target - unusable, 0)),
+        cards=max(0, int(ctx.capacity_adjusted_max_replicas) - unusable),
         running=running,
         queued=queued,
         queued_units=float(queued_units),
@@ -143,7 +143,7 @@ def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[Tier
         idle_s=max(0.0, now - last_work),
         cold_start_s=float(load_s),
     )
-    return signals, now, lost
+    return signals, now, unusable
 
 
 class TierAutoscaler:
@@ -164,9 +164,9 @@ class TierAutoscaler:
 
     def __call__(self, ctx) -> tuple[int, dict]:
         previous = dict(ctx.policy_state or {})
-        signals, now, lost = tier_signals(self.tier, ctx, previous, self.settings.cold_start_s)
+        signals, now, unusable = tier_signals(self.tier, ctx, previous, self.settings.cold_start_s)
         replicas, states = decide([signals], self.config, now, {self.tier: previous})
-        return replicas[self.tier] + lost, _keep(states[self.tier], now, signals, lost)
+        return replicas[self.tier] + unusable, _keep(states[self.tier], now, signals, unusable)
 
 
 class FleetAutoscaler:
@@ -201,29 +201,29 @@ class FleetAutoscaler:
         tiers.sort(key=lambda t: (t[0], t[1]))
         if not tiers:
             return {}, {}
-        signals, lost, previous, config = [], [], {}, tiers[-1][4].config
+        signals, unusable, previous, config = [], [], {}, tiers[-1][4].config
         now = max(float(ctx.current_time or 0.0) for *_, ctx, _ in tiers) or time.time()
         for _, name, _, ctx, tier in tiers:
             previous[name] = dict(ctx.policy_state or {})
-            tier_signal, _, tier_lost = tier_signals(name, ctx, previous[name], tier.settings.cold_start_s)
+            tier_signal, _, tier_unusable = tier_signals(name, ctx, previous[name], tier.settings.cold_start_s)
             signals.append(tier_signal)
-            lost.append(tier_lost)
+            unusable.append(tier_unusable)
         # One config for the whole fleet (settings are the application's), with every tier's own prior.
         config = dataclasses.replace(config, priors=tuple((tier.tier, tier.config.prior(tier.tier))
                                                           for *_, tier in tiers))
         replicas, states = decide(signals, config, now, previous)
         decisions, out = {}, {}
-        for (_, name, deployment_id, _, _), tier_signal, tier_lost in zip(tiers, signals, lost):
-            decisions[deployment_id] = replicas[name] + tier_lost
-            out[deployment_id] = _keep(states[name], now, tier_signal, tier_lost)
+        for (_, name, deployment_id, _, _), tier_signal, tier_unusable in zip(tiers, signals, unusable):
+            decisions[deployment_id] = replicas[name] + tier_unusable
+            out[deployment_id] = _keep(states[name], now, tier_signal, tier_unusable)
         return decisions, out
 
 
-def _keep(state: dict, now: float, signals: TierSignals, lost: int) -> dict:
+def _keep(state: dict, now: float, signals: TierSignals, unusable: int) -> dict:
     """The state Serve hands back next period: the policy's, plus when the tier last had work, its cold start and
     (shown, not used) the replicas on unusable cards."""
     state["_last_work"] = now - signals.idle_s
     state["_cold_start_s"] = signals.cold_start_s
-    if lost:
-        state["unusable_cards"] = lost
+    if unusable:
+        state["unusable_cards"] = unusable
     return state

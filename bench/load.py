@@ -135,11 +135,6 @@ SECTION = 'Load, rejections and memory (`bench/load.py`)'
 INTRO = "A bounded load on loopback at several concurrency levels: throughput, latency, 503 + Retry-After once saturated, lost requests (target 0), growth of the Ray processes' memory (target under 5 %)."
 
 
-def idle(seconds: float) -> None:
-    """A round of the idle baseline: nothing sent, the cluster left to its own periodic work."""
-    time.sleep(seconds)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="2,8,32")
@@ -167,18 +162,24 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         levels = [int(x) for x in args.levels.split(",")]
         # Warm-up rounds: every replica has run every size, queues have filled, allocators have grown.
+        def one_round(level: int) -> dict | None:
+            """A level's requests; in the idle baseline, the same time with nothing sent (None)."""
+            if args.idle_round_s:
+                time.sleep(args.idle_round_s)
+                return None
+            return run_level(url, level, args.requests)
+
         samples = []
         for round_ in range(args.warmup_rounds):
             for level in levels:
-                idle(args.idle_round_s) if args.idle_round_s else run_level(url, level, args.requests)
+                one_round(level)
             samples.append(ray_memory_at_rest())
         base = len(samples) - 1  # growth is measured from the last warm-up round
         for round_ in range(args.rounds):
             for level in levels:
-                if args.idle_round_s:
-                    idle(args.idle_round_s)
+                result = one_round(level)
+                if result is None:
                     continue
-                result = run_level(url, level, args.requests)
                 print(round_, result, flush=True)
                 if round_ == 0:
                     rows.append(result)

@@ -85,7 +85,7 @@ def start_card_nodes(address: str, nodes: list[CardNode], node_ip: str | None = 
     """`ray start --address` once per card, one after another. Returns one line per card saying what joined."""
     import json
 
-    from cluster.local import ensure_ray_process_env, ensure_auth_mode, ray_executable
+    from cluster.local import ensure_auth_mode, ensure_ray_process_env, ray_executable
 
     ensure_auth_mode()
     ensure_ray_process_env()

@@ -1,11 +1,11 @@
 """Optional API keys and per-key rate limits for the HTTP API.
 
 Keys come from a file (one per line, optionally `name:key`; `#` comments), mounted from a Kubernetes Secret in the
-chart. A request must carry `Authorization: Bearer <key>`; each presented key is compared with every configured key
-in constant time (hmac.compare_digest, no early exit), so timing does not tell how much of a key was right. Each key
-has a token bucket of `rate_per_minute` requests (per ingress replica). The file is reread when it changes (checked
-every KEYS_RELOAD_S), so keys are added and revoked without a restart. Keys never appear in logs or metrics: a key is known by its name,
-or by the first 8 hex digits of its SHA-256 when it has none.
+chart. A request must carry `Authorization: Bearer <key>`; each presented key is compared with every configured key in
+constant time (hmac.compare_digest, no early exit), so timing does not tell how much of a key was right. Each key has
+a token bucket of `rate_per_minute` requests (per ingress replica). The file is reread when it changes (checked every
+KEYS_RELOAD_S), so keys are added and revoked without a restart. Keys never appear in logs or metrics: a key is known
+by its name, or by the first 8 hex digits of its SHA-256 when it has none.
 """
 
 from __future__ import annotations

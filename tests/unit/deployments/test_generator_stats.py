@@ -45,13 +45,15 @@ def test_a_card_nvml_lost_or_others_filled_is_reported_unusable_to_the_autoscale
     from cluster.memory import predict_peak
     from cluster.nvml import ZIT_SIM_STATE_DIR_ENV, FakeNvml, NvmlMonitor
     from cluster.profiles import default_profile
+    from deployments.schemas import MIN_IMAGE_SIDE
 
     monkeypatch.setenv(ZIT_SIM_STATE_DIR_ENV, str(tmp_path))
     nvml = FakeNvml(Path(__file__).resolve().parents[3] / "cluster" / "fleets" / "single-4gb.yaml")
     monitor = NvmlMonitor(nvml, indices=[0])
     monkeypatch.setattr(generator, "monitor", monitor)
     monkeypatch.setattr(generator, "profile", default_profile("vram_4", False))  # as a replica of that card's tier
-    monkeypatch.setattr(generator, "_smallest_peak", predict_peak(64, 64, 1, generator.profile).total)
+    monkeypatch.setattr(generator, "_smallest_peak",
+                        predict_peak(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 1, generator.profile).total)
     card = nvml.cards[0]
 
     def unusable() -> float:
@@ -65,7 +67,7 @@ def test_a_card_nvml_lost_or_others_filled_is_reported_unusable_to_the_autoscale
         nvml.set_lost(card, False)
         assert unusable() == 0.0
         # Another process (this test's parent) takes the card but for less than the smallest request needs.
-        smallest = predict_peak(64, 64, 1, generator.profile).total
+        smallest = generator._smallest_peak
         total = monitor.latest()[0].memory_total
         nvml.update_state(card, os.getppid(), held=total - smallest + (1 << 20))
         assert unusable() == 1.0

@@ -172,7 +172,8 @@ def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: l
         yield [node.card for node in nodes], port
     finally:
         ACTIVE_FLEET_CLUSTERS.pop()
-        serve.shutdown()
+        # No serve.shutdown(): the whole cluster ends here, and Serve's graceful shutdown of every replica first took
+        # 5 s. Serve drops a client left from an ended Ray session on the next serve.start().
         ray.shutdown()
         cluster.shutdown()
         os.environ.pop(ZIT_SIM_STATE_DIR_ENV, None)

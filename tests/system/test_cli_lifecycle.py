@@ -86,7 +86,7 @@ def test_default_up_serves_the_simulated_mixed_fleet_one_replica_per_card(stop_a
     code = (
         "import ray; from ray import serve; from deployments.schemas import GenerationJob\n"
         "ray.init(address='auto', logging_level='ERROR')\n"
-        "job = GenerationJob(prompt='x', width=2048, height=2048, steps=2, guidance_scale=0, seeds=[1, 2])\n"
+        "job = GenerationJob(prompt='x', width=1536, height=1536, steps=2, guidance_scale=0, seeds=[1, 2])\n"
         "print('24GB', len(serve.get_deployment_handle('Generator_vram_24', 'zit').generate.remote(job)"
         ".result().images))\n"
         "try:\n"

@@ -161,30 +161,28 @@ def main() -> None:
         serve.run(build_app(ServiceConfig(tiers=tiers)), name="zit", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         levels = [int(x) for x in args.levels.split(",")]
-        # Warm-up rounds: every replica has run every size, queues have filled, allocators have grown.
-        def one_round(level: int) -> dict | None:
-            """A level's requests; in the idle baseline, the same time with nothing sent (None)."""
+
+        def one_round() -> list[dict]:
+            """Every level's requests, one level after another; in the idle baseline, one wait of --idle-round-s
+            with nothing sent (no results)."""
             if args.idle_round_s:
                 time.sleep(args.idle_round_s)
-                return None
-            return run_level(url, level, args.requests)
+                return []
+            return [run_level(url, level, args.requests) for level in levels]
 
+        # Warm-up rounds: every replica has run every size, queues have filled, allocators have grown.
         samples = []
         for round_ in range(args.warmup_rounds):
-            for level in levels:
-                one_round(level)
+            one_round()
             samples.append(ray_memory_at_rest())
         base = len(samples) - 1  # growth is measured from the last warm-up round
         for round_ in range(args.rounds):
-            for level in levels:
-                result = one_round(level)
-                if result is None:
-                    continue
+            for i, result in enumerate(one_round()):
                 print(round_, result, flush=True)
                 if round_ == 0:
                     rows.append(result)
                 else:  # the latency table shows the first round; every round must lose nothing
-                    rows[levels.index(level)]["lost"] += result["lost"]
+                    rows[i]["lost"] += result["lost"]
             samples.append(ray_memory_at_rest())
             print(round_, [(r["role"], r["mib"], samples[-1][r["pid"]][2]) for r in memory_growth(samples, base)[:3]],
                   flush=True)

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.profiles import DTYPE_BYTES, Profile
 from cluster.tiers import MAX_IMAGE_SIDE
+from deployments.schemas import MIN_IMAGE_SIDE
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -162,11 +163,17 @@ def predict_peak(
     return MemoryEstimate(peak.weights, peak.activations, peak.vae, peak.text_encoder, context, margin, peak.phase)
 
 
+def smallest_request(profile: Profile, calibration: Calibration | None = None) -> MemoryEstimate:
+    """The estimate for the smallest request (one image of MIN_IMAGE_SIDE square): a card with less room than its
+    total can serve nothing."""
+    return predict_peak(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 1, profile, calibration)
+
+
 def resident_bytes(profile: Profile, calibration: Calibration | None = None) -> int:
     """What a loaded replica holds on its card between jobs under `profile`: the weights it keeps there and the CUDA
-    context (the smallest call's weights and context terms). Placement, simulated cards and the fleet simulator use
-    it."""
-    idle = predict_peak(64, 64, 1, profile, calibration)
+    context (the smallest request's weights and context terms). Placement, simulated cards and the fleet simulator
+    use it."""
+    idle = smallest_request(profile, calibration)
     return idle.weights + idle.context
 
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from cluster.memory import effective_budget, predict_peak, resident_bytes
+from cluster.memory import effective_budget, predict_peak, resident_bytes, smallest_request
 from cluster.nvml import NvmlMonitor
 from cluster.profiles import apply_vae, degraded_profile
 from cluster.tiers import TierConfig
@@ -23,7 +23,7 @@ from deployments.hostmem import trim_host_memory
 from deployments.lora import LoraSettings, adapter_to_dtype
 from deployments.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from deployments.progress import ReplicaProgress
-from deployments.schemas import MIN_IMAGE_SIDE, GenerationJob, GenerationResult
+from deployments.schemas import GenerationJob, GenerationResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -97,8 +97,7 @@ class Generator:
         #    memory for the LoRA adapters this replica may hold).
         self.lora = lora
         self.profile = tier_profile(tier, lora.reserved_params if lora else 0)
-        # The smallest request's peak: a card with less room than this is unusable (record_autoscaling_stats).
-        self._smallest_peak = predict_peak(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 1, self.profile).total
+        self._smallest_peak = smallest_request(self.profile).total  # below this room the card is unusable
         if snapshot is not None and tier.bf16 and not snapshot.bf16:
             raise RuntimeError(f"{snapshot.name} has no bf16 but tier {tier.name} was configured with bf16=true")
         # 3. Where the pixels are computed: CUDA for a real card, else the CPU.

@@ -67,21 +67,26 @@ class VramAwareRouter(FIFOMixin, RequestRouter):
     Besides Serve's queue length cache it counts its own requests per replica, which never expire, and when each
     last completed (to tell a stale `busy` report)."""
 
-    def _own(self) -> tuple[dict, dict]:
-        if not hasattr(self, "_in_flight"):
-            self._in_flight, self._last_done = {}, {}
-        return self._in_flight, self._last_done
+    def initialize_state(self, **kwargs) -> None:
+        super().initialize_state(**kwargs)
+        self._in_flight: dict = {}  # replica id -> this router's requests sent there and not completed
+        self._last_done: dict = {}  # replica id -> wall-clock time this router's last request there completed
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        live = {replica.replica_id for replica in replicas}  # replicas replaced or scaled away leave no entries
+        for counts in (self._in_flight, self._last_done):
+            for replica_id in set(counts) - live:
+                del counts[replica_id]
 
     def on_send_request(self, replica_id) -> None:
         super().on_send_request(replica_id)
-        in_flight, _ = self._own()
-        in_flight[replica_id] = in_flight.get(replica_id, 0) + 1
+        self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)
-        in_flight, last_done = self._own()
-        in_flight[replica_id] = max(0, in_flight.get(replica_id, 0) - 1)
-        last_done[replica_id] = time.time()
+        self._in_flight[replica_id] = max(0, self._in_flight.get(replica_id, 0) - 1)
+        self._last_done[replica_id] = time.time()
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -91,7 +96,6 @@ class VramAwareRouter(FIFOMixin, RequestRouter):
             adapter = pending_request.metadata.multiplexed_model_id or None
             if pending_request.args:
                 need = int(getattr(pending_request.args[0], "predicted_peak", 0) or 0)
-        in_flight, last_done = self._own()
         views = []
         for replica in candidate_replicas:
             stats = replica.routing_stats or {}
@@ -103,8 +107,8 @@ class VramAwareRouter(FIFOMixin, RequestRouter):
                 queue_len=self.replica_queue_len_cache.get(rid),
                 seconds_per_step=stats.get("seconds_per_step"),
                 adapters=frozenset(replica.multiplexed_model_ids),
-                in_flight=in_flight.get(rid, 0),
-                busy_stale=stats.get("reported_at", 0.0) < last_done.get(rid, 0.0),
+                in_flight=self._in_flight.get(rid, 0),
+                busy_stale=stats.get("reported_at", 0.0) < self._last_done.get(rid, 0.0),
             ))
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
         return [[by_id[replica_id] for replica_id in rank] for rank in rank_replicas(views, need, adapter)]

@@ -42,18 +42,16 @@ def test_a_wake_up_reports_the_queue_until_jobs_come(generator):
 def test_a_card_nvml_lost_or_others_filled_is_reported_unusable_to_the_autoscaler(generator, tmp_path, monkeypatch):
     import os
 
-    from cluster.memory import predict_peak
+    from cluster.memory import smallest_request
     from cluster.nvml import ZIT_SIM_STATE_DIR_ENV, FakeNvml, NvmlMonitor
     from cluster.profiles import default_profile
-    from deployments.schemas import MIN_IMAGE_SIDE
 
     monkeypatch.setenv(ZIT_SIM_STATE_DIR_ENV, str(tmp_path))
     nvml = FakeNvml(Path(__file__).resolve().parents[3] / "cluster" / "fleets" / "single-4gb.yaml")
     monitor = NvmlMonitor(nvml, indices=[0])
     monkeypatch.setattr(generator, "monitor", monitor)
     monkeypatch.setattr(generator, "profile", default_profile("vram_4", False))  # as a replica of that card's tier
-    monkeypatch.setattr(generator, "_smallest_peak",
-                        predict_peak(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 1, generator.profile).total)
+    monkeypatch.setattr(generator, "_smallest_peak", smallest_request(generator.profile).total)
     card = nvml.cards[0]
 
     def unusable() -> float:

@@ -9,9 +9,11 @@ process (each named by its role: raylet, GCS, a Serve replica, ...) is read at r
 last response, the lowest of three reads a second apart: what a round's last request still holds for a moment is
 not growth), and each process's trend over the measured rounds must stay under 5 %. A leak grows every round; a
 warm-up (allocator arenas, caches and buffers filling) grows in the first rounds and then stays. The Ray processes
-run as `zit up` starts them (cluster/local.py RAY_PROCESS_ENV: MALLOC_ARENA_MAX=2, results up to 10 MiB inline): with
-glibc's default arenas the threaded ones (raylets, the proxy, the ingress) grew 5-20 % over the same run, and with
-images through the object store the raylets swung by megabytes from round to round.
+run as `zit up` starts them (cluster/local.py RAY_PROCESS_ENV: glibc's malloc with MALLOC_ARENA_MAX=2 instead of
+Ray's preloaded jemalloc, results up to 10 MiB inline): with glibc's default arenas the threaded ones (raylets, the
+proxy, the ingress) grew 5-20 % over the same run, with images through the object store the raylets swung by
+megabytes from round to round, and under jemalloc the raylets grew about 0.1 MiB a minute, requests or not.
+Set RAY_JEMALLOC_LIB_PATH to Ray's libjemalloc.so to measure Ray's default allocator instead.
 `--idle-round-s S` is the baseline: the same cluster, application and rounds, each S seconds with no requests, so a
 trend under load can be told from what Ray's processes grow on their own. Prints a Markdown table; with --write
 appends it to docs/benchmarks.md.
@@ -216,7 +218,7 @@ def main() -> None:
                       f"warm-up rounds); `lost` counts all measured rounds ({args.rounds * args.requests} requests per "
                       "level)."]
     warm = [f"warm-up {i + 1}" for i in range(args.warmup_rounds)]
-    ray_env = "; ".join(f"{key}={os.environ.get(key, 'unset')}" for key in RAY_PROCESS_ENV)
+    ray_env = "; ".join(f"{key}={os.environ.get(key, 'unset') or '(empty)'}" for key in RAY_PROCESS_ENV)
     lines += ["", f"Private memory (RssAnon) of the {len(procs)} Ray processes alive throughout, at rest after each round "
               f"({ray_env}; MiB; "
               f"the five with the steepest trend). `trend`: growth over the measured rounds along the least-squares "

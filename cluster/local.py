@@ -39,7 +39,14 @@ def ensure_auth_mode() -> str:
 #   5 MiB chunks. Returned inline (in the reply of the call itself, up to 10 MiB, which is also Ray's limit on what
 #   one reply carries inline), they skip both raylets, whose memory then no longer swings by megabytes from one
 #   request to the next. Larger results still use the store.
-RAY_PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", "RAY_max_direct_call_object_size": str(10 * 1024 * 1024)}
+# - Ray preloads its bundled jemalloc into the raylet, the GCS and the agents (an empty RAY_JEMALLOC_LIB_PATH turns
+#   that off). Under jemalloc an idle raylet's resident memory rose about 0.1 MiB a minute without end (10 -> 16.8 MiB
+#   in 72 minutes; its live heap stayed flat); under glibc with two arenas it stays flat at about 7 MiB.
+RAY_PROCESS_ENV = {
+    "MALLOC_ARENA_MAX": "2",
+    "RAY_max_direct_call_object_size": str(10 * 1024 * 1024),
+    "RAY_JEMALLOC_LIB_PATH": "",
+}
 
 
 def ensure_ray_process_env() -> None:

@@ -14,11 +14,25 @@ def test_the_ray_process_env_fills_gaps_and_keeps_the_operators_values(monkeypat
     assert os.environ["MALLOC_ARENA_MAX"] == "4"
     assert os.environ["RAY_max_direct_call_object_size"] == RAY_PROCESS_ENV["RAY_max_direct_call_object_size"]
     assert int(RAY_PROCESS_ENV["RAY_max_direct_call_object_size"]) > 4 * 1024 * 1024  # a 1024x1024 chunk fits
+    assert os.environ["RAY_JEMALLOC_LIB_PATH"] == ""  # set, and empty: Ray preloads no jemalloc
+
+
+def test_ray_starts_its_processes_without_jemalloc_under_this_env(monkeypatch):
+    from ray._private.services import propagate_jemalloc_env_var
+
+    for key in RAY_PROCESS_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    ensure_ray_process_env()
+    # What Ray's launcher does for the raylet, the GCS and the agents (ray._private.services.start_ray_process).
+    path = os.environ.get("RAY_JEMALLOC_LIB_PATH", "unset")
+    assert propagate_jemalloc_env_var(jemalloc_path=path, jemalloc_conf="", jemalloc_comps=[],
+                                      process_type="raylet") == {}
 
 
 def test_the_gpu_image_sets_the_same_values(repo_root):
     dockerfile = (repo_root / "Dockerfile.gpu").read_text()
     env_block = dockerfile[dockerfile.index("\nENV "):]
     env_block = env_block[:env_block.index("\n\n")]
-    values = dict(re.findall(r"(\w+)=(\S+?)\s*\\?$", env_block, flags=re.M))
+    values = {key: value.strip('"') for key, value in re.findall(r"(\w+)=(\S+?)\s*\\?$", env_block, flags=re.M)}
     assert {key: values.get(key) for key in RAY_PROCESS_ENV} == RAY_PROCESS_ENV

@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.profiles import DTYPE_BYTES, Profile
-from cluster.tiers import MAX_IMAGE_SIDE
-from deployments.schemas import MIN_IMAGE_SIDE
+from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

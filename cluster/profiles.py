@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.tiers import MAX_IMAGE_SIDE, VRAM_TIERS_GIB
+from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, VRAM_TIERS_GIB
 
 if TYPE_CHECKING:
     from diffusers import ZImagePipeline
@@ -112,7 +112,9 @@ class Profile(BaseModel):
         description="Cap on this process's CUDA memory in GiB (torch.cuda.set_per_process_memory_fraction), like the "
         "seed's --max-memory; also emulates a smaller card on a larger one.",
     )
-    max_pixels: int = Field(MAX_IMAGE_SIDE * MAX_IMAGE_SIDE, ge=64 * 64, description="Largest width x height.")
+    max_pixels: int = Field(
+        MAX_IMAGE_SIDE * MAX_IMAGE_SIDE, ge=MIN_IMAGE_SIDE * MIN_IMAGE_SIDE, description="Largest width x height."
+    )
     max_n: int = Field(4, ge=1, le=16, description="Most images in one pipeline call; larger n is split.")
     max_steps: int = Field(50, ge=1, le=50, description="Most denoising steps per request.")
     lora_params: int = Field(

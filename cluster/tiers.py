@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # The largest image side any tier accepts. 2048 is where the seed article stops (tiled VAE makes it possible) and
 # what the memory tables cover; a larger side needs a new calibration, not just a bigger number here.
 MAX_IMAGE_SIDE = 2048
+# The smallest: what admission accepts, and the request the memory model's floor is computed from.
+MIN_IMAGE_SIDE = 64
 
 GIB = 1 << 30
 

@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments.http import ApiError, api
 from deployments.lora import LoraError, parse_prompt_loras
-from deployments.schemas import MAX_SEED, MIN_IMAGE_SIDE, SIZE_MULTIPLE, ImageGenerationRequest
+from deployments.schemas import MAX_SEED, SIZE_MULTIPLE, ImageGenerationRequest
 
-from cluster.tiers import MAX_IMAGE_SIDE
+from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 
 # What `sampler_name` reports: Z-Image-Turbo's FlowMatchEulerDiscreteScheduler is an Euler sampler.
 SAMPLER = "Euler"

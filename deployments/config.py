@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoscaling.serve_policy import AutoscalingSettings
-from cluster.tiers import MAX_IMAGE_SIDE, TierConfig, cpu_tier
+from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, TierConfig, cpu_tier
 
 if TYPE_CHECKING:
     from deployments.lora import LoraSettings
@@ -46,7 +46,8 @@ class ServiceConfig(BaseModel):
         default_factory=lambda: [cpu_tier()], min_length=1, description="Generator deployments, one per tier."
     )
     max_image_side: int = Field(
-        MAX_IMAGE_SIDE, ge=64, le=MAX_IMAGE_SIDE, description="Largest width or height a request may ask for."
+        MAX_IMAGE_SIDE, ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE,
+        description="Largest width or height a request may ask for.",
     )
     max_n: int = Field(10, ge=1, le=10, description="Most images one request may ask for (OpenAI allows 1..10).")
     max_prompt_chars: int = Field(4000, ge=1, description="Longest prompt accepted, in characters.")

@@ -7,12 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from cluster.tiers import MAX_IMAGE_SIDE
+from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 # The pipeline works on 16-pixel cells (VAE factor 8 x patch 2).
 SIZE_MULTIPLE = 16
-MIN_IMAGE_SIDE = 64
 MAX_SEED = 2**32 - 1
 
 

@@ -18,14 +18,18 @@ def test_the_ray_process_env_fills_gaps_and_keeps_the_operators_values(monkeypat
 
 
 def test_ray_starts_its_processes_without_jemalloc_under_this_env(monkeypatch):
-    from ray._private.services import propagate_jemalloc_env_var
+    from ray._private.services import JEMALLOC_SO, RAY_JEMALLOC_LIB_PATH, propagate_jemalloc_env_var
 
     for key in RAY_PROCESS_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    # What Ray's launcher does for the raylet, the GCS and the agents (ray._private.services.start_ray_process):
+    # by default it preloads its bundled jemalloc ...
+    assert "LD_PRELOAD" in propagate_jemalloc_env_var(jemalloc_path=JEMALLOC_SO, jemalloc_conf="", jemalloc_comps=[],
+                                                      process_type="raylet")
+    # ... and under this project's env it does not.
     ensure_ray_process_env()
-    # What Ray's launcher does for the raylet, the GCS and the agents (ray._private.services.start_ray_process).
-    path = os.environ.get("RAY_JEMALLOC_LIB_PATH", "unset")
+    path = os.environ.get(RAY_JEMALLOC_LIB_PATH, JEMALLOC_SO)
     assert propagate_jemalloc_env_var(jemalloc_path=path, jemalloc_conf="", jemalloc_comps=[],
                                       process_type="raylet") == {}
 

@@ -284,7 +284,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 reports = await self._registry.replicas.remote()
                 self.dispatcher.update_from_reports(reports)
                 self._polled.set()
-                self.metrics.fleet.observe_reports(reports)
+                self.metrics.fleet.observe_reports(reports, await self._retired_cards())
                 if self.metrics.fleet.card_nodes_due():
                     from deployments.registry import card_nodes
 
@@ -294,6 +294,12 @@ class Ingress(A1111Api, ProgressApi, WebUi):
             # The encoded images of finished requests go back to the host (deployments/hostmem.py).
             await asyncio.to_thread(trim_host_memory)
             await asyncio.sleep(ZIT_FLEET_REPORT_PERIOD_S)
+
+    async def _retired_cards(self) -> list[str]:
+        try:
+            return await self._registry.retired_cards.remote()
+        except AttributeError:  # a registry actor of an older version, still running from before an upgrade
+            return []
 
     def _url(self, request: Request, path: str) -> str:
         base = self.config.public_url or str(request.base_url)

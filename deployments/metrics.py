@@ -170,30 +170,40 @@ class FleetCollector(Collector):
     `watch_queues` hands it the dispatcher's TierQueues; `observe_reports` the registry's replica reports (each with
     `card` = GpuSnapshot.to_dict(), or that plus `error` when NVML failed); `observe_card_nodes` Ray's card nodes.
     A card is `zit_card_up` 1 while its replica reports a reading, 0 once its reading fails or its replica stops
-    reporting (cards no replica ever ran on have no zit_card_up); `zit_card_node_up` says whether Ray still sees the
-    card's node (cards of a tier scaled to zero stay node-up with no replica, so a dead node means a card is
-    missing).
+    reporting without saying goodbye (cards no replica ever ran on, and cards whose replica Serve stopped on purpose,
+    have no zit_card_up); `zit_card_node_up` says whether Ray still sees the card's node (cards of a tier scaled to
+    zero stay node-up with no replica, so a dead node means a card is missing, unless its replica was stopped on
+    purpose: KubeRay then removes the node's pod).
     """
 
     def __init__(self, tiers=()):
         self.tiers = list(tiers)
         self.queues: dict = {}
+        self.min_replicas = 0
         self.reports: list[dict] = []
         self.reported_at: float | None = None
         self.cards: dict[str, dict[str, str]] = {}  # uuid -> card labels, for every card ever seen
         self.reported: set[str] = set()  # cards a replica has reported from (the ones zit_card_up is about)
+        self.retired: set[str] = set()  # cards whose replica stopped on purpose and none reports from them now
         self.nodes: dict[str, bool] = {}  # uuid -> node alive
         self.nodes_read_at: float | None = None
 
-    def watch_queues(self, queues: dict) -> None:
+    def watch_queues(self, queues: dict, min_replicas: int = 0) -> None:
+        """`min_replicas`: what an autoscaled tier (a queue that is `scalable`) keeps at least."""
         self.queues = queues
+        self.min_replicas = min_replicas
 
-    def observe_reports(self, reports: list[dict]) -> None:
+    def observe_reports(self, reports: list[dict], retired: list[str] = ()) -> None:
+        """`retired`: cards whose replica stopped on purpose (FleetRegistry.retired_cards): no zit_card_up for them
+        until a replica reports from them again, so scaling down raises no alert."""
+        live = set()
         for report in reports:
             card = report.get("card")
             if card and card.get("uuid"):
                 self.cards[card["uuid"]] = _card_labels(card, report.get("tier"))
-                self.reported.add(card["uuid"])
+                live.add(card["uuid"])
+        self.retired = set(retired) - live
+        self.reported = (self.reported - self.retired) | live
         self.reports = reports
         self.reported_at = time.monotonic()
 
@@ -234,8 +244,11 @@ class FleetCollector(Collector):
                                  labels=["tier", "deployment"])
         busy = GaugeMetricFamily("zit_replicas_busy", "Replicas running a job at their last report.",
                                  labels=["tier", "deployment"])
-        target = GaugeMetricFamily("zit_replicas_target", "Replicas configured for the tier.",
-                                   labels=["tier", "deployment"])
+        target = GaugeMetricFamily("zit_replicas_target", "Replicas configured for the tier (autoscaled: the most "
+                                   "it may have).", labels=["tier", "deployment"])
+        least = GaugeMetricFamily("zit_replicas_min", "Replicas the tier keeps at least: the configured ones, or an "
+                                  "autoscaled tier's min_replicas (0: it may sit at zero while larger tiers serve).",
+                                  labels=["tier", "deployment"])
         per_tier = Tally(r.get("tier") for r in self.reports)
         busy_tier = Tally(r.get("tier") for r in self.reports if r.get("busy"))
         for tier in self.tiers:
@@ -243,7 +256,10 @@ class FleetCollector(Collector):
             live.add_metric(labels, per_tier.get(tier.name, 0))
             busy.add_metric(labels, busy_tier.get(tier.name, 0))
             target.add_metric(labels, tier.num_replicas)
-        families = [live, busy, target]
+            queue = self.queues.get(tier.name)
+            scalable = queue is not None and queue.scalable
+            least.add_metric(labels, min(self.min_replicas, tier.num_replicas) if scalable else tier.num_replicas)
+        families = [live, busy, target, least]
         if self.reported_at is not None:
             age = GaugeMetricFamily("zit_fleet_report_age_seconds", "Seconds since the ingress last read the fleet "
                                     "registry (card and replica metrics are this old).")
@@ -270,7 +286,9 @@ class FleetCollector(Collector):
                 reading[card["uuid"]] = card
         for uuid, labels in self.cards.items():
             values = [labels[key] for key in CARD_LABELS]
-            if uuid in self.nodes:
+            if uuid in self.nodes and (self.nodes[uuid] or uuid not in self.retired):
+                # A dead node of a card scaled away on purpose is no missing card (KubeRay removes idle worker pods;
+                # Ray keeps their dead nodes in its table).
                 node_up.add_metric(values, 1.0 if self.nodes[uuid] else 0.0)
             if uuid not in self.reported:
                 continue  # a card no replica was placed on yet: its node says whether it is there

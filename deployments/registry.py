@@ -15,17 +15,36 @@ REGISTRY_NAMESPACE = "zit"
 ZIT_FLEET_REPORT_PERIOD_S = float(os.environ.get("ZIT_FLEET_REPORT_PERIOD_S", "2.0"))
 # A replica not heard from for three periods is listed as gone (it died or was scaled down).
 STALE_AFTER_PERIODS = 3
+# How long the id of a replica that stopped on purpose is kept, to drop its reports that arrive after its goodbye.
+GONE_KEPT_S = 600.0
 
 
 class FleetRegistry:
     def __init__(self):
         self._reports: dict[str, tuple[float, dict]] = {}
+        self._gone: dict[str, float] = {}  # replicas that stopped on purpose -> when (their late reports are dropped)
+        # Per card (so bounded by the fleet): its latest report from any replica, and when a replica on it last
+        # stopped on purpose (Serve scaled the tier down, or to zero).
+        self._card_seen: dict[str, float] = {}
+        self._card_retired: dict[str, float] = {}
 
     def report(self, info: dict) -> None:
-        self._reports[info["replica"]] = (time.time(), info)
+        if info["replica"] in self._gone:
+            return  # a late report of a replica that already said goodbye (calls may arrive out of order)
+        now = time.time()
+        self._reports[info["replica"]] = (now, info)
+        uuid = (info.get("card") or {}).get("uuid")
+        if uuid:
+            self._card_seen[uuid] = now
 
     def forget(self, replica: str) -> None:
-        self._reports.pop(replica, None)
+        """The replica stops on purpose: it leaves the fleet now, and its card's silence is no fault."""
+        now = time.time()
+        _, info = self._reports.pop(replica, (None, {}))
+        self._gone[replica] = now
+        uuid = ((info or {}).get("card") or {}).get("uuid")
+        if uuid:
+            self._card_retired[uuid] = now
 
     def replicas(self, max_age_s: float | None = None) -> list[dict]:
         max_age_s = max_age_s or ZIT_FLEET_REPORT_PERIOD_S * STALE_AFTER_PERIODS
@@ -33,11 +52,19 @@ class FleetRegistry:
         for replica, (seen, _) in list(self._reports.items()):
             if now - seen > 10 * max_age_s:  # long gone: drop for good
                 del self._reports[replica]
+        for replica, when in list(self._gone.items()):
+            if now - when > GONE_KEPT_S:
+                del self._gone[replica]
         return [
             {**info, "last_report_s": round(now - seen, 2)}
             for seen, info in self._reports.values()
             if now - seen <= max_age_s
         ]
+
+    def retired_cards(self) -> list[str]:
+        """Cards whose replica stopped on purpose after the card's latest report from any replica (a tier scaled
+        down or to zero): no replica is meant to run there now. A card a newer replica reported from is not one."""
+        return sorted(uuid for uuid, when in self._card_retired.items() if when >= self._card_seen.get(uuid, 0.0))
 
 
 def cluster_actor(cls, name: str, namespace: str = REGISTRY_NAMESPACE):

@@ -18,6 +18,7 @@ from cluster.local import fleet_cluster
 from cluster.tiers import tiers_for_cards
 from deployments.app import deploy
 from deployments.config import ServiceConfig
+from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S
 from tests.system.conftest import TEST_FLEETS
 
 pytestmark = pytest.mark.system
@@ -84,6 +85,27 @@ def test_a_burst_raises_the_tier_from_zero_and_idleness_takes_it_back_to_zero(ur
     stop.set()
     watcher.join()
     assert running_replicas() == 0, f"replicas over time: {seen[-10:]}"
-    # And the next request wakes it again.
+    # Scaled down on purpose: the replicas said goodbye, so no card reads as down (ZitCardDown stays quiet) and
+    # every card's node is up.
+    time.sleep(2 * ZIT_FLEET_REPORT_PERIOD_S + 1)  # the ingress reads the registry every period
+    cards = card_gauges(url)
+    assert cards["zit_card_node_up"] and set(cards["zit_card_node_up"].values()) == {1.0}, cards
+    assert 0.0 not in cards["zit_card_up"].values(), cards
+    # And the next request wakes it again; its card reports again.
     again = httpx.post(f"{url}/v1/images/generations", json={**BODY, "seed": 99}, timeout=180)
     assert again.status_code == 200, again.text
+    time.sleep(2 * ZIT_FLEET_REPORT_PERIOD_S + 1)
+    woken = card_gauges(url)["zit_card_up"]
+    assert woken and set(woken.values()) == {1.0}, woken
+
+
+def card_gauges(url: str) -> dict[str, dict[str, float]]:
+    """zit_card_up and zit_card_node_up from GET /metrics: series name -> card uuid -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[str, float]] = {"zit_card_up": {}, "zit_card_node_up": {}}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in out:
+                out[sample.name][sample.labels["card"]] = sample.value
+    return out

@@ -66,8 +66,10 @@ def test_mixed_workload_no_out_of_memory_nothing_lost_images_match(tier_aware):
         assert all(decode(item).size == (side, side) for item in payload["data"])
         chunks = payload["metadata"]["chunks"]
         assert sum(len(c["seeds"]) for c in chunks) == n
-        # No chunk needed an out-of-memory retry: the planner and the router only sent what fits.
+        # No chunk needed an out-of-memory retry, elsewhere or degraded on its own card: the planner and the router
+        # only sent what fits.
         assert not [r for r in payload["metadata"]["retries"] if r["reason"] == "out_of_memory"], payload["metadata"]
+        assert not [c for c in chunks if c["degraded"]], payload["metadata"]
     used = {c["tier"] for _, r in results for c in r.json()["metadata"]["chunks"]}
     assert len(used) >= 3, used  # the load spread over the fleet, not one card
 

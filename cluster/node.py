@@ -19,8 +19,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.local import RAY_HEAD_PORT
 from cluster.nvml import ZIT_FLEET_FILE_ENV, FakeNvml, GpuSnapshot, read_card
-from cluster.tiers import CLASSIFY_MARGIN, VRAM_TIERS_GIB, classify, tier_vram_bytes
+from cluster.tiers import CLASSIFY_MARGIN, classify, tier_gib, tier_vram_bytes, vram_tiers
 
 LABEL_CARD = "zit/card"
 LABEL_TIER = "zit/tier"
@@ -64,7 +65,7 @@ def card_node(card: GpuSnapshot, fleet_file: str | Path | None = None) -> CardNo
         LABEL_CARD: card.uuid,
         LABEL_TIER: card.tier,
         LABEL_MODEL: _slug(card.name),
-        LABEL_VRAM: f"{VRAM_TIERS_GIB[classify(card.memory_total) or card.tier]:g}",  # the card's own class
+        LABEL_VRAM: f"{tier_gib(classify(card.memory_total) or card.tier):g}",  # the card's own class
         LABEL_SLOTS: str(card.slots),
         LABEL_CC: "{}.{}".format(*card.compute_capability),
         LABEL_BF16: "true" if card.bf16 else "false",
@@ -79,6 +80,56 @@ def card_node(card: GpuSnapshot, fleet_file: str | Path | None = None) -> CardNo
     else:
         env = {"CUDA_VISIBLE_DEVICES": card.uuid}
     return CardNode(card, {card.tier: float(card.slots)}, labels, env)
+
+
+def with_default_port(address: str, port: int = RAY_HEAD_PORT) -> str:
+    """`address` with Ray's GCS port when it names none ('head' -> 'head:6379', '[fd00::1]' -> '[fd00::1]:6379'); one
+    with a port ('head:7000', '[fd00::1]:7000') stays as it is. `ray start --address` refuses a bare host, and a
+    bare IPv6 address (colons, no brackets) cannot carry a port, so it is bracketed."""
+    address = address.strip()
+    if address.startswith("["):
+        return address if "]:" in address else f"{address}:{port}"
+    if address.count(":") == 1:
+        return address
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def cards_to_join(nodes: list[CardNode], present: dict[str, dict[str, str]]
+                  ) -> tuple[list[CardNode], list[str], list[str]]:
+    """(the nodes whose card is not in the cluster yet, a line for each card that already is as it would join now,
+    a warning for each that joined differently). `present` maps the card UUID of every live card node to its labels
+    (`joined_cards`). A card joined earlier keeps the resources it joined with, so when its tier or slots differ
+    from what it would join as now, its warning says to `zit down` first."""
+    missing, already, warnings = [], [], []
+    for node in nodes:
+        joined = present.get(node.card.uuid)
+        if joined is None:
+            missing.append(node)
+        elif (joined.get(LABEL_TIER), joined.get(LABEL_SLOTS, "1")) != (node.card.tier, str(node.card.slots)):
+            warnings.append(f"warning: {node.card.name} [{node.card.uuid}] joined earlier as {joined.get(LABEL_TIER)} "
+                            f"x {joined.get(LABEL_SLOTS, '1')}; `zit down` first to serve it as {node.card.tier} x "
+                            f"{node.card.slots}")
+        else:
+            already.append(f"{node.card.name} [{node.card.uuid}] is already in the cluster as a {node.card.tier} node")
+    return missing, already, warnings
+
+
+def joined_cards(address: str) -> dict[str, dict[str, str]]:
+    """Labels of every live card node of the cluster at `address` (HOST:PORT), by card UUID, read from the GCS's
+    node table as `ray status --address` does, without joining the cluster or starting a driver. Raises whatever
+    Ray raises when the GCS cannot be reached or read."""
+    from cluster.local import ensure_auth_mode
+
+    ensure_auth_mode()  # before Ray's client reads its settings from the environment
+    from ray._raylet import GcsClient
+    from ray.core.generated import gcs_pb2
+
+    nodes = GcsClient(address=address).get_all_node_info(timeout=30)
+    return {
+        info.labels[LABEL_CARD]: dict(info.labels)
+        for info in nodes.values()
+        if info.state == gcs_pb2.GcsNodeInfo.ALIVE and LABEL_CARD in info.labels
+    }
 
 
 def start_card_nodes(address: str, nodes: list[CardNode], node_ip: str | None = None) -> list[str]:
@@ -112,8 +163,10 @@ def start_card_nodes(address: str, nodes: list[CardNode], node_ip: str | None = 
 
 
 def room_problem(card: GpuSnapshot) -> str | None:
-    """Why `card` cannot host a replica of its tier now, or None: its tier is known and what other processes leave
-    of its memory holds the profile's resident memory."""
+    """Why `card` cannot host a replica of its tier now, or None: NVML reads it, its tier is known, and what other
+    processes leave of its memory holds the profile's resident memory."""
+    if card.error:
+        return f"failed ({card.error}); check it with nvidia-smi"
     if card.tier is None:
         return f"has {card.memory_total / 2**30:.1f} GiB, below the smallest tier"
     from cluster.memory import resident_bytes
@@ -134,10 +187,13 @@ def split_card(card: GpuSnapshot, tier: str) -> GpuSnapshot:
     saying why when the split is not possible."""
     import dataclasses
 
-    if tier not in VRAM_TIERS_GIB:
-        raise ValueError(f"unknown tier {tier!r}; tiers are {', '.join(VRAM_TIERS_GIB)}")
-    own = classify(card.memory_total)
-    if own is None or VRAM_TIERS_GIB[tier] >= VRAM_TIERS_GIB[own]:
+    table = vram_tiers()
+    if tier not in table:
+        raise ValueError(f"unknown tier {tier!r}; tiers are {', '.join(table)}")
+    if card.error:
+        raise ValueError(f"card {card.index} ({card.name}) cannot be split: {card.error}")
+    own = classify(card.memory_total, table)
+    if own is None or table[tier] >= table[own]:
         raise ValueError(f"{card.name} is a {own or 'sub-tier'} card; it can only be split into a smaller tier "
                          f"than its own (got {tier})")
     slots = int(card.memory_total // (tier_vram_bytes(tier) * (1 - CLASSIFY_MARGIN)))
@@ -178,13 +234,13 @@ def apply_splits(cards: list[GpuSnapshot], specs: list[str] | None) -> list[GpuS
 
 def nodes_for_cards(cards: list[GpuSnapshot], fleet_file: str | Path | None) -> tuple[list[CardNode], list[str]]:
     """Card nodes for every card that can host its replicas (one of its tier, or its slots when split), and a
-    warning line for each that cannot (too small, or too much of it held by other processes: a replica there would
-    fail to load)."""
+    warning line for each that cannot (failed in NVML, too small, or too much of it held by other processes: a
+    replica there would fail to load)."""
     nodes, skipped = [], []
     for card in cards:
         problem = room_problem(card)
         if problem:
-            skipped.append(f"{card.name} [{card.uuid}] {problem}: not joined")
+            skipped.append(f"{card.name} [{card.uuid or f'index {card.index}'}] {problem}: not joined")
         else:
             nodes.append(card_node(card, fleet_file))
     return nodes, skipped

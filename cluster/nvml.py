@@ -38,6 +38,9 @@ ZIT_SIM_STATE_DIR_ENV = "ZIT_SIM_STATE_DIR"
 ZIT_NVML_PERIOD_S = float(os.environ.get("ZIT_NVML_PERIOD_S", "1.0"))
 # bf16 needs compute capability 8.0 (Ampere) or newer.
 BF16_MIN_CC = (8, 0)
+# The pid a simulated card's foreign graphics process (CardSpec.graphics_memory_mib) is listed with: -1 is nobody's
+# pid, and not 0, the simulated foreign compute process, which would make the two one process.
+GRAPHICS_PID = -1
 
 
 class NvmlUnavailable(RuntimeError):
@@ -49,7 +52,12 @@ class NvmlUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class GpuSnapshot:
-    """One card at one moment. Memory in bytes; `foreign_memory` is held by processes other than `own_pids`."""
+    """One card at one moment. Memory in bytes; `foreign_memory` is held by processes other than `own_pids`
+    (compute and graphics processes, see `foreign_memory_of`).
+
+    A card NVML could not read (it fell off the bus: NVMLError_GpuIsLost) is a snapshot with `error` set, the NVML
+    error; its readings are then empty (memory 0, compute capability 0.0, tier None) and it hosts nothing.
+    """
 
     index: int
     uuid: str
@@ -71,6 +79,7 @@ class GpuSnapshot:
     # Replicas of `tier` the card hosts: 1, or k when it is split into k slots of a smaller tier (cluster/node.py
     # split_card; `tier` is then the smaller tier).
     slots: int = 1
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -89,13 +98,38 @@ def _optional(call, *args):
         return None
 
 
+def foreign_memory_of(compute: list, graphics: list, used: int, own_pids: frozenset[int]) -> int:
+    """Bytes held on a card by processes other than `own_pids`, from NVML's compute and graphics process lists.
+
+    A process with both kinds of context (CUDA and OpenGL/Vulkan) is in both lists; it counts once, with the larger
+    of its two readings. NVML gives usedGpuMemory None when it cannot tell (Windows WDDM, a process of another
+    container): that is unknown, not zero, so when a foreign process's memory is unknown the foreign memory is
+    everything `used` on the card except what `own_pids` are known to hold, an upper bound that keeps routing and
+    `zit node`'s room check on the safe side.
+    """
+    held: dict[int, int | None] = {}
+    for process in [*compute, *graphics]:
+        reading, earlier = process.usedGpuMemory, held.get(process.pid)
+        if process.pid not in held or earlier is None:
+            held[process.pid] = reading
+        elif reading is not None:
+            held[process.pid] = max(earlier, reading)
+    foreign = {pid: reading for pid, reading in held.items() if pid not in own_pids}
+    known_foreign = sum(reading for reading in foreign.values() if reading is not None)
+    if any(reading is None for reading in foreign.values()):
+        own = sum(reading or 0 for pid, reading in held.items() if pid in own_pids)
+        return max(known_foreign, used - own)
+    return known_foreign
+
+
 def read_card(nvml, index: int, own_pids: frozenset[int] = frozenset()) -> GpuSnapshot:
-    """Read one card through an NVML backend (real or fake)."""
+    """Read one card through an NVML backend (real or fake). Raises the backend's NVMLError when the card fails."""
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     memory = nvml.nvmlDeviceGetMemoryInfo(handle)
     cc = tuple(nvml.nvmlDeviceGetCudaComputeCapability(handle))
-    processes = _optional(nvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
-    foreign = sum(p.usedGpuMemory or 0 for p in processes if p.pid not in own_pids)
+    compute = _optional(nvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
+    graphics = _optional(nvml.nvmlDeviceGetGraphicsRunningProcesses, handle) or []
+    foreign = foreign_memory_of(compute, graphics, int(memory.used), own_pids)
     utilization = _optional(nvml.nvmlDeviceGetUtilizationRates, handle)
     power_mw = _optional(nvml.nvmlDeviceGetPowerUsage, handle)
     name = nvml.nvmlDeviceGetName(handle)
@@ -120,8 +154,34 @@ def read_card(nvml, index: int, own_pids: frozenset[int] = frozenset()) -> GpuSn
     )
 
 
+def failed_card(nvml, index: int, exc: Exception) -> GpuSnapshot:
+    """The snapshot of a card whose reading failed with `exc`: what NVML still says of it (UUID, name; often nothing
+    once a card is lost) and the error."""
+
+    def attempt(call, *args):
+        try:
+            return call(*args)
+        except pynvml.NVMLError:
+            return None
+
+    handle = attempt(nvml.nvmlDeviceGetHandleByIndex, index)
+    name = attempt(nvml.nvmlDeviceGetName, handle) if handle is not None else None
+    extra = nvml.zit_card_extra(handle) if handle is not None and hasattr(nvml, "zit_card_extra") else {}
+    return GpuSnapshot(
+        index=index, uuid=(attempt(nvml.nvmlDeviceGetUUID, handle) if handle is not None else None) or "",
+        name=(name.decode() if isinstance(name, bytes) else name) or "unknown card", memory_total=0, memory_free=0,
+        memory_used=0, compute_capability=(0, 0), bf16=False, utilization_pct=None, temperature_c=None, power_w=None,
+        foreign_memory=0, tier=None, simulated=bool(extra.get("simulated", False)), speed=extra.get("speed"),
+        host=extra.get("host"), error=f"{exc.__class__.__name__}: {exc}",
+    )
+
+
 def probe(nvml=None, own_pids: frozenset[int] = frozenset()) -> list[GpuSnapshot]:
-    """Every card the backend sees. With the real backend and no driver, raises NvmlUnavailable."""
+    """Every card the backend sees, in index order. With the real backend and no driver, raises NvmlUnavailable.
+
+    Each card is read on its own: one that fails (NVMLError_GpuIsLost, ...) is listed with `error` set
+    (`failed_card`) and the others are read as usual, so a lost card neither hides nor stops the healthy ones.
+    """
     nvml = nvml if nvml is not None else pynvml
     try:
         nvml.nvmlInit()
@@ -131,7 +191,13 @@ def probe(nvml=None, own_pids: frozenset[int] = frozenset()) -> list[GpuSnapshot
             "`zit up --fleet cluster/fleets/mixed.yaml`, or on the CPU with `zit up --cpu`."
         ) from exc
     try:
-        return [read_card(nvml, i, own_pids) for i in range(nvml.nvmlDeviceGetCount())]
+        cards = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            try:
+                cards.append(read_card(nvml, index, own_pids))
+            except pynvml.NVMLError as exc:
+                cards.append(failed_card(nvml, index, exc))
+        return cards
     finally:
         nvml.nvmlShutdown()
 
@@ -199,6 +265,10 @@ class CardSpec(BaseModel):
         None, gt=0, description="Total memory NVML reports, MiB; default vram_gb x 1024 (some drivers show less)."
     )
     foreign_memory_mib: int = Field(0, ge=0, description="Memory held by a process outside the cluster, MiB.")
+    graphics_memory_mib: int = Field(
+        0, ge=0, description="Memory held by a graphics process outside the cluster (a desktop, a game), MiB; NVML "
+        "lists it among the graphics processes, not the compute ones.",
+    )
     count: int = Field(1, ge=1, le=10000, description="Identical cards of this kind on this host.")
     fail: bool = Field(False, description="The card is lost: every NVML call on it fails with GPU-is-lost.")
     oom_above_mib: int | None = Field(
@@ -343,7 +413,8 @@ class FakeNvml:
     def nvmlDeviceGetMemoryInfo(self, handle):
         card = self._card(handle)
         total = self.total_memory(card)
-        used = min(total, sum(p.usedGpuMemory for p in self.nvmlDeviceGetComputeRunningProcesses(card)))
+        processes = self.nvmlDeviceGetComputeRunningProcesses(card) + self.nvmlDeviceGetGraphicsRunningProcesses(card)
+        used = min(total, sum(p.usedGpuMemory for p in processes))
         return SimpleNamespace(total=total, used=used, free=total - used)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle) -> list:
@@ -356,6 +427,12 @@ class FakeNvml:
         if card.spec.foreign_memory_mib:
             processes.append(SimpleNamespace(pid=0, usedGpuMemory=card.spec.foreign_memory_mib * MIB))
         return processes
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle) -> list:
+        card = self._card(handle)
+        if not card.spec.graphics_memory_mib:
+            return []
+        return [SimpleNamespace(pid=GRAPHICS_PID, usedGpuMemory=card.spec.graphics_memory_mib * MIB)]
 
     def nvmlDeviceGetUtilizationRates(self, handle):
         state = self._read_state(self._card(handle))

@@ -14,6 +14,9 @@ Default profile per VRAM tier (nominal size; the memory model in cluster/memory.
 | vram_6  | group offload, one block + prefetch, bf16   | group offload, block level  | slicing, tiles 512  |
 | vram_4  | group offload, leaf level + prefetch, bf16  | group offload, block level  | slicing, tiles 512  |
 
+A tier of an operator's own table (`--tiers 4,8,10,24`, cluster/tiers.py) runs the row of the largest shipped tier at
+or below its size (vram_10: vram_8's row; below 4 GB: vram_4's), planned at its own size.
+
 Compute dtype: bfloat16 on cards with bf16 (compute capability >= 8.0), float32 everywhere else. Plain float16 is
 never chosen: this model gives NaN or black images in fp16 (Tongyi-MAI/Z-Image issues #14, #15). On float32 cards the
 weights stay stored in bf16 (or fp8) and diffusers' layerwise casting upcasts one layer at a time, so an old card
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, VRAM_TIERS_GIB
+from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, VRAM_TIERS_GIB, ZIT_VRAM_TIERS_GB_ENV, vram_tiers
 
 if TYPE_CHECKING:
     from diffusers import ZImagePipeline
@@ -189,13 +192,23 @@ _TIER_PLACEMENT: dict[str, dict[str, Any]] = {
 }
 
 
+def shipped_tier_for(gib: float) -> str:
+    """The shipped tier whose profile a configured tier of `gib` GiB runs: the largest shipped tier at or below that
+    size (a 10 GB tier runs vram_8's techniques), or the smallest shipped one for a tier below all of them."""
+    at_or_below = [(size, name) for name, size in VRAM_TIERS_GIB.items() if size <= gib]
+    return max(at_or_below)[1] if at_or_below else min((size, name) for name, size in VRAM_TIERS_GIB.items())[1]
+
+
 def default_profile(tier: str, bf16: bool) -> Profile:
     """The shipped profile of `tier` for a card with (bf16=True) or without bf16 support.
 
     Algorithm: take the tier's placement from the table above; compute in bfloat16 when the card has it, else in
     float32 with the weights kept in bf16 (vram_24, which would otherwise need 24.6 GB of float32 weights) or in the
     tier's storage dtype and upcast layer by layer. The 'cpu' tier runs everything resident in float32 (bf16 is
-    ignored there). Raises ProfileError for an unknown tier, naming the known ones.
+    ignored there). A tier of the configured table ($ZIT_VRAM_TIERS_GB) that ships no profile (vram_10) takes the
+    placement of `shipped_tier_for` its size, under its own name; its budget (cluster.tiers.tier_vram_bytes, or its
+    smallest card's memory) is its own, so the memory model's limits follow its real size. Raises ProfileError for
+    a tier in neither table, naming the known ones.
     """
     if tier == CPU_TIER:
         return Profile(
@@ -203,8 +216,14 @@ def default_profile(tier: str, bf16: bool) -> Profile:
             vae_tiling=True, vae_slicing=True, max_n=4,
         )
     if tier not in _TIER_PLACEMENT:
-        raise ProfileError(f"unknown tier {tier!r}; known tiers: {[*VRAM_TIERS_GIB, CPU_TIER]}")
-    knobs = dict(_TIER_PLACEMENT[tier])
+        configured = vram_tiers()
+        if tier not in configured:
+            known = [*dict.fromkeys([*VRAM_TIERS_GIB, *configured]), CPU_TIER]
+            raise ProfileError(f"unknown tier {tier!r}; known tiers: {known} (more with {ZIT_VRAM_TIERS_GB_ENV} or "
+                               "--tiers)")
+        knobs = dict(_TIER_PLACEMENT[shipped_tier_for(configured[tier])])
+    else:
+        knobs = dict(_TIER_PLACEMENT[tier])
     compute = "bfloat16" if bf16 else "float32"
     if not bf16 and knobs["weights"] == "resident":
         knobs["storage_dtype"] = "bfloat16"

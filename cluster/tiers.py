@@ -7,6 +7,7 @@ A tier is what the router chooses between. Cards are classified into VRAM tiers 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,9 +20,9 @@ MIN_IMAGE_SIDE = 64
 
 GIB = 1 << 30
 
-# VRAM tiers by nominal size in GiB (what the box says: a "12 GB" RTX 3060 has 12288 MiB). A card belongs to the
-# largest tier whose nominal size it reaches, so a 10 GB RTX 3080 serves as an 8 GB card and a 32 GB RTX 5090 as a
-# 24 GB one.
+# The shipped VRAM tiers by nominal size in GiB (what the box says: a "12 GB" RTX 3060 has 12288 MiB). A card belongs
+# to the largest tier whose nominal size it reaches, so a 10 GB RTX 3080 serves as an 8 GB card and a 32 GB RTX 5090
+# as a 24 GB one. These are the tiers cluster/profiles.py ships a profile for; the table in force is `vram_tiers()`.
 VRAM_TIERS_GIB: dict[str, float] = {
     "vram_4": 4,
     "vram_6": 6,
@@ -30,21 +31,64 @@ VRAM_TIERS_GIB: dict[str, float] = {
     "vram_16": 16,
     "vram_24": 24,
 }
+# The tier table in force, as whole-GB lower bounds ("4,6,8,10,12,16,24,32"; tier names vram_<GB>). Unset: the
+# shipped table above. Every zit process of one cluster (`zit up`, `zit node`, the Ray processes they start, which
+# inherit it) must see the same value; `--tiers` on zit up/node/fleet/plan sets it.
+ZIT_VRAM_TIERS_GB_ENV = "ZIT_VRAM_TIERS_GB"
 # NVML reports total memory a little under the nominal size (driver-reserved memory: a 4 GB GTX 1650 shows about
 # 3.8 GiB with recent drivers), so a card reaches a tier at 90 % of its nominal size.
 CLASSIFY_MARGIN = 0.10
+# Bounds of a configured tier, GB: nothing smaller holds the model's smallest request; 1024 is far above any card.
+MIN_TIER_GB, MAX_TIER_GB = 1, 1024
+
+
+def parse_vram_tiers(spec: str, source: str = ZIT_VRAM_TIERS_GB_ENV) -> dict[str, float]:
+    """A tier table from comma-separated whole-GB lower bounds ("4,8,12,24" -> vram_4, vram_8, ...), smallest first.
+
+    Raises ValueError naming `source` (the variable or option it came from) when an entry is not a whole number
+    from MIN_TIER_GB to MAX_TIER_GB, when one repeats, or when the list is empty.
+    """
+    sizes: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part.isdigit() or not MIN_TIER_GB <= int(part) <= MAX_TIER_GB:
+            raise ValueError(f"{source}={spec!r}: {part!r} is not a whole number of GB from {MIN_TIER_GB} to "
+                             f"{MAX_TIER_GB}; write the tiers' lower bounds, e.g. '4,6,8,12,16,24'")
+        if int(part) in sizes:
+            raise ValueError(f"{source}={spec!r}: {part} GB is listed twice; give each tier once")
+        sizes.append(int(part))
+    return {f"vram_{gb}": float(gb) for gb in sorted(sizes)}
+
+
+def vram_tiers() -> dict[str, float]:
+    """The tier table in force: $ZIT_VRAM_TIERS_GB when set (ValueError naming it when malformed), else the shipped
+    VRAM_TIERS_GIB. Read at each call, so `--tiers` (which sets the variable) applies to everything after it."""
+    spec = os.environ.get(ZIT_VRAM_TIERS_GB_ENV, "").strip()
+    return parse_vram_tiers(spec) if spec else dict(VRAM_TIERS_GIB)
+
+
+def tier_gib(tier: str) -> float:
+    """Nominal size of a VRAM tier in GiB: from the table in force, else the shipped one (a shipped tier's name is
+    its size whichever table is configured). KeyError naming both tables for any other name."""
+    table = vram_tiers()
+    if tier in table:
+        return table[tier]
+    if tier in VRAM_TIERS_GIB:
+        return VRAM_TIERS_GIB[tier]
+    raise KeyError(f"unknown tier {tier!r}; tiers in force: {', '.join(table)} (set by {ZIT_VRAM_TIERS_GB_ENV})")
 
 
 def classify(total_bytes: int, tiers: dict[str, float] | None = None, margin: float = CLASSIFY_MARGIN) -> str | None:
-    """The tier of a card with `total_bytes` of memory, or None when it is below the smallest tier."""
-    table = VRAM_TIERS_GIB if tiers is None else tiers
+    """The tier of a card with `total_bytes` of memory (from `tiers`, default the table in force), or None when it
+    is below the smallest tier."""
+    table = vram_tiers() if tiers is None else tiers
     fitting = [(gib, name) for name, gib in table.items() if total_bytes >= gib * GIB * (1 - margin)]
     return max(fitting)[1] if fitting else None
 
 
 def tier_vram_bytes(tier: str) -> int:
     """Nominal memory of a VRAM tier (the smallest card that belongs to it)."""
-    return int(VRAM_TIERS_GIB[tier] * GIB)
+    return int(tier_gib(tier) * GIB)
 
 
 class TierConfig(BaseModel):
@@ -138,7 +182,7 @@ def tiers_for_cards(cards: list, configured: list[TierConfig] | None = None) -> 
         if card.tier is not None:
             groups.setdefault(card.tier, []).append(card)
     tiers = []
-    for name in sorted(groups, key=lambda n: VRAM_TIERS_GIB[n]):
+    for name in sorted(groups, key=tier_gib):
         members = groups[name]
         slots = max(getattr(c, "slots", 1) for c in members)
         found = {

@@ -132,6 +132,11 @@ def test_cpu_up_then_a_host_joins_its_cards_as_nodes_of_their_tiers(stop_afterwa
     assert sorted(n["labels"]["zit/tier"] for n in cards) == ["vram_12", "vram_4"]
     assert all(n["resources"].get("GPU") == 1.0 and n["resources"].get(n["labels"]["zit/tier"]) == 1.0 for n in cards)
     assert {n["labels"]["zit/model"] for n in cards} == {"nvidia-geforce-gtx-1650", "nvidia-geforce-rtx-3060"}
+    # The same host again, the head named without its port: its cards are in the cluster already, nothing joins.
+    again = zit("node", "--address", "127.0.0.1", "--fleet", str(fleet), "--host", "host-a", "--node-ip", "127.0.0.1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("is already in the cluster") == 2 and "joined as" not in again.stdout, again.stdout
+    assert len([n for n in ray_nodes() if "zit/card" in n["labels"]]) == 2
 
 
 def test_down_twice_is_harmless_and_generate_without_a_service_says_to_start_one():

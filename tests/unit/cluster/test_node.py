@@ -209,3 +209,106 @@ def test_a_capped_process_is_refused_beyond_its_cap_on_a_card_with_room(mixed, t
     with pytest.raises(torch.OutOfMemoryError):
         with card.running(13 * GIB, "over the cap, with 11 GiB of the card free"):
             pass
+
+
+# -- configured tier tables, failed cards, the head's address, cards already joined --------------------------------
+
+
+@pytest.fixture()
+def no_tier_table(monkeypatch):
+    """No ZIT_VRAM_TIERS_GB now, and none left behind by `--tiers` (which sets it for the process)."""
+    monkeypatch.setenv("ZIT_VRAM_TIERS_GB", "")  # so that monkeypatch restores the variable's absence afterwards
+    monkeypatch.delenv("ZIT_VRAM_TIERS_GB")
+
+
+def test_zit_fleet_classifies_with_the_tiers_option(mixed, capsys, no_tier_table):
+    import os
+
+    assert main(["fleet", "--tiers", "4,8,24", "--fleet", str(mixed), "--json"]) == 0
+    tiers = {c["name"]: c["tier"] for c in json.loads(capsys.readouterr().out)}
+    assert tiers == {"NVIDIA GeForce GTX 1650": "vram_4", "NVIDIA GeForce RTX 2060": "vram_4",
+                     "NVIDIA GeForce RTX 3070": "vram_8", "NVIDIA GeForce RTX 3060": "vram_8",
+                     "NVIDIA GeForce RTX 4090": "vram_24"}
+    assert os.environ["ZIT_VRAM_TIERS_GB"] == "4,8,24"  # what the Ray processes started next would inherit
+
+
+def test_zit_fleet_refuses_a_malformed_tier_table(mixed, capsys, monkeypatch):
+    monkeypatch.setenv("ZIT_VRAM_TIERS_GB", "4,eight")
+    assert main(["fleet", "--fleet", str(mixed)]) == 2
+    assert "error: ZIT_VRAM_TIERS_GB='4,eight': 'eight' is not a whole number of GB" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: exit 2 with the reason on stderr
+        main(["fleet", "--fleet", str(mixed), "--tiers", "4,4"])
+    assert "--tiers='4,4': 4 GB is listed twice" in capsys.readouterr().err
+
+
+def test_zit_fleet_summary_lists_tiers_smallest_first(mixed, capsys, no_tier_table):
+    assert main(["fleet", "--fleet", str(mixed)]) == 0  # the file lists 4, 12, 6, 8, 24 GB
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "5 card(s): 1 x vram_4, 1 x vram_6, 1 x vram_8, 1 x vram_12, 1 x vram_24"
+
+
+@pytest.fixture()
+def with_a_lost_card(tmp_path):
+    path = tmp_path / "lost.yaml"
+    path.write_text(yaml.safe_dump({"name": "lost", "cards": [
+        {"model": "NVIDIA GeForce RTX 3060", "vram_gb": 12, "compute_capability": "8.6", "host": "a"},
+        {"model": "NVIDIA GeForce RTX 3070", "vram_gb": 8, "compute_capability": "8.6", "host": "b", "fail": True},
+        {"model": "NVIDIA GeForce GTX 1650", "vram_gb": 4, "compute_capability": "7.5", "host": "a"}]}))
+    return path
+
+
+def test_zit_fleet_lists_a_lost_card_with_its_error_beside_the_healthy_ones(with_a_lost_card, capsys, no_tier_table):
+    assert main(["fleet", "--fleet", str(with_a_lost_card), "--json"]) == 0
+    cards = json.loads(capsys.readouterr().out)
+    assert [(c["index"], c["tier"], c["error"]) for c in cards] == [
+        (0, "vram_12", None), (1, None, "NVMLError_GpuIsLost: GPU is lost"), (2, "vram_4", None)]
+    assert main(["fleet", "--fleet", str(with_a_lost_card)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.match(r"\s+1\s+.*FAILED\s+NVMLError_GpuIsLost: GPU is lost\s+b", lines[2]), lines[2]
+    assert "RTX 3060" in lines[1] and "GTX 1650" in lines[3]
+    assert lines[-1] == "3 card(s): 1 x vram_4, 1 x vram_12, 1 x failed"
+
+
+def test_a_lost_card_is_not_joined_and_says_why(with_a_lost_card, capsys, no_tier_table):
+    nodes, skipped = nodes_for_cards(load_fleet(with_a_lost_card), with_a_lost_card)
+    assert [n.card.index for n in nodes] == [0, 2]
+    assert skipped == ["unknown card [index 1] failed (NVMLError_GpuIsLost: GPU is lost); check it with nvidia-smi: "
+                       "not joined"]
+    # zit node on the lost card's host: said, and nothing to join (no Ray started).
+    assert main(["node", "--address", "127.0.0.1:1", "--fleet", str(with_a_lost_card), "--host", "b"]) == 2
+    out = capsys.readouterr().out
+    assert "skipped: unknown card [index 1] failed (NVMLError_GpuIsLost" in out and "error: no card here can serve" in out
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("head", "head:6379"),
+    ("10.0.0.5", "10.0.0.5:6379"),
+    ("head:7000", "head:7000"),
+    (" head ", "head:6379"),
+    ("[fd00::1]", "[fd00::1]:6379"),
+    ("[fd00::1]:7000", "[fd00::1]:7000"),
+    ("fd00::1", "[fd00::1]:6379"),
+])
+def test_the_heads_address_gets_rays_port_when_it_names_none(given, expected):
+    from cluster.node import with_default_port
+
+    assert with_default_port(given) == expected
+
+
+def test_cards_already_in_the_cluster_are_not_joined_again(mixed):
+    from cluster.node import apply_splits, cards_to_join
+
+    nodes, _ = nodes_for_cards(load_fleet(mixed), mixed)
+    first, second, third = nodes[:3]
+    present = {first.card.uuid: dict(first.labels),  # joined as it would join now
+               second.card.uuid: {**second.labels, "zit/tier": "vram_4"}}  # joined as another tier
+    missing, already, warnings = cards_to_join(nodes, present)
+    assert [n.card.uuid for n in missing] == [n.card.uuid for n in nodes[2:]]
+    assert already == [f"{first.card.name} [{first.card.uuid}] is already in the cluster as a {first.card.tier} node"]
+    assert len(warnings) == 1 and f"joined earlier as vram_4 x 1; `zit down` first to serve it as " \
+        f"{second.card.tier} x 1" in warnings[0]
+    # A split card that joined whole is a different node too.
+    split_nodes, _ = nodes_for_cards(apply_splits(load_fleet(mixed), ["RTX 4090=vram_12"]), mixed)
+    whole = {n.card.uuid: dict(n.labels) for n in nodes}
+    assert [n.card.tier for n in cards_to_join(split_nodes, whole)[0]] == []
+    assert "x 2" in cards_to_join(split_nodes, whole)[2][0]

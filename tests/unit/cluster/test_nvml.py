@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pynvml
 import pytest
@@ -62,8 +63,55 @@ def test_calls_before_init_fail_like_nvml(fake):
 
 def test_a_lost_card_fails_with_gpu_is_lost(tmp_path):
     fake = FakeNvml(fleet_file(tmp_path, [{**CARDS[0], "fail": True}]), state_dir=tmp_path / "s")
+    fake.nvmlInit()
     with pytest.raises(pynvml.NVMLError_GpuIsLost):
-        probe(fake)
+        fake.nvmlDeviceGetMemoryInfo(fake.nvmlDeviceGetHandleByIndex(0))
+
+
+def test_probe_lists_a_lost_card_with_its_error_and_still_reads_the_others(tmp_path):
+    fake = FakeNvml(fleet_file(tmp_path, [{**CARDS[0], "fail": True}, CARDS[1]]), state_dir=tmp_path / "s")
+    lost, healthy = probe(fake)
+    assert lost.error == "NVMLError_GpuIsLost: GPU is lost"
+    assert (lost.index, lost.tier, lost.memory_total, lost.host, lost.simulated) == (0, None, 0, "a", True)
+    assert healthy.error is None and healthy.tier == "vram_12" and healthy.memory_total == 12 * 1024 * MIB
+    assert lost.to_dict()["error"] == lost.error and healthy.to_dict()["error"] is None
+
+
+def test_memory_of_graphics_processes_is_foreign_memory_too(tmp_path):
+    fake = FakeNvml(fleet_file(tmp_path, [{**CARDS[1], "graphics_memory_mib": 512}]), state_dir=tmp_path / "s")
+    (card,) = probe(fake)
+    assert card.foreign_memory == card.memory_used == (1024 + 512) * MIB  # the compute process and the desktop
+
+
+def test_a_process_in_both_lists_counts_once(tmp_path):
+    class BothKinds(FakeNvml):  # every compute process also has a graphics context (CUDA + OpenGL)
+        def nvmlDeviceGetGraphicsRunningProcesses(self, handle):
+            return self.nvmlDeviceGetComputeRunningProcesses(handle)
+
+    (card,) = probe(BothKinds(fleet_file(tmp_path, [CARDS[1]]), state_dir=tmp_path / "s"))
+    assert card.foreign_memory == 1024 * MIB
+
+
+def test_unknown_process_memory_counts_as_everything_used_but_our_own(tmp_path):
+    """usedGpuMemory None (NVML cannot tell) is not zero: the foreign share is then all used memory that our own
+    processes are not known to hold, so a card is never taken for emptier than it is."""
+    class HidesForeignMemory:  # the fake as NVML on Windows WDDM: no memory reading for the foreign process
+        def __init__(self, fake):
+            self.fake = fake
+
+        def __getattr__(self, name):
+            return getattr(self.fake, name)
+
+        def nvmlDeviceGetComputeRunningProcesses(self, handle):
+            return [SimpleNamespace(pid=p.pid, usedGpuMemory=None if p.pid == 0 else p.usedGpuMemory)
+                    for p in self.fake.nvmlDeviceGetComputeRunningProcesses(handle)]
+
+    fake = FakeNvml(fleet_file(tmp_path, [CARDS[1]]), state_dir=tmp_path / "s")
+    fake.nvmlInit()
+    fake.update_state(fake.nvmlDeviceGetHandleByIndex(0), os.getpid(), held=2048 * MIB)
+    (card,) = probe(HidesForeignMemory(fake), own_pids=frozenset({os.getpid()}))
+    assert card.memory_used == (1024 + 2048) * MIB  # the fake's driver still knows the real total
+    assert card.foreign_memory == 1024 * MIB  # used minus our own 2 GiB, not 0
 
 
 def test_no_driver_gives_a_clear_message():

@@ -55,6 +55,39 @@ def test_unknown_tier_lists_the_known_ones():
         default_profile("vram_10", True)
 
 
+@pytest.mark.parametrize("tier, shipped", [("vram_10", "vram_8"), ("vram_20", "vram_16"), ("vram_3", "vram_4"),
+                                           ("vram_48", "vram_24")])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_configured_tier_runs_the_techniques_of_the_shipped_tier_below_it(monkeypatch, tier, shipped, bf16):
+    monkeypatch.setenv("ZIT_VRAM_TIERS_GB", "3,4,8,10,16,20,24,48")
+    derived, base = default_profile(tier, bf16), default_profile(shipped, bf16)
+    assert derived.name == base.name.replace(shipped, tier)
+    assert derived.model_dump(exclude={"name"}) == base.model_dump(exclude={"name"})
+    assert resolve_profile(tier, bf16, {"max_n": 1}).max_n == 1  # overrides apply as on a shipped tier
+
+
+def test_a_configured_tiers_limits_follow_its_own_size(monkeypatch):
+    """vram_10 runs vram_8's techniques but is planned with 10 GiB, so it takes what 8 GiB cannot (two 1536x1536
+    images in float32); vram_3 runs vram_4's with 3 GiB, so it takes less."""
+    from cluster.memory import largest_batch, largest_square
+
+    monkeypatch.setenv("ZIT_VRAM_TIERS_GB", "3,4,8,10,24")
+    cal = load_calibration()
+    assert (tier_vram_bytes("vram_10"), tier_vram_bytes("vram_3")) == (10 << 30, 3 << 30)
+    ten, eight = default_profile("vram_10", False), default_profile("vram_8", False)
+    assert largest_batch(1536, 1536, ten, tier_vram_bytes("vram_10"), cal) == 2
+    assert largest_batch(1536, 1536, eight, tier_vram_bytes("vram_8"), cal) == 1
+    three, four = default_profile("vram_3", True), default_profile("vram_4", True)
+    assert 0 < largest_square(three, tier_vram_bytes("vram_3"), 1, cal) < largest_square(four, 4 << 30, 1, cal)
+
+
+def test_a_tier_in_no_table_is_refused_with_how_to_add_it(monkeypatch):
+    monkeypatch.setenv("ZIT_VRAM_TIERS_GB", "4,10")
+    with pytest.raises(ProfileError, match=r"'vram_20'.*'vram_10'.*ZIT_VRAM_TIERS_GB or --tiers"):
+        default_profile("vram_20", True)
+    assert default_profile("vram_24", True).name == "vram_24"  # a shipped tier keeps its profile whatever the table
+
+
 @pytest.fixture
 def tiny_pipe(tiny_model_dir):
     from deployments.pipeline import load_pipeline

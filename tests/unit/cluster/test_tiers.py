@@ -1,8 +1,17 @@
+import re
 from types import SimpleNamespace
 
 import pytest
 
-from cluster.tiers import TierConfig, classify, tier_vram_bytes, tiers_for_cards
+from cluster.tiers import (
+    VRAM_TIERS_GIB,
+    ZIT_VRAM_TIERS_GB_ENV,
+    TierConfig,
+    classify,
+    tier_vram_bytes,
+    tiers_for_cards,
+    vram_tiers,
+)
 
 MIB = 1 << 20
 
@@ -35,6 +44,48 @@ def test_classification_uses_a_configured_table():
 
 def test_tier_vram_is_the_nominal_size():
     assert tier_vram_bytes("vram_12") == 12 << 30
+
+
+@pytest.mark.parametrize(
+    "total_mib, tier",
+    [(3911, "vram_4"), (6144, "vram_4"), (10240, "vram_10"), (12288, "vram_10"), (20480, "vram_20"),
+     (24564, "vram_20"), (32607, "vram_32"), (2048, None)],
+)
+def test_cards_are_classified_by_the_table_in_the_environment(monkeypatch, total_mib, tier):
+    """ZIT_VRAM_TIERS_GB=4,10,20,32: an RTX 3080 (10 GB) is a vram_10 card, an RTX 4090 a vram_20, an RTX 5090 a
+    vram_32, with the same 90 % margin."""
+    monkeypatch.setenv(ZIT_VRAM_TIERS_GB_ENV, "20, 4,10,32")  # any order, spaces allowed
+    assert list(vram_tiers()) == ["vram_4", "vram_10", "vram_20", "vram_32"]
+    assert classify(total_mib * MIB) == tier
+    if tier:
+        assert tier_vram_bytes(tier) == int(tier[5:]) << 30
+
+
+def test_the_shipped_table_is_in_force_without_the_variable(monkeypatch):
+    monkeypatch.delenv(ZIT_VRAM_TIERS_GB_ENV, raising=False)
+    assert vram_tiers() == VRAM_TIERS_GIB and classify(10240 * MIB) == "vram_8"
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("4,x", "'x' is not a whole number of GB"),
+    ("4,7.5", "'7.5' is not a whole number of GB"),
+    ("4,,8", "'' is not a whole number"),
+    ("0,8", "'0' is not a whole number of GB from 1 to 1024"),
+    ("4,2048", "'2048' is not a whole number of GB from 1 to 1024"),
+    ("4,8,4", "4 GB is listed twice"),
+])
+def test_a_malformed_table_is_refused_naming_the_variable(monkeypatch, spec, says):
+    monkeypatch.setenv(ZIT_VRAM_TIERS_GB_ENV, spec)
+    with pytest.raises(ValueError, match=f"^{ZIT_VRAM_TIERS_GB_ENV}=.*{re.escape(says)}"):
+        vram_tiers()
+    with pytest.raises(ValueError, match=re.escape(says)):
+        classify(8192 * MIB)
+
+
+def test_tiers_of_a_configured_table_are_ordered_by_size(monkeypatch):
+    monkeypatch.setenv(ZIT_VRAM_TIERS_GB_ENV, "4,10,20")
+    tiers = tiers_for_cards([card(24564), card(3911, False), card(10240), card(20480)])
+    assert [(t.name, t.num_replicas) for t in tiers] == [("vram_4", 1), ("vram_10", 1), ("vram_20", 2)]
 
 
 def card(mib: int, bf16: bool = True):

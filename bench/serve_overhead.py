@@ -83,6 +83,8 @@ def main() -> None:
 
     p50_http, p50_local = statistics.median(http_s), statistics.median(local_s)
     p95_http, p95_local = percentile(http_s, 95), percentile(local_s, 95)
+    # What the Serve path added to each request: the pairs ran back to back, so their difference cancels most noise.
+    added = [h - loc for h, loc in zip(http_s, local_s)]
     report = "\n".join([
         f"### Serve path overhead, {args.size}, {args.steps} steps, tiny model",
         "",
@@ -94,10 +96,11 @@ def main() -> None:
         "| --- | --- | --- |",
         f"| in-process `run_job` | {ms(p50_local)} | {ms(p95_local)} |",
         f"| HTTP -> Serve proxy -> Ingress -> Generator | {ms(p50_http)} | {ms(p95_http)} |",
-        f"| added by the Serve path | {ms(p50_http - p50_local)} | {ms(p95_http - p95_local)} |",
+        f"| added by the Serve path (per request pair) | {ms(statistics.median(added))} | "
+        f"{ms(percentile(added, 95))} |",
         "",
         f"Ratio HTTP / in-process at p50: {p50_http / p50_local:.2f}. Target: under 30 ms added at p50 "
-        f"({'met' if p50_http - p50_local < 0.030 else 'NOT met'}).",
+        f"({'met' if statistics.median(added) < 0.030 else 'NOT met'}).",
         "",
     ])
     publish(report, args.write, SECTION, INTRO)

@@ -11,7 +11,8 @@ Fields, decided once here:
 - cfg_scale: A1111 mixes `uncond + cfg x (cond - uncond)`, Z-Image `cond + g x (cond - uncond)`, so
   guidance_scale = cfg_scale - 1 (cfg_scale 1, the default here, is Turbo's guidance 0; below 1 counts as 1);
 - accepted and ignored: the sampler, scheduler and sampler-noise settings (Z-Image-Turbo has one flow-matching Euler
-  sampler), restore_faces, tiling, saving flags, subseeds, override_settings and the other fields A1111's schema has;
+  sampler), restore_faces, tiling, saving flags, subseeds, override_settings, the hires-fix settings and every other
+  field of A1111's (and Forge's) schema, null as well, as there;
 - rejected with 422, because ignoring them would silently give another picture than asked for: enable_hr=true (hires
   fix), script_name, non-empty alwayson_scripts (extensions such as ControlNet), non-empty styles (stored on an A1111
   server, unknown here); and any field A1111 does not have, by name.
@@ -45,33 +46,37 @@ class Txt2ImgRequest(BaseModel):
 
     prompt: str = Field("", description="What to draw.")
     negative_prompt: str = Field("", description="What to avoid (used when cfg_scale > 1).")
-    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="Seed of the first image; -1 picks one at random.")
-    steps: int = Field(9, ge=1, le=50, description="Denoising steps (A1111 defaults to 50; Turbo is tuned for 9).")
+    # The integers this service uses are strict, as in schemas.py: JSON true would otherwise pass as 1.
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, strict=True,
+                      description="Seed of the first image; -1 picks one at random.")
+    steps: int = Field(9, ge=1, le=50, strict=True,
+                       description="Denoising steps (A1111 defaults to 50; Turbo is tuned for 9).")
     cfg_scale: float = Field(1.0, ge=0.0, le=21.0, description="A1111 CFG scale; guidance_scale = cfg_scale - 1.")
-    width: int = Field(512, description=f"Width in pixels, a multiple of {SIZE_MULTIPLE}.")
-    height: int = Field(512, description=f"Height in pixels, a multiple of {SIZE_MULTIPLE}.")
-    batch_size: int = Field(1, ge=1, le=10, description="Images per batch.")
-    n_iter: int = Field(1, ge=1, le=10, description="Batches; n = batch_size x n_iter.")
+    width: int = Field(512, strict=True, description=f"Width in pixels, a multiple of {SIZE_MULTIPLE}.")
+    height: int = Field(512, strict=True, description=f"Height in pixels, a multiple of {SIZE_MULTIPLE}.")
+    batch_size: int = Field(1, ge=1, le=10, strict=True, description="Images per batch.")
+    n_iter: int = Field(1, ge=1, le=10, strict=True, description="Batches; n = batch_size x n_iter.")
     send_images: bool = Field(True, description="Return the images (false: an empty list, like A1111).")
-    save_images: bool = Field(False, description=_IGNORED + " Nothing is saved on the server.")
+    save_images: bool | None = Field(False, description=_IGNORED + " Nothing is saved on the server.")
     force_task_id: str | None = Field(None, max_length=128, description="Task id the progress endpoints report.")
-    # Rejected when set (see the module docstring).
-    enable_hr: bool = Field(False, description="Hires fix: not supported, must be false.")
+    # Rejected when set (see the module docstring); null is not set.
+    enable_hr: bool | None = Field(False, description="Hires fix: not supported, must be false.")
     script_name: str | None = Field(None, description="A1111 scripts: not supported, must be empty.")
-    alwayson_scripts: dict = Field(default_factory=dict, description="Extensions: not supported, must be empty.")
-    styles: list[str] = Field(default_factory=list, description="Saved styles: not supported, must be empty.")
-    # Accepted and ignored.
+    alwayson_scripts: dict | None = Field(default_factory=dict, description="Extensions: not supported, must be empty.")
+    styles: list[str] | None = Field(default_factory=list, description="Saved styles: not supported, must be empty.")
+    # Accepted and ignored: every other field of A1111's txt2img API model, and Forge's. That model makes every field
+    # optional, so these accept null as well.
     sampler_name: str | None = Field(None, description=_IGNORED)
     sampler_index: str | None = Field(None, description=_IGNORED)
     scheduler: str | None = Field(None, description=_IGNORED)
     restore_faces: bool | None = Field(None, description=_IGNORED)
     tiling: bool | None = Field(None, description=_IGNORED)
-    do_not_save_samples: bool = Field(False, description=_IGNORED)
-    do_not_save_grid: bool = Field(False, description=_IGNORED)
-    subseed: int = Field(-1, description=_IGNORED)
-    subseed_strength: float = Field(0.0, description=_IGNORED)
-    seed_resize_from_h: int = Field(-1, description=_IGNORED)
-    seed_resize_from_w: int = Field(-1, description=_IGNORED)
+    do_not_save_samples: bool | None = Field(False, description=_IGNORED)
+    do_not_save_grid: bool | None = Field(False, description=_IGNORED)
+    subseed: int | None = Field(-1, description=_IGNORED)
+    subseed_strength: float | None = Field(0.0, description=_IGNORED)
+    seed_resize_from_h: int | None = Field(-1, description=_IGNORED)
+    seed_resize_from_w: int | None = Field(-1, description=_IGNORED)
     eta: float | None = Field(None, description=_IGNORED)
     s_min_uncond: float | None = Field(None, description=_IGNORED)
     s_churn: float | None = Field(None, description=_IGNORED)
@@ -81,27 +86,31 @@ class Txt2ImgRequest(BaseModel):
     clip_skip: int | None = Field(None, description=_IGNORED)
     distilled_cfg_scale: float | None = Field(None, description=_IGNORED)
     denoising_strength: float | None = Field(None, description=_IGNORED)
-    override_settings: dict[str, Any] = Field(default_factory=dict, description=_IGNORED)
-    override_settings_restore_afterwards: bool = Field(True, description=_IGNORED)
+    override_settings: dict[str, Any] | None = Field(default_factory=dict, description=_IGNORED)
+    override_settings_restore_afterwards: bool | None = Field(True, description=_IGNORED)
     refiner_checkpoint: str | None = Field(None, description=_IGNORED)
     refiner_switch_at: float | None = Field(None, description=_IGNORED)
-    disable_extra_networks: bool = Field(False, description=_IGNORED)
+    disable_extra_networks: bool | None = Field(False, description=_IGNORED)
     firstpass_image: str | None = Field(None, description=_IGNORED)
     comments: dict[str, Any] | None = Field(None, description=_IGNORED)
     infotext: str | None = Field(None, description=_IGNORED)
-    script_args: list = Field(default_factory=list, description=_IGNORED)
-    firstphase_width: int = Field(0, description=_IGNORED)
-    firstphase_height: int = Field(0, description=_IGNORED)
-    hr_scale: float = Field(2.0, description=_IGNORED + " (hires fix is off)")
+    script_args: list | None = Field(default_factory=list, description=_IGNORED)
+    firstphase_width: int | None = Field(0, description=_IGNORED)
+    firstphase_height: int | None = Field(0, description=_IGNORED)
+    hr_scale: float | None = Field(2.0, description=_IGNORED + " (hires fix is off)")
     hr_upscaler: str | None = Field(None, description=_IGNORED + " (hires fix is off)")
-    hr_second_pass_steps: int = Field(0, description=_IGNORED + " (hires fix is off)")
-    hr_resize_x: int = Field(0, description=_IGNORED + " (hires fix is off)")
-    hr_resize_y: int = Field(0, description=_IGNORED + " (hires fix is off)")
+    hr_second_pass_steps: int | None = Field(0, description=_IGNORED + " (hires fix is off)")
+    hr_resize_x: int | None = Field(0, description=_IGNORED + " (hires fix is off)")
+    hr_resize_y: int | None = Field(0, description=_IGNORED + " (hires fix is off)")
     hr_checkpoint_name: str | None = Field(None, description=_IGNORED + " (hires fix is off)")
     hr_sampler_name: str | None = Field(None, description=_IGNORED + " (hires fix is off)")
     hr_scheduler: str | None = Field(None, description=_IGNORED + " (hires fix is off)")
-    hr_prompt: str = Field("", description=_IGNORED + " (hires fix is off)")
-    hr_negative_prompt: str = Field("", description=_IGNORED + " (hires fix is off)")
+    hr_prompt: str | None = Field("", description=_IGNORED + " (hires fix is off)")
+    hr_negative_prompt: str | None = Field("", description=_IGNORED + " (hires fix is off)")
+    # Forge's additions to the hires fix.
+    hr_additional_modules: list[str] | None = Field(default_factory=list, description=_IGNORED + " (hires fix is off)")
+    hr_cfg: float | None = Field(1.0, description=_IGNORED + " (hires fix is off)")
+    hr_distilled_cfg: float | None = Field(3.5, description=_IGNORED + " (hires fix is off)")
 
     @field_validator("width", "height")
     @classmethod

@@ -50,7 +50,7 @@ class ServiceConfig(BaseModel):
         description="Largest width or height a request may ask for.",
     )
     max_n: int = Field(10, ge=1, le=10, description="Most images one request may ask for (OpenAI allows 1..10).")
-    max_prompt_chars: int = Field(4000, ge=1, description="Longest prompt accepted, in characters.")
+    max_prompt_chars: int = Field(4000, ge=1, description="Longest prompt (and negative prompt) accepted, in characters.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still running after this gets 504.")
     image_ttl_s: float = Field(3600.0, gt=0, description="How long images returned as URLs stay downloadable.")
     image_store_mb: int = Field(256, ge=1, description="Memory for images returned as URLs; oldest go first.")

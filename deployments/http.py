@@ -7,11 +7,15 @@ inherits from, one per API family); Serve binds them to the replica (deployments
 
 from __future__ import annotations
 
+import json
+
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # A JSON body larger than this is refused before parsing (a 4000-character prompt is ~16 KB even fully escaped).
 MAX_BODY_BYTES = 1 << 20
@@ -79,8 +83,16 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             messages.append(f"{field} is required")
         else:
             msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+            if str(error.get("type")).endswith("_type"):  # a value of the wrong JSON type (true for an integer)
+                msg += f", got {_shown(error.get('input'))}"
             messages.append(f"{field}: {msg}")
     return JSONResponse(error_body("; ".join(messages), "invalid_request_error", first_param), status_code=422)
+
+
+def _shown(value, limit: int = 40) -> str:
+    """A client's value as JSON, cut to `limit` characters for an error message."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -123,14 +135,55 @@ async def _authenticate(request: Request, call_next):
     return await call_next(request)
 
 
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        return JSONResponse(
-            error_body(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}", "invalid_request_error"),
-            status_code=413,
-        )
-    return await call_next(request)
+class _LimitBody:
+    """Refuses a request body over MAX_BODY_BYTES with 413; outermost of the service's middleware (before the key).
+
+    A Content-Length over the limit is refused before anything is read (a body with one is held to it by the HTTP
+    server). A body without one (chunked) is read here first, and refused as soon as the bytes received pass the
+    limit, so at most the limit plus one chunk is ever held; under it, the route gets it as one message. A GET or HEAD
+    without Content-Length is passed on unread: no route reads its body, and streaming GETs read on to learn when the
+    client leaves.
+    Pure ASGI: an `@api.middleware` function could count the body only through Request.stream(), after which the
+    route would get an empty body.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return await _body_too_large(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}",
+                                         scope, receive, send)
+        if length is not None or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left mid-body: the route hears it
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY_BYTES:
+                return await _body_too_large(f"request body is over the limit of {MAX_BODY_BYTES} bytes",
+                                             scope, receive, send)
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        pending = [message]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _body_too_large(message: str, scope: Scope, receive: Receive, send: Send) -> None:
+    await JSONResponse(error_body(message, "invalid_request_error"), status_code=413)(scope, receive, send)
+
+
+api.add_middleware(_LimitBody)
 
 

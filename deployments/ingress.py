@@ -241,9 +241,11 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         cfg = self.config
         if body.model is not None and body.model not in self.model_names:
             raise ApiError(422, f"model {body.model!r} is not served here; use {cfg.model_name!r}", "model")
-        if len(body.prompt) > cfg.max_prompt_chars:
-            raise ApiError(422, f"prompt is {len(body.prompt)} characters; shorten it to at most "
-                                f"{cfg.max_prompt_chars}", "prompt")
+        for field in ("prompt", "negative_prompt"):
+            text = getattr(body, field) or ""
+            if len(text) > cfg.max_prompt_chars:
+                raise ApiError(422, f"{field} is {len(text)} characters; shorten it to at most "
+                                    f"{cfg.max_prompt_chars}", field)
         if body.n > cfg.max_n:
             raise ApiError(422, f"n must be at most {cfg.max_n}; got {body.n}", "n")
         if max(body.width, body.height) > cfg.max_image_side:

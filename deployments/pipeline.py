@@ -150,11 +150,21 @@ def _hub_reachable(endpoint: str, timeout_s: float) -> str | None:
         return f"cannot reach {endpoint} ({exc.__class__.__name__}: {exc})"
 
 
+def _hub_proxy(endpoint: str) -> str | None:
+    """The proxy the hub client's HTTP library (requests) sends `endpoint` through: HTTPS_PROXY, HTTP_PROXY or
+    ALL_PROXY for its scheme, unless NO_PROXY covers its host; None when it connects directly."""
+    from requests.utils import get_environ_proxies, select_proxy
+
+    return select_proxy(endpoint, get_environ_proxies(endpoint))
+
+
 def download_model(model_id: str = REAL_MODEL_ID, local_dir: Path | None = None) -> Path:
     """Fetch `model_id` from ModelScope into `local_dir` with its per-file progress bars; return the folder.
 
     Offline, it fails within DOWNLOAD_CONNECT_TIMEOUT_S with DownloadFailed naming the manual command, instead of
-    sitting through the hub client's retries. The endpoint is ModelScope's own setting (MODELSCOPE_ENDPOINT).
+    sitting through the hub client's retries. Behind a proxy (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY) that quick check
+    is skipped, since a direct connection says nothing about the proxied one: the hub client's own error, after its
+    retries, comes with the manual command instead. The endpoint is ModelScope's own setting (MODELSCOPE_ENDPOINT).
     """
     from modelscope import snapshot_download
     from modelscope_hub.config import HubConfig
@@ -162,7 +172,7 @@ def download_model(model_id: str = REAL_MODEL_ID, local_dir: Path | None = None)
     target = Path(local_dir or default_download_dir(model_id)).expanduser()
     manual = f"modelscope download --model {model_id} --local_dir {target}"
     endpoint = HubConfig().endpoint
-    problem = _hub_reachable(endpoint, DOWNLOAD_CONNECT_TIMEOUT_S)
+    problem = None if _hub_proxy(endpoint) else _hub_reachable(endpoint, DOWNLOAD_CONNECT_TIMEOUT_S)
     if problem:
         raise DownloadFailed(
             f"{problem}. This machine looks offline. Download on a connected machine with\n  {manual}\n"

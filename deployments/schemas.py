@@ -39,13 +39,15 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str = Field(description="What to draw.")
     model: str | None = Field(None, description="Served model name (see /v1/models); default: the served model.")
-    n: int = Field(1, ge=1, le=10, description="Number of images, 1..10.")
+    # Integer fields are strict (as in a1111.py): JSON true would otherwise pass as 1 and false as 0.
+    n: int = Field(1, ge=1, le=10, strict=True, description="Number of images, 1..10.")
     size: str = Field("1024x1024", description="'WxH', each side a multiple of 16 between 64 and 2048.")
     response_format: Literal["b64_json", "url"] = Field("b64_json", description="Inline base64 or a URL to GET.")
     user: str | None = Field(None, max_length=256, description="End-user id (accepted for compatibility, unused).")
     # Extensions.
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed + i.")
-    steps: int = Field(9, ge=1, le=50, description="Denoising steps (Z-Image-Turbo is tuned for 9).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True,
+                             description="Seed of the first image; image i uses seed + i.")
+    steps: int = Field(9, ge=1, le=50, strict=True, description="Denoising steps (Z-Image-Turbo is tuned for 9).")
     negative_prompt: str | None = Field(None, description="What to avoid (only used when guidance_scale > 0).")
     guidance_scale: float = Field(0.0, ge=0.0, le=20.0, description="Classifier-free guidance; 0 for Turbo.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
@@ -54,7 +56,7 @@ class ImageGenerationRequest(BaseModel):
     style: str | None = Field(None, description="Ignored (OpenAI compatibility).")
     background: str | None = Field(None, description="Ignored (OpenAI compatibility).")
     moderation: str | None = Field(None, description="Ignored (OpenAI compatibility).")
-    output_compression: int | None = Field(None, ge=0, le=100, description="JPEG/WebP quality, 0..100.")
+    output_compression: int | None = Field(None, ge=0, le=100, strict=True, description="JPEG/WebP quality, 0..100.")
     lora: str | None = Field(
         None, max_length=128,
         description="Name of a LoRA adapter in the service's LoRA folder (GET /v1/loras); none by default.",

@@ -79,6 +79,7 @@ def test_send_images_false_returns_no_images(client):
     ({"alwayson_scripts": {"controlnet": {"args": []}}}, "extensions are not supported"),
     ({"init_images": ["abc"]}, "unknown field 'init_images'"),
     ({"prompt": "  "}, "prompt must not be empty"),
+    ({"negative_prompt": "x" * 201}, "negative_prompt is 201 characters; shorten it to at most 200"),
 ])
 def test_bad_input_is_422_saying_what_to_change(client, change, says):
     response = client.post(TXT2IMG, json={**CLIENT_DEFAULTS, **change})

@@ -81,6 +81,8 @@ def test_other_output_formats(client, fmt):
         ({"prompt": "a fox", "steps": 51}, "steps", "less than or equal to 50"),
         ({"prompt": ""}, "prompt", "must not be empty"),
         ({"prompt": "x" * 201}, "prompt", "shorten it to at most 200"),
+        ({"prompt": "a fox", "negative_prompt": "x" * 201}, "negative_prompt", "shorten it to at most 200"),
+        ({"prompt": "a fox", "n": True}, "n", "valid integer, got true"),
         ({"size": "64x64"}, "prompt", "prompt is required"),
         ({"prompt": "a fox", "sampler": "euler"}, "sampler", "unknown field 'sampler'"),
         ({"prompt": "a fox", "model": "dall-e-3"}, "model", "use 'z-image-turbo'"),
@@ -110,6 +112,10 @@ def test_malformed_json_and_huge_body_are_refused(client):
     response = client.post(GENERATE, content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422 and "not valid JSON" in response.json()["error"]["message"]
     response = client.post(GENERATE, content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    # Without a Content-Length (chunked), the body is counted as it arrives.
+    response = client.post(GENERATE, content=(b" " * (64 << 10) for _ in range(48)),
+                           headers={"content-type": "application/json"})
     assert response.status_code == 413
 
 

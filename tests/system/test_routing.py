@@ -129,3 +129,24 @@ def test_round_robin_and_rays_default_router_would_hit_out_of_memory(tier_aware)
             refused[re.search(r"last on (\w+)", answer.text).group(1)] = answer.json()
     print(f"round robin + default router: {len(refused)} of {len(answers)} requests hit out-of-memory")
     assert set(refused) == too_small, (refused, too_small)
+    # So the cards refuse exactly what the memory model says they cannot hold, degraded retry included. The mixed
+    # workload above, sent one request at a time through this rotation, would hit out-of-memory this often:
+    would_fail = rotation_out_of_memory(tiers, budgets)
+    print(f"the mixed workload ({len(WORKLOAD)} requests) through round robin: {would_fail} chunk(s) out of memory")
+    assert would_fail > 0
+
+
+def rotation_out_of_memory(tiers: list[str], budgets: dict) -> int:
+    """Chunks of WORKLOAD that round robin (deployments/dispatch.py assign_baseline) would put on a card that cannot
+    hold them even degraded, for a rotation starting at the first tier."""
+    rotation = failed = 0
+    for side, n in WORKLOAD:
+        remaining = n
+        while remaining:
+            tier = tiers[rotation % len(tiers)]
+            rotation += 1
+            profile = default_profile(tier, budgets[tier][1])
+            size = min(remaining, profile.max_n)
+            failed += predict_peak(side, side, size, degraded_profile(profile) or profile).total > budgets[tier][0]
+            remaining -= size
+    return failed

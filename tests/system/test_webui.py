@@ -1,15 +1,17 @@
 """The web UI in a real browser (Debian's Chromium driven by Playwright) against the simulated mixed fleet.
 
 Types a prompt, clicks Generate, watches each image's progress bar advance and the images appear, and reads the fleet
-view; the screenshots are saved under the test's temporary folder (their paths are printed).
+view; the screenshots are saved in test-output/webui/ at the repo root (gitignored; their paths are printed).
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import sync_playwright
 
 from tests.system.conftest import deploy, wait_for_replicas
 
@@ -34,10 +36,9 @@ def url(mixed_fleet):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
     if shutil.which(CHROMIUM) is None:
-        pytest.skip(f"{CHROMIUM} missing: apt-get install chromium (tests/tools/install.sh)")
-    with sync_api.sync_playwright() as playwright:
+        pytest.fail(f"{CHROMIUM} missing: run tests/tools/install.sh (it runs apt-get install chromium)")
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         yield browser
         browser.close()
@@ -52,7 +53,20 @@ def test_page_and_its_files_are_served_and_nothing_else(url):
         assert httpx.get(f"{url}{escape}", timeout=30).status_code == 404, escape
 
 
-def test_generate_shows_progress_then_images_and_the_fleet_lists_every_card(url, browser, tmp_path):
+@pytest.fixture(scope="module")
+def shots(repo_root) -> Path:
+    """Where the screenshots go, kept after the run for people to look at."""
+    folder = repo_root / "test-output" / "webui"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def screenshot(page, path: Path, **options) -> None:
+    page.screenshot(path=str(path), **options)
+    print(f"screenshot: {path}")
+
+
+def test_generate_shows_progress_then_images_and_the_fleet_lists_every_card(url, browser, shots):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.goto(url)
     # The fleet view lists the five simulated cards with their tiers and VRAM bars.
@@ -88,7 +102,7 @@ def test_generate_shows_progress_then_images_and_the_fleet_lists_every_card(url,
     try:  # a picture of the bars mid-way, for people (the assertions below use the recorded values)
         page.wait_for_selector("#gallery .progress[aria-valuenow]:not([aria-valuenow='0']):not(.finished)",
                                timeout=30_000)
-        page.screenshot(path=str(tmp_path / "webui-progress.png"), full_page=True)
+        screenshot(page, shots / "webui-progress.png", full_page=True)
     except Exception:
         pass
     page.wait_for_function("document.querySelectorAll('#gallery .tile.done img').length === 2", timeout=180_000)
@@ -101,13 +115,11 @@ def test_generate_shows_progress_then_images_and_the_fleet_lists_every_card(url,
     assert size == [[512, 512], [512, 512]]
     assert page.locator("#status").inner_text() == "done"
     assert [(body["lora"], body["lora_scale"]) for body in sent] == [("tiny-ink", 0.8)] * 2
-    shot = tmp_path / "webui.png"
-    page.screenshot(path=str(shot), full_page=True)
-    print(f"screenshot: {shot}")
+    screenshot(page, shots / "webui.png", full_page=True)
     page.close()
 
 
-def test_a_rejected_request_shows_the_reason_on_its_tile(url, browser, tmp_path):
+def test_a_rejected_request_shows_the_reason_on_its_tile(url, browser, shots):
     page = browser.new_page()
     page.goto(url)
     page.fill("#prompt", "a red fox")
@@ -117,5 +129,5 @@ def test_a_rejected_request_shows_the_reason_on_its_tile(url, browser, tmp_path)
     page.click("#generate")
     page.wait_for_selector("#gallery .tile.failed", timeout=60_000)
     assert "seed" in page.locator("#gallery .tile.failed .error").inner_text()
-    page.screenshot(path=str(tmp_path / "webui-error.png"))
+    screenshot(page, shots / "webui-error.png")
     page.close()

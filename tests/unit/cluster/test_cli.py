@@ -1,8 +1,11 @@
 """The `zit` command without a cluster: configuration, download, and error paths."""
 
+import contextlib
+import http.server
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -53,13 +56,10 @@ def test_download_offline_fails_fast_with_the_manual_command(tmp_path):
     assert elapsed < DOWNLOAD_CONNECT_TIMEOUT_S + 30  # the hub client's own retries take longer than this
 
 
-def test_download_reaches_the_hub_client_when_the_network_answers(tmp_path):
-    """A loopback server that answers every request with 500 stands in for a broken hub: the error is ModelScope's,
-    wrapped with the manual command, which proves the request went through modelscope.snapshot_download."""
-    import http.server
-    import threading
-
-    hits = []
+@contextlib.contextmanager
+def answering_500(hits: list[str]):
+    """A loopback HTTP server that answers every request with 500 and records the target it was asked for; yields
+    its URL."""
 
     class Broken(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -75,14 +75,39 @@ def test_download_reaches_the_hub_client_when_the_network_answers(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        env = {"MODELSCOPE_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "PATH": "/usr/bin:/bin",
-               "HOME": str(tmp_path)}
-        proc = subprocess.run(
-            [sys.executable, "-m", "cluster.cli", "download", "--dir", str(tmp_path / "zit")],
-            capture_output=True, text=True, env=env, timeout=300,
-        )
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+def zit_download(tmp_path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "download", "--dir", str(tmp_path / "zit")],
+        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env}, timeout=300,
+    )
+
+
+def test_download_reaches_the_hub_client_when_the_network_answers(tmp_path):
+    """A loopback server that answers every request with 500 stands in for a broken hub: the error is ModelScope's,
+    wrapped with the manual command, which proves the request went through modelscope.snapshot_download."""
+    hits = []
+    with answering_500(hits) as hub:
+        proc = zit_download(tmp_path, MODELSCOPE_ENDPOINT=hub)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "download of Tongyi-MAI/Z-Image-Turbo failed" in proc.stdout
     assert any("Tongyi-MAI" in path for path in hits), hits
+
+
+def test_download_behind_a_proxy_skips_the_direct_check_and_goes_through_the_proxy(tmp_path):
+    """The hub is a closed port, unreachable directly, as from a machine whose only way out is its proxy: the direct
+    pre-check would call it offline; instead the hub client's requests reach the proxy (here a loopback server that
+    answers 500), asking for the hub's URL. Which variables count: test_pipeline.py."""
+    hub = f"http://127.0.0.1:{refused_port()}"
+    hits = []
+    with answering_500(hits) as proxy:
+        proc = zit_download(tmp_path, MODELSCOPE_ENDPOINT=hub, HTTP_PROXY=proxy)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "looks offline" not in proc.stdout
+    assert "download of Tongyi-MAI/Z-Image-Turbo failed" in proc.stdout
+    assert f"modelscope download --model Tongyi-MAI/Z-Image-Turbo --local_dir {tmp_path / 'zit'}" in proc.stdout
+    assert any(path.startswith(hub) and "Tongyi-MAI" in path for path in hits), hits

@@ -87,3 +87,24 @@ def test_missing_model_says_how_to_get_it(tmp_path, monkeypatch):
         resolve_model(str(tmp_path / "empty"))
     with pytest.raises(ModelNotFound, match="not found"):
         resolve_model(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("env, endpoint, proxy", [
+    ({}, "https://hub.example", None),
+    ({"HTTPS_PROXY": "http://proxy:3128"}, "https://hub.example", "http://proxy:3128"),
+    ({"https_proxy": "http://proxy:3128"}, "https://hub.example", "http://proxy:3128"),
+    ({"HTTPS_PROXY": "http://proxy:3128"}, "http://hub.example", None),  # a proxy for the other scheme
+    ({"HTTP_PROXY": "http://proxy:3128"}, "http://hub.example", "http://proxy:3128"),
+    ({"ALL_PROXY": "socks5://proxy:1080"}, "https://hub.example", "socks5://proxy:1080"),
+    ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "hub.example"}, "https://hub.example", None),
+])
+def test_the_hub_proxy_is_the_one_the_hub_client_would_take(monkeypatch, env, endpoint, proxy):
+    """`zit download` tries a direct connection to the hub first only when the hub client would connect directly."""
+    from deployments.pipeline import _hub_proxy
+
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _hub_proxy(endpoint) == proxy

@@ -61,3 +61,11 @@ def test_unknown_field_is_named():
 def test_openai_only_fields_are_accepted():
     request = make(quality="hd", style="vivid", background="auto", moderation="low", user="u1", model="dall-e-3")
     assert request.quality == "hd"
+
+
+@pytest.mark.parametrize("field", ["n", "seed", "steps", "output_compression"])
+def test_a_boolean_is_not_taken_for_an_integer(field):
+    with pytest.raises(ValidationError) as info:
+        make(**{field: True})
+    assert [(error["loc"], error["type"]) for error in info.value.errors()] == [((field,), "int_type")]
+    assert getattr(make(**{field: 1}), field) == 1

@@ -17,7 +17,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.memory import GIB, Calibration, fits, load_calibration, predict_peak, predict_phases  # noqa: E402
+from cluster.memory import (  # noqa: E402
+    GIB, Calibration, fits, largest_batch, largest_square, load_calibration, predict_peak, predict_phases,
+)
 from cluster.profiles import DTYPE_BYTES  # noqa: E402
 from cluster.planning import default_tiers  # noqa: E402
 from cluster.profiles import default_profile  # noqa: E402
@@ -92,6 +94,16 @@ def render(cal: Calibration) -> str:
         "0.3 GB per card. A simulated card holds each adapter's bytes while it is loaded and refuses one that does not fit.",
         "The tables below are without adapters.",
         "",
+        "Classifier-free guidance (a request's `guidance_scale` > 0; A1111's `cfg_scale` > 1): diffusers' ZImagePipeline",
+        "then runs the transformer on 2n latents each step (every image and its negative-prompt twin, each with its",
+        "prompt's tokens), so the per-token activation term counts 2n images (its request-independent base once). The",
+        "negative prompt is encoded by a second text-encoder call after the first has returned, so the encode phase's",
+        "peak does not grow, and decode handles n images as without guidance. Admission, chunking, the in-tier router and",
+        "the simulated cards all use the guided peak (`zit plan --guidance G` shows it); the time model doubles a step's",
+        "arithmetic (weights streamed over PCIe still cross once per step) and the prompt encoding. This is read from",
+        "diffusers' pipeline code, not measured: calibration runs are unguided. Turbo's default is guidance 0: the",
+        "tables below are unguided except the last, which gives what each tier accepts guided.",
+        "",
         "Per-tier technique (bf16 as the tier's typical card: none on the 4 and 6 GB GTX 16xx / RTX 20xx):",
         "",
         "| tier | nominal VRAM | bf16 | profile | technique |",
@@ -126,6 +138,24 @@ def render(cal: Calibration) -> str:
                     f"{act / GIB:.2f} | {comfy_working_bytes(side, n, dtype_bytes) / GIB:.2f} | "
                     f"{invoke_working_bytes(side, n, dtype_bytes) / GIB:.2f} | - |"
                 )
+    out += [
+        "",
+        "## Guided requests (classifier-free guidance)",
+        "",
+        "The largest square side each tier accepts at n=1 and the most 1024x1024 images per call, without and with",
+        "guidance, and the guided peak of one 1024x1024 image (against the tier's nominal VRAM).",
+        "",
+        "| tier | side at n=1 | guided | 1024 images per call | guided | guided 1024 n=1 peak GiB (phase) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, (budget, bf16) in tiers.items():
+        p = default_profile(name, bf16)
+        est = predict_peak(1024, 1024, 1, p, cal, cfg=True)
+        out.append(
+            f"| {name} | {largest_square(p, budget, 1, cal)} | {largest_square(p, budget, 1, cal, cfg=True)} | "
+            f"{largest_batch(1024, 1024, p, budget, cal)} | {largest_batch(1024, 1024, p, budget, cal, cfg=True)} | "
+            f"{est.total / GIB:.2f} ({est.phase}) |"
+        )
     out += [
         "",
         "## The seed article's claims beside the model",

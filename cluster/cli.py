@@ -1,10 +1,10 @@
 """The `zit` command: run the service, see the fleet, fetch weights, generate from the shell.
 
   zit up [--fleet FILE | --cpu] [--model tiny|PATH|Tongyi-MAI/Z-Image-Turbo] [--config serve_config.yaml] [--detach]
-         [--split CARD=TIER]
+         [--split CARD=TIER] [--tiers GB,GB,...]
   zit down
-  zit fleet [--fleet FILE] [--json]
-  zit node --address HEAD [--fleet FILE] [--host NAME] [--split CARD=TIER]
+  zit fleet [--fleet FILE] [--json] [--tiers GB,GB,...]
+  zit node --address HEAD[:PORT] [--fleet FILE] [--host NAME] [--split CARD=TIER] [--tiers GB,GB,...]
   zit download [--model Tongyi-MAI/Z-Image-Turbo] [--dir DIR]
   zit generate "a red fox" --size 256x256 --n 2 -o out/
 """
@@ -83,7 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from cluster import local
-    from cluster.node import apply_splits, nodes_for_cards
+    from cluster.node import apply_splits, cards_to_join, nodes_for_cards
     from cluster.tiers import tiers_for_cards
 
     try:
@@ -132,7 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         for line in skipped:
             _say(f"  skipped: {line}")
         if not nodes:
-            _say("error: no card is large enough to serve (the smallest tier is 4 GB); use --cpu")
+            _say(f"error: no card can serve ({_no_card_why()}); use --cpu")
             return 2
         configured = config.tiers if "tiers" in config.model_fields_set else None
         config = config.model_copy(update={"tiers": tiers_for_cards([n.card for n in nodes], configured)})
@@ -146,7 +146,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     fresh = local.start_head(dashboard=args.dashboard)
     if not fresh:
-        _say("A Ray cluster is already running here; deploying onto it.")
+        _say("A Ray cluster is already running here; deploying onto it (its processes keep the tier table they "
+             "started with: `zit down` first to change --tiers).")
 
     import ray
     from ray import serve
@@ -156,14 +157,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     present = {n["labels"].get("zit/card"): n["labels"] for n in card_nodes() if n["alive"]}
-    missing = [n for n in nodes if n.card.uuid not in present]
-    for node in nodes:  # a card already joined keeps the resources it joined with
-        joined = present.get(node.card.uuid)
-        if joined and (joined.get("zit/tier"), joined.get("zit/slots", "1")) != (node.card.tier,
-                                                                               str(node.card.slots)):
-            _say(f"warning: {node.card.name} [{node.card.uuid}] joined earlier as {joined.get('zit/tier')} x "
-                 f"{joined.get('zit/slots', '1')}; `zit down` first to serve it as {node.card.tier} x "
-                 f"{node.card.slots}")
+    missing, _, warnings = cards_to_join(nodes, present)
+    for line in warnings:  # a card already joined keeps the resources it joined with
+        _say(line)
     if missing:
         _say(f"Starting {len(missing)} card node(s) ...")
         from cluster.node import start_card_nodes
@@ -259,18 +255,35 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     header = f"{'#':>3}  {'card':<34} {'tier':<10} {'total':>7} {'free':>7}  {'cc':<4} {'bf16':<4} {'util':>5}  host"
     _say(header)
     for c in cards:
+        if c.error:  # a lost card: what NVML said instead of its readings
+            _say(f"{c.index:>3}  {c.name[:34]:<34} {'FAILED':<10} {c.error}  {c.host or socket_host()}"
+                 + ("  (simulated)" if c.simulated else ""))
+            continue
         util = "-" if c.utilization_pct is None else f"{c.utilization_pct:.0f}%"
         tier = f"{c.tier} x{c.slots}" if c.slots > 1 else (c.tier or "too small")
         _say(f"{c.index:>3}  {c.name[:34]:<34} {tier:<10} {c.memory_total / 2**30:6.1f}G "
              f"{c.memory_free / 2**30:6.1f}G  {c.compute_capability[0]}.{c.compute_capability[1]:<2} "
              f"{'yes' if c.bf16 else 'no':<4} {util:>5}  {c.host or socket_host()}"
              + ("  (simulated)" if c.simulated else ""))
+    from cluster.tiers import tier_gib
+
     tiers: dict[str, int] = {}
     for c in cards:
-        tiers[c.tier or "too small"] = tiers.get(c.tier or "too small", 0) + c.slots
-    _say(f"{len(cards)} card(s): " + ", ".join(f"{n} x {t}" for t, n in tiers.items())
+        kind = "failed" if c.error else c.tier or "too small"
+        tiers[kind] = tiers.get(kind, 0) + c.slots
+    # Smallest tier first; cards that serve no tier last.
+    order = sorted(tiers, key=lambda t: (0, tier_gib(t)) if t.startswith("vram_") else (1, t))
+    _say(f"{len(cards)} card(s): " + ", ".join(f"{tiers[t]} x {t}" for t in order)
          + (" (split cards count once per slot)" if any(c.slots > 1 for c in cards) else ""))
     return 0
+
+
+def _no_card_why() -> str:
+    """Why no card joins, in general terms: see the skipped lines printed above it."""
+    from cluster.tiers import vram_tiers
+
+    smallest = min(vram_tiers().values())
+    return f"each is failed, below the smallest tier ({smallest:g} GB), or too full; see the skipped lines above"
 
 
 def socket_host() -> str:
@@ -283,7 +296,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     """Join this host's cards (or one simulated host's cards) to a running cluster, one Ray node per card."""
     from pydantic import ValidationError
 
-    from cluster.node import nodes_for_cards, start_card_nodes
+    from cluster.node import cards_to_join, joined_cards, nodes_for_cards, start_card_nodes, with_default_port
     from cluster.nvml import NvmlUnavailable
 
     try:
@@ -306,10 +319,21 @@ def cmd_node(args: argparse.Namespace) -> int:
     for line in skipped:
         _say(f"skipped: {line}")
     if not nodes:
-        _say("error: no card here is large enough to serve (the smallest tier is 4 GB)")
+        _say(f"error: no card here can serve ({_no_card_why()})")
         return 2
+    address = with_default_port(args.address)
+    try:  # a card already in the cluster (`zit node` run twice) is not joined again
+        missing, already, warnings = cards_to_join(nodes, joined_cards(address))
+    except Exception as exc:  # Ray's GCS client raises its own errors; `ray start` below says what is wrong
+        _say(f"warning: could not list the cards already in {address} ({str(exc).splitlines()[0][:300]}); "
+             "joining every card")
+        missing, already, warnings = nodes, [], []
+    for line in already + warnings:
+        _say(line)
+    if not missing:
+        return 0
     try:
-        for line in start_card_nodes(args.address, nodes, node_ip=args.node_ip):
+        for line in start_card_nodes(address, missing, node_ip=args.node_ip):
             _say(line)
     except RuntimeError as exc:
         _say(f"error: {exc}")
@@ -414,6 +438,25 @@ def _add_split_argument(parser: argparse.ArgumentParser) -> None:
                              "vram_12 slots); CARD is an index (digits), a UUID or part of the name; repeatable")
 
 
+def _tiers_option(text: str) -> str:
+    """--tiers GB,GB,...: validated (cluster/tiers.py parse_vram_tiers), given back as the variable's value."""
+    from cluster.tiers import parse_vram_tiers
+
+    try:
+        return ",".join(f"{gb:g}" for gb in parse_vram_tiers(text, "--tiers").values())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _add_tiers_argument(parser: argparse.ArgumentParser) -> None:
+    """--tiers for zit up, node, fleet and plan: the tier table, set for this process and the Ray processes it
+    starts (main)."""
+    parser.add_argument("--tiers", dest="vram_tiers", type=_tiers_option, metavar="GB,GB,...",
+                        help="VRAM tiers by lower bound in whole GB, e.g. 4,8,12,24 (tiers vram_4 ... vram_24; a card "
+                             "joins the largest it reaches with 90%% of its memory). Default: $ZIT_VRAM_TIERS_GB, else "
+                             "4,6,8,12,16,24. Use the same on every zit up / zit node of one cluster")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from deployments.config import REAL_MODEL_ID
 
@@ -432,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--lora-dir", help="folder of LoRA adapters (<name>.safetensors) requests may name in 'lora' "
                     "(default with the tiny model: its own two adapters)")
     _add_split_argument(up)
+    _add_tiers_argument(up)
     up.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (default %(default)s)")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
     up.add_argument("--detach", action="store_true", help="return once serving; stop later with `zit down`")
@@ -445,13 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--fleet", type=Path, help="a simulated fleet file instead of the real cards")
     fleet.add_argument("--json", action="store_true", help="machine-readable output")
     _add_split_argument(fleet)
+    _add_tiers_argument(fleet)
     fleet.set_defaults(func=cmd_fleet)
 
     node = sub.add_parser("node", help="join this host's cards to a cluster, one Ray node per card")
-    node.add_argument("--address", required=True, help="the Ray head, HOST:PORT (port 6379 by default)")
+    node.add_argument("--address", required=True, help="the Ray head, HOST[:PORT] (port 6379 when none is given)")
     node.add_argument("--fleet", type=Path, help="join simulated cards of this fleet file instead of real ones")
     node.add_argument("--host", help="with --fleet: only the cards of this host of the fleet file")
     _add_split_argument(node)
+    _add_tiers_argument(node)
     node.add_argument("--node-ip", help="this host's address as the head sees it (default: Ray's guess)")
     node.set_defaults(func=cmd_node)
 
@@ -478,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.planning import add_calibrate_parser, add_plan_parser
 
     add_plan_parser(sub)
+    _add_tiers_argument(sub.choices["plan"])
     add_calibrate_parser(sub)
     from autoscaling.cli import add_simulate_parser
     add_simulate_parser(sub)
@@ -486,6 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "vram_tiers"):  # a command that classifies cards
+        from cluster.tiers import ZIT_VRAM_TIERS_GB_ENV, vram_tiers
+
+        if args.vram_tiers:  # before any card is classified; the Ray processes started later inherit it
+            os.environ[ZIT_VRAM_TIERS_GB_ENV] = args.vram_tiers
+        try:
+            vram_tiers()
+        except ValueError as exc:
+            _say(f"error: {exc}")
+            return 2
     return args.func(args)
 
 

@@ -14,6 +14,12 @@ Activations: transformer = n x (image tokens + prompt tokens) x bytes per token;
 (VAE factor 8, patch 2); prompt tokens: the pipeline pads every prompt to 512. VAE decode = bytes per pixel x pixels
 x images decoded at once; tiling caps the pixels at one tile, slicing decodes one image at a time. Activation
 coefficients are for a 2-byte compute dtype and double in float32.
+Classifier-free guidance (`cfg`, a request's guidance_scale > 0, as diffusers' ZImagePipeline decides
+`do_classifier_free_guidance`): every step runs the transformer on 2n latents (the n images and their negative-prompt
+twins, each with its own prompt tokens), so the per-token activation term counts 2n images; the request-independent
+activation base does not double. The negative prompt is encoded by a second text-encoder call after the first has
+returned (batch one prompt each time), so the encode phase's peak does not grow (the first call's embeddings, a few
+MiB, stay below the margin), and the decode phase decodes n images as without guidance.
 
 Every term is named in MemoryEstimate. The numbers come from a Calibration (cluster/calibration/default.json, or the
 file in ZIT_CALIBRATION_FILE); the shipped default is an estimate from the model's sizes and published estimates
@@ -146,17 +152,24 @@ def image_tokens(width: int, height: int) -> int:
     return math.ceil(width / PIXELS_PER_TOKEN_SIDE) * math.ceil(height / PIXELS_PER_TOKEN_SIDE)
 
 
+def uses_cfg(guidance_scale: float) -> bool:
+    """Whether a request with this guidance_scale runs classifier-free guidance (diffusers' ZImagePipeline:
+    `do_classifier_free_guidance` is `guidance_scale > 0`), which doubles the transformer's batch."""
+    return guidance_scale > 0
+
+
 def predict_peak(
-    width: int, height: int, n: int, profile: Profile, calibration: Calibration | None = None
+    width: int, height: int, n: int, profile: Profile, calibration: Calibration | None = None, cfg: bool = False
 ) -> MemoryEstimate:
-    """Peak bytes of generating n images of width x height in one call under `profile` (see the module docstring).
+    """Peak bytes of generating n images of width x height in one call under `profile` (see the module docstring);
+    `cfg`: with classifier-free guidance (the transformer runs 2n latents).
 
     Algorithm: compute the bytes on the card in each phase (encode, denoise, decode), take the phase with the most,
     add the context and a margin of max(margin_min_bytes, margin_fraction x subtotal). Pure arithmetic; never fails
     for positive sizes.
     """
     cal = calibration or load_calibration()
-    peak = max(predict_phases(width, height, n, profile, cal).values(), key=lambda e: e.total)
+    peak = max(predict_phases(width, height, n, profile, cal, cfg).values(), key=lambda e: e.total)
     context = int(cal.context_bytes)
     margin = int(max(cal.margin_min_bytes, cal.margin_fraction * (peak.total + context)))
     return MemoryEstimate(peak.weights, peak.activations, peak.vae, peak.text_encoder, context, margin, peak.phase)
@@ -177,9 +190,10 @@ def resident_bytes(profile: Profile, calibration: Calibration | None = None) -> 
 
 
 def predict_phases(
-    width: int, height: int, n: int, profile: Profile, calibration: Calibration | None = None
+    width: int, height: int, n: int, profile: Profile, calibration: Calibration | None = None, cfg: bool = False
 ) -> dict[str, MemoryEstimate]:
-    """Bytes on the card in each phase ('encode', 'denoise', 'decode'), without context and margin."""
+    """Bytes on the card in each phase ('encode', 'denoise', 'decode'), without context and margin. With `cfg` the
+    transformer's per-token activations count 2n images (the module docstring says why nothing else changes)."""
     cal = calibration or load_calibration()
     c = DTYPE_BYTES[profile.compute_dtype]
     scale = c / REFERENCE_DTYPE_BYTES
@@ -206,9 +220,10 @@ def predict_phases(
         cal.vae_decode_bytes_per_pixel * scale * per_image_px * decoded_at_once
         + cal.vae_output_bytes_per_pixel * width * height * n
     )
+    transformer_batch = 2 * n if cfg else n  # guidance: each image and its negative-prompt twin
     activations = int(
         cal.activation_base_bytes * scale
-        + cal.activation_bytes_per_token * scale * n * (image_tokens(width, height) + cal.prompt_tokens)
+        + cal.activation_bytes_per_token * scale * transformer_batch * (image_tokens(width, height) + cal.prompt_tokens)
     )
 
     return {
@@ -261,40 +276,46 @@ def effective_budget(profile: Profile, budget_bytes: int) -> int:
 
 
 def fits(
-    width: int, height: int, n: int, profile: Profile, budget_bytes: int, calibration: Calibration | None = None
+    width: int, height: int, n: int, profile: Profile, budget_bytes: int, calibration: Calibration | None = None,
+    cfg: bool = False,
 ) -> str | None:
-    """None when n images of width x height fit `budget_bytes` under `profile`, else why not, with the numbers."""
+    """None when n images of width x height (with classifier-free guidance when `cfg`) fit `budget_bytes` under
+    `profile`, else why not, with the numbers."""
     if width * height > profile.max_pixels:
         return f"{width}x{height} is {width * height} pixels, above profile {profile.name}'s max_pixels {profile.max_pixels}"
     if n > profile.max_n:
         return f"n={n} is above profile {profile.name}'s max_n {profile.max_n}; split it into chunks"
-    estimate = predict_peak(width, height, n, profile, calibration)
+    estimate = predict_peak(width, height, n, profile, calibration, cfg)
     budget = effective_budget(profile, budget_bytes)
     if estimate.total > budget:
         worst = max(("weights", "activations", "vae", "text_encoder"), key=lambda k: getattr(estimate, k))
+        guided = " with classifier-free guidance (transformer batch doubled)" if cfg else ""
         return (
-            f"predicted peak {estimate.total / GIB:.2f} GiB ({estimate.phase} phase; largest term {worst} "
+            f"predicted peak{guided} {estimate.total / GIB:.2f} GiB ({estimate.phase} phase; largest term {worst} "
             f"{getattr(estimate, worst) / GIB:.2f} GiB) is above the {budget / GIB:.2f} GiB budget"
         )
     return None
 
 
 def largest_batch(
-    width: int, height: int, profile: Profile, budget_bytes: int, calibration: Calibration | None = None
+    width: int, height: int, profile: Profile, budget_bytes: int, calibration: Calibration | None = None,
+    cfg: bool = False,
 ) -> int:
-    """The most images of width x height one call fits in `budget_bytes` (0 if not even one), at most max_n."""
+    """The most images of width x height one call fits in `budget_bytes` (0 if not even one), at most max_n; with
+    `cfg`, guided images (each costs the transformer twice the activations)."""
     best = 0
     for n in range(1, profile.max_n + 1):  # at most 16 evaluations of a few multiplications
-        if fits(width, height, n, profile, budget_bytes, calibration) is not None:
+        if fits(width, height, n, profile, budget_bytes, calibration, cfg) is not None:
             break
         best = n
     return best
 
 
 def largest_square(
-    profile: Profile, budget_bytes: int, n: int = 1, calibration: Calibration | None = None
+    profile: Profile, budget_bytes: int, n: int = 1, calibration: Calibration | None = None, cfg: bool = False
 ) -> int:
-    """The largest side (multiple of 16, at most 2048) of n square images that fit, or 0 if none does.
+    """The largest side (multiple of 16, at most 2048) of n square images (guided when `cfg`) that fit, or 0 if none
+    does.
 
     Binary search over sides: the peak never decreases as the side grows (every term is non-decreasing in pixels).
     """
@@ -302,7 +323,7 @@ def largest_square(
     while lo < hi:
         mid = (lo + hi + 1) // 2
         side = mid * PIXELS_PER_TOKEN_SIDE
-        if fits(side, side, n, profile, budget_bytes, calibration) is None:
+        if fits(side, side, n, profile, budget_bytes, calibration, cfg) is None:
             lo = mid
         else:
             hi = mid - 1

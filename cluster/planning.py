@@ -1,8 +1,9 @@
 """`zit plan` (which tier can hold a request, from the memory model) and `zit calibrate` (measure it on a GPU).
 
-  zit plan --size 1024x1024 --n 4 [--steps 9] [--fleet FILE] [--json]
+  zit plan --size 1024x1024 --n 4 [--steps 9] [--guidance G] [--fleet FILE] [--config FILE] [--json]
   zit calibrate --random-weights full --emulate-tiers          # on a CUDA machine, no download
   zit calibrate --model tiny --device cpu --dry-run            # the same code path on a CPU, nothing measured
+  zit calibrate --model /models/zit --emulate-tiers            # the real weights, from a diffusers-format folder
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from cluster.memory import (
     largest_square,
     load_calibration,
     predict_peak,
+    uses_cfg,
 )
 from cluster.profiles import ACCELERATOR_ONLY_PLACEMENTS, Profile, default_profile
 from deployments.schemas import parse_size
-from cluster.tiers import VRAM_TIERS_GIB, tier_vram_bytes
+from cluster.tiers import VRAM_TIERS_GIB, tier_vram_bytes, vram_tiers
 
 if TYPE_CHECKING:
     from diffusers import ZImagePipeline
@@ -47,8 +49,8 @@ CALIBRATION_STEPS = 2
 
 
 def default_tiers() -> dict[str, tuple[int, bool]]:
-    """Every VRAM tier at its nominal size; bf16 as its typical card (see NO_BF16_TIERS)."""
-    return {name: (tier_vram_bytes(name), name not in NO_BF16_TIERS) for name in VRAM_TIERS_GIB}
+    """Every VRAM tier of the table in force at its nominal size; bf16 as its typical card (see NO_BF16_TIERS)."""
+    return {name: (tier_vram_bytes(name), name not in NO_BF16_TIERS) for name in vram_tiers()}
 
 
 def fleet_tiers(path: str | Path) -> dict[str, tuple[int, bool]]:
@@ -57,6 +59,43 @@ def fleet_tiers(path: str | Path) -> dict[str, tuple[int, bool]]:
     from cluster.tiers import tiers_for_cards
 
     return {t.name: (t.vram_bytes, t.bf16) for t in tiers_for_cards(load_fleet(path))}
+
+
+def service_tiers(
+    config_path: str | Path, fleet: str | Path | None = None
+) -> tuple[dict[str, tuple[int, bool]], dict[str, Profile]]:
+    """The tiers (budget, bf16) and the profiles the service runs with this config file, as `zit up --config FILE`
+    builds them: one tier per VRAM class of the fleet file's cards (without one, every VRAM tier at its nominal size,
+    bf16 as its typical card), each with the file's settings for that tier (`tiers_for_cards`), and each profile
+    through `deployments.routing.tier_profile`, as the ingress plans with it: the tier's `profile` overrides and the
+    adapters a LoRA folder (`lora_dir`) reserves. Raises ValueError (pydantic's, or a ProfileError / LoraError
+    naming the knob) for a file the service would refuse, OSError for one that cannot be read.
+    """
+    from types import SimpleNamespace
+
+    import yaml
+
+    from cluster.cli import load_service_config
+    from cluster.tiers import tiers_for_cards
+    from deployments.routing import tier_budget, tier_profile
+
+    try:
+        config = load_service_config(Path(config_path), {})
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{config_path} is not valid YAML: {exc}") from None
+    configured = config.tiers if "tiers" in config.model_fields_set else None
+    if fleet is not None:
+        from cluster.nvml import load_fleet
+
+        cards = load_fleet(fleet)
+    else:
+        cards = [SimpleNamespace(tier=name, bf16=bf16, memory_total=budget, slots=1, speed=None)
+                 for name, (budget, bf16) in default_tiers().items()]
+    lora = config.lora_settings()
+    reserved = lora.reserved_params if lora else 0
+    tiers = tiers_for_cards(cards, configured)
+    return ({t.name: (tier_budget(t), t.bf16) for t in tiers},
+            {t.name: tier_profile(t, reserved) for t in tiers})
 
 
 def split_n(n: int, batch: int) -> list[int]:
@@ -83,9 +122,10 @@ class TierPlan:
 
 def plan_tier(
     tier: str, profile: Profile, budget: int, width: int, height: int, n: int, steps: int,
-    calibration: Calibration | None = None,
+    calibration: Calibration | None = None, cfg: bool = False,
 ) -> TierPlan:
-    """Whether `tier` (its profile, its smallest card's `budget` bytes) takes n images of width x height.
+    """Whether `tier` (its profile, its smallest card's `budget` bytes) takes n images of width x height, guided
+    (classifier-free guidance doubles the transformer's batch) when `cfg`.
 
     Algorithm: the steps must be within the profile's limit; the largest batch that fits the budget at this size is
     the chunk size (auto batch size), and n is split into even chunks of at most that. When not even one image fits,
@@ -94,18 +134,19 @@ def plan_tier(
     if steps > profile.max_steps:
         return TierPlan(tier, profile, budget, [],
                         f"steps={steps} is above profile {profile.name}'s max_steps {profile.max_steps}")
-    batch = largest_batch(width, height, profile, budget, calibration)
+    batch = largest_batch(width, height, profile, budget, calibration, cfg)
     if batch == 0:
-        return TierPlan(tier, profile, budget, [], fits(width, height, 1, profile, budget, calibration))
+        return TierPlan(tier, profile, budget, [], fits(width, height, 1, profile, budget, calibration, cfg))
     return TierPlan(tier, profile, budget, split_n(n, batch), None)
 
 
 def largest_request(profile: Profile, budget: int, width: int, height: int,
-                    calibration: Calibration | None = None) -> dict[str, int]:
-    """The largest square side a tier takes at n=1, and the most images of width x height it takes per call."""
+                    calibration: Calibration | None = None, cfg: bool = False) -> dict[str, int]:
+    """The largest square side a tier takes at n=1, and the most images of width x height it takes per call (both
+    guided when `cfg`)."""
     return {
-        "side_at_n1": largest_square(profile, budget, 1, calibration),
-        "n_at_size": largest_batch(width, height, profile, budget, calibration),
+        "side_at_n1": largest_square(profile, budget, 1, calibration, cfg),
+        "n_at_size": largest_batch(width, height, profile, budget, calibration, cfg),
     }
 
 
@@ -116,25 +157,30 @@ def plan(
     steps: int = 9,
     tiers: dict[str, tuple[int, bool]] | None = None,
     calibration: Calibration | None = None,
+    cfg: bool = False,
+    profiles: dict[str, Profile] | None = None,
 ) -> list[dict]:
     """For each tier: whether n images of width x height fit, the predicted peak, the profile, the chunks.
 
-    Each tier runs its default profile for its bf16 support (see `plan_tier`); the predicted peak is that of the
-    largest chunk. `largest` gives the largest square side the tier accepts at n=1 and the most images of this size.
+    Each tier runs `profiles[tier]` when given (the service's profile, operator overrides applied: `service_tiers`),
+    else its default profile for its bf16 support (see `plan_tier`); `cfg`: the request uses classifier-free
+    guidance. The predicted peak is that of the largest chunk. `largest` gives the largest square side the tier
+    accepts at n=1 and the most images of this size.
     """
     cal = calibration or load_calibration()
     rows = []
     for name, (budget, bf16) in (tiers or default_tiers()).items():
-        profile = default_profile(name, bf16)
-        tier_plan = plan_tier(name, profile, budget, width, height, n, steps, cal)
-        estimate = predict_peak(width, height, max(tier_plan.chunks, default=1), profile, cal)
+        profile = (profiles or {}).get(name) or default_profile(name, bf16)
+        tier_plan = plan_tier(name, profile, budget, width, height, n, steps, cal, cfg)
+        estimate = predict_peak(width, height, max(tier_plan.chunks, default=1), profile, cal, cfg)
         rows.append({
             "tier": name,
             "vram_gb": round(budget / GIB, 2),
             "bf16": bf16,
             "profile": profile.name,
             "technique": profile.technique(),
-            "largest": largest_request(profile, budget, width, height, cal),
+            "cfg": cfg,
+            "largest": largest_request(profile, budget, width, height, cal, cfg),
             "fits": tier_plan.fits,
             "peak_gb": round(estimate.total / GIB, 2),
             "phase": estimate.phase,
@@ -145,8 +191,9 @@ def plan(
     return rows
 
 
-def _format_table(rows: list[dict], width: int, height: int, n: int, cal: Calibration) -> str:
-    lines = [f"{n} x {width}x{height}  (calibration: {cal.source}, {cal.card or 'no card'}, {cal.date})", ""]
+def _format_table(rows: list[dict], width: int, height: int, n: int, cal: Calibration, guidance: float = 0.0) -> str:
+    guided = f", guidance {guidance:g} (classifier-free: transformer batch doubled)" if guidance > 0 else ""
+    lines = [f"{n} x {width}x{height}{guided}  (calibration: {cal.source}, {cal.card or 'no card'}, {cal.date})", ""]
     header = f"{'tier':<9} {'VRAM':>6} {'fits':<4} {'peak GB':>7}  {'chunks':<12} {'largest (side@n=1, n@size)':<27} technique"
     lines += [header, "-" * len(header)]
     for r in rows:
@@ -162,11 +209,29 @@ def _format_table(rows: list[dict], width: int, height: int, n: int, cal: Calibr
     return "\n".join(lines)
 
 
+def check_guidance(guidance: float) -> float:
+    """`guidance` if a request may carry it as guidance_scale (the API's own bounds), else ValueError saying so."""
+    from pydantic import ValidationError
+
+    from deployments.schemas import ImageGenerationRequest
+
+    try:
+        ImageGenerationRequest(prompt="plan", guidance_scale=guidance)
+    except ValidationError as exc:
+        raise ValueError(f"--guidance {guidance:g}: {exc.errors()[0]['msg']} (a request's guidance_scale)") from None
+    return guidance
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    profiles = None
     try:
         width, height = parse_size(args.size)
+        guidance = check_guidance(args.guidance)
         cal = load_calibration(args.calibration)
-        tiers = fleet_tiers(args.fleet) if args.fleet else None
+        if args.config:
+            tiers, profiles = service_tiers(args.config, args.fleet)
+        else:
+            tiers = fleet_tiers(args.fleet) if args.fleet else None
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", flush=True)
         return 2
@@ -174,10 +239,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: --n must be at least 1; got {args.n}", flush=True)
         return 2
     if tiers == {}:
-        print(f"error: no card in {args.fleet} reaches the smallest tier ({min(VRAM_TIERS_GIB.values())} GB)")
+        where = f"{args.fleet}" if args.fleet else f"{args.config}'s tiers"
+        print(f"error: no card in {where} reaches the smallest tier ({min(vram_tiers().values()):g} GB)")
         return 2
-    rows = plan(width, height, args.n, args.steps, tiers, cal)
-    print(json.dumps(rows, indent=2) if args.json else _format_table(rows, width, height, args.n, cal), flush=True)
+    rows = plan(width, height, args.n, args.steps, tiers, cal, uses_cfg(guidance), profiles)
+    print(json.dumps(rows, indent=2) if args.json else _format_table(rows, width, height, args.n, cal, guidance),
+          flush=True)
     return 0 if any(r["fits"] for r in rows) else 1
 
 
@@ -186,7 +253,13 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--size", default="1024x1024", help="WxH (default %(default)s)")
     p.add_argument("--n", type=int, default=1, help="images in the request (default %(default)s)")
     p.add_argument("--steps", type=int, default=9, help="denoising steps (default %(default)s)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="the request's guidance_scale (default %(default)s, Turbo's); above 0 classifier-free "
+                        "guidance doubles the transformer's batch")
     p.add_argument("--fleet", type=Path, help="plan for the tiers of this fleet file instead of every tier")
+    p.add_argument("--config", type=Path,
+                   help="the service's config (serve_config.yaml or a YAML of service settings, as `zit up --config` "
+                        "reads): plan with its tier profile overrides and LoRA reserve, as the service does")
     p.add_argument("--calibration", type=Path, help="calibration JSON (default: $ZIT_CALIBRATION_FILE or shipped)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per tier")
     p.set_defaults(func=cmd_plan)
@@ -202,7 +275,8 @@ def full_size_pipeline_factory(device: str, seed: int = 0) -> Callable[[], "ZIma
     modules with empty parameters (accelerate's init_empty_weights, buffers real) and assigns those CPU tensors, so
     a fresh pipeline for the next profile costs no copy, and a profile's casting or offloading replaces tensors
     without touching the shared ones. The tokenizer and scheduler are the tiny model's (same classes; its byte
-    vocabulary is a subset of Qwen3's ids).
+    vocabulary is a subset of Qwen3's ids). On `device='meta'` nothing is drawn or held: the pipelines have the full
+    architecture and no memory (a CPU test counts their parameters).
     """
     import torch
     from accelerate import init_empty_weights
@@ -239,7 +313,7 @@ def full_size_pipeline_factory(device: str, seed: int = 0) -> Callable[[], "ZIma
         for name, build in builders.items():
             with torch.device(device):
                 module = build()
-            masters[name] = {k: v.to("cpu") for k, v in module.state_dict().items()}
+            masters[name] = {k: v if device == "meta" else v.to("cpu") for k, v in module.state_dict().items()}
             del module
     finally:
         torch.set_default_dtype(default_dtype)
@@ -268,6 +342,34 @@ def tiny_pipeline_factory() -> Callable[[], "ZImagePipeline"]:
 
     folder = resolve_model("tiny")
     return lambda: load_pipeline(folder, "cpu")
+
+
+def model_pipeline_factory(spec: str, device: str) -> Callable[[], "ZImagePipeline"]:
+    """A factory of pipelines of the model `spec` names ('tiny', a diffusers-format folder, or the downloaded
+    Tongyi-MAI/Z-Image-Turbo), each loaded fresh with `ZImagePipeline.from_pretrained` on the CPU, as a replica loads
+    it (deployments/pipeline.py), for `apply_profile` to place: in bf16 (the stored dtype) when calibrating on CUDA,
+    in float32 on a CPU. Raises ModelNotFound, with how to get the model, before anything is measured."""
+    import torch
+
+    from deployments.pipeline import load_pipeline, resolve_model
+
+    if spec == "tiny":
+        return tiny_pipeline_factory()
+    folder = resolve_model(spec)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return lambda: load_pipeline(folder, "cpu", dtype)
+
+
+def model_architecture(spec: str, sizes: dict[str, int]) -> str:
+    """Calibration.architecture for a loaded model: 'tiny', 'z-image-turbo' when its transformer has the full model's
+    parameter count (the shipped calibration's), else the folder's name."""
+    from cluster.memory import DEFAULT_CALIBRATION
+
+    if spec == "tiny":
+        return "tiny"
+    if sizes["transformer_params"] == load_calibration(DEFAULT_CALIBRATION).transformer_params:
+        return "z-image-turbo"
+    return Path(spec).name or spec
 
 
 def calibration_profiles(tiers: list[str], bf16_modes: list[bool], device: str) -> list[tuple[str, Profile]]:
@@ -394,6 +496,61 @@ def provenance(device: str) -> dict:
     }
 
 
+# A calibration under a deadline starts a profile (or a run) only when the slowest one measured so far, times this,
+# plus the margin, still fits before it: a later profile can be slower than the ones before it (larger sizes, float32
+# compute, offload over PCIe), and what comes after the last run (fit, summary, writing) needs a few seconds too.
+DEADLINE_SAFETY = 1.25
+DEADLINE_MARGIN_S = 20.0
+
+
+class TimeBudget:
+    """When to stop starting work so that the last of it ends before `deadline_s` (seconds from creation; None: no
+    deadline).
+
+    Algorithm: a new profile costs its set-up (building and placing the pipeline) and all its runs, so it starts only
+    when the time left is at least the slowest profile measured so far (the one running now included) x
+    DEADLINE_SAFETY + DEADLINE_MARGIN_S; a further run of the running profile starts when the time left is at least
+    the slowest run so far x DEADLINE_SAFETY + DEADLINE_MARGIN_S. Before anything is measured, only the margin is
+    needed. `clock` is injectable for tests.
+    """
+
+    def __init__(self, deadline_s: float | None, clock: Callable[[], float] = time.monotonic):
+        self.deadline_s = deadline_s
+        self.clock = clock
+        self.started = clock()
+        self.slowest_profile_s = 0.0
+        self.slowest_run_s = 0.0
+        self._profile_started: float | None = None
+
+    def left_s(self) -> float:
+        return math.inf if self.deadline_s is None else self.deadline_s - (self.clock() - self.started)
+
+    def refuse(self, new_profile: bool) -> str | None:
+        """None when the next profile (`new_profile`) or run may start, else why not, with the numbers."""
+        if self.deadline_s is None:
+            return None
+        if new_profile:
+            running = self.clock() - self._profile_started if self._profile_started is not None else 0.0
+            what, slowest = "profile", max(self.slowest_profile_s, running)
+        else:
+            what, slowest = "run", self.slowest_run_s
+        need = slowest * DEADLINE_SAFETY + DEADLINE_MARGIN_S
+        left = self.left_s()
+        if left < need:
+            return (f"time budget: {max(0.0, left):.0f} s of {self.deadline_s:.0f} s left, the slowest {what} so far "
+                    f"took {slowest:.0f} s (x{DEADLINE_SAFETY} + {DEADLINE_MARGIN_S:.0f} s margin)")
+        return None
+
+    def profile_starts(self) -> None:
+        now = self.clock()
+        if self._profile_started is not None:
+            self.slowest_profile_s = max(self.slowest_profile_s, now - self._profile_started)
+        self._profile_started = now
+
+    def run_took(self, seconds: float) -> None:
+        self.slowest_run_s = max(self.slowest_run_s, seconds)
+
+
 def run_calibration(
     factory: Callable[[], "ZImagePipeline"],
     grid: list[tuple[str, Profile, int, int, int]],
@@ -409,8 +566,8 @@ def run_calibration(
 
     Runs of one profile share a pipeline (built by `factory`, the profile applied once). `emulate(tier)` gives the
     memory to emulate for that tier (None: the whole card); a run the memory model says does not fit that memory is
-    recorded as skipped, not run. Stops starting runs after `deadline_s` seconds (recorded as skipped). A progress
-    bar shows the runs.
+    recorded as skipped, not run. With `deadline_s`, a profile or run starts only when the slowest one so far is
+    expected to end before it (`TimeBudget`); the others are recorded as skipped. A progress bar shows the runs.
     """
     import torch
     from tqdm import tqdm
@@ -419,7 +576,7 @@ def run_calibration(
 
     cal = calibration or load_calibration()
     cuda = device.startswith("cuda")
-    started = time.monotonic()
+    budget_clock = TimeBudget(deadline_s)
     records: list[dict] = []
     context = cal.context_bytes
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -432,12 +589,13 @@ def run_calibration(
             estimate = predict_peak(width, height, n, profile, cal)
             record["predicted_bytes"] = estimate.total
             why = fits(width, height, n, profile, budget, cal) if budget else None
-            if deadline_s is not None and time.monotonic() - started > deadline_s:
-                why = f"time budget of {deadline_s:.0f} s spent"
+            if why is None:
+                why = budget_clock.refuse(new_profile=current != profile.name)
             if why:
                 record["skipped"] = why
             else:
                 if current != profile.name:
+                    budget_clock.profile_starts()
                     pipe = None
                     gc.collect()
                     if cuda:
@@ -446,7 +604,9 @@ def run_calibration(
                     pipe = factory()
                     apply_profile(pipe, profile, device)
                     current = profile.name
+                run_started = time.monotonic()
                 record.update(measure_run(pipe, profile, width, height, n, steps, device))
+                budget_clock.run_took(time.monotonic() - run_started)
                 record["tier"] = tier
                 if record.get("context_bytes"):
                     context = record["context_bytes"]
@@ -513,10 +673,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"error: unknown tier(s) {unknown}; known: {list(VRAM_TIERS_GIB)}", flush=True)
         return 2
     bf16_modes = {"yes": [True], "no": [False], "both": [True, False]}[args.bf16]
+    if args.random_weights == "full" and args.model is not None:
+        print(f"error: --random-weights full builds its own full-size weights; --model {args.model} would be ignored. "
+              "Give one of them.", flush=True)
+        return 2
+    model = args.model or "tiny"
     if args.random_weights == "full":
         factory = full_size_pipeline_factory(device)
     else:
-        factory = tiny_pipeline_factory()
+        from deployments.pipeline import ModelNotFound
+
+        try:  # the named model, loaded as a replica loads it: never the tiny one under another name
+            factory = model_pipeline_factory(model, device)
+        except ModelNotFound as exc:
+            print(f"error: {exc}", flush=True)
+            return 2
     if args.sizes:
         sizes = [int(s) for s in args.sizes.split(",")]
         ns = [int(s) for s in args.n.split(",")]
@@ -533,28 +704,33 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     out = args.out or Path(f"calibration-{dt.date.today().isoformat()}.json")
     log_path = args.log or out.with_suffix(".jsonl")
-    print(f"Calibrating {len(grid)} run(s) on {device} ({'full-size random weights' if args.random_weights else args.model}); "
-          f"log: {log_path}", flush=True)
+    what = "full-size random weights" if args.random_weights else model
+    print(f"Calibrating {len(grid)} run(s) on {device} ({what}); log: {log_path}", flush=True)
     records = run_calibration(factory, grid, device, args.steps, log_path, emulate, args.deadline_s, base)
-    return write_calibration(records, base, factory, device, out, args.random_weights == "full", args.dry_run)
+    return write_calibration(records, base, factory, device, out, args.random_weights == "full", args.dry_run, model)
 
 
 def write_calibration(records: list[dict], base: Calibration, factory, device: str, out: Path, full: bool,
-                      dry_run: bool) -> int:
-    """Fit and write the calibration file; 1 when a run that was predicted to fit ran out of memory, else 0."""
+                      dry_run: bool, model: str = "tiny") -> int:
+    """Fit and write the calibration file; 1 when a run that was predicted to fit ran out of memory, else 0.
+
+    `full`: the runs used full-size random weights (the architecture is the base's); else `model` names what was
+    loaded, and its parameter counts are read from a pipeline the factory builds (`architecture_of`)."""
     ran = [r for r in records if "skipped" not in r]
+    what = "full-size random weights" if full else f"model {model}"
     if dry_run or not device.startswith("cuda"):
         cal = base.model_copy(update={
-            "notes": f"dry run on {device}: nothing measured; coefficients are the estimate. {base.notes}",
+            "notes": f"dry run on {device} with {what}: nothing measured; coefficients are the estimate. {base.notes}",
             "source": "estimate", **provenance(device),
         })
     else:
-        arch = base.architecture if full else "tiny"
         sizes = {} if full else architecture_of(factory())
+        arch = base.architecture if full else model_architecture(model, sizes)
         try:
             cal = fit_calibration(ran, base.model_copy(update={**sizes, "architecture": arch}), **provenance(device),
-                                  notes=f"measured by zit calibrate: {len(ran)} runs, {CALIBRATION_STEPS}-step calls; "
-                                        "prompt-encoder activation and margin floor are still the estimate")
+                                  notes=f"measured by zit calibrate with {what}: {len(ran)} runs, "
+                                        f"{CALIBRATION_STEPS}-step calls; prompt-encoder activation and margin floor "
+                                        "are still the estimate")
         except ValueError as exc:
             print(f"error: {exc}", flush=True)
             return 1
@@ -569,7 +745,9 @@ def write_calibration(records: list[dict], base: Calibration, factory, device: s
 
 def add_calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="measure peak memory and speed per profile and write a calibration file")
-    p.add_argument("--model", default="tiny", help="'tiny' (default) unless --random-weights full")
+    p.add_argument("--model", help="'tiny' (default), a diffusers-format Z-Image-Turbo folder, or "
+                        "Tongyi-MAI/Z-Image-Turbo after `zit download`; loaded with from_pretrained as a replica "
+                        "loads it (not with --random-weights full)")
     p.add_argument("--random-weights", choices=["full"], help="full-size Z-Image-Turbo with random weights")
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu with --dry-run")
     p.add_argument("--tiers", help="comma-separated tiers (default: every VRAM tier)")
@@ -580,7 +758,10 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=CALIBRATION_STEPS, help="denoising steps per run")
     p.add_argument("--emulate-vram", type=float, metavar="GB", help="cap every run to this much memory")
     p.add_argument("--emulate-tiers", action="store_true", help="cap each tier's runs to the tier's nominal VRAM")
-    p.add_argument("--deadline-s", type=float, help="start no run after this many seconds")
+    p.add_argument("--deadline-s", type=float,
+                   help="every run should have ended this many seconds after the runs begin: a profile or run starts "
+                        f"only when the slowest so far (x{DEADLINE_SAFETY:g}, + {DEADLINE_MARGIN_S:.0f} s) would end "
+                        "in time; the rest are skipped")
     p.add_argument("--calibration", type=Path, help="calibration to start from (default: the shipped estimate)")
     p.add_argument("--out", type=Path, help="calibration JSON to write (default calibration-DATE.json)")
     p.add_argument("--log", type=Path, help="raw JSONL log (default: next to --out)")

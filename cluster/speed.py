@@ -10,6 +10,9 @@ clock of simulated cards. An ESTIMATE, not a measurement:
   every step at PCIE_BYTES_S, overlapped with compute when a prefetch stream is used (max), added otherwise;
 - prompt encoding: the text encoder's arithmetic over 512 tokens, plus its stored bytes streamed when offloaded;
 - decode: VAE_SECONDS_PER_MEGAPIXEL per megapixel per image on an RTX 4090, divided by speed.
+Classifier-free guidance (`cfg`) runs the transformer on 2n latents each step, doubling the step's arithmetic (the
+streamed weights still cross once per step), and the text encoder twice (prompt, then negative prompt), streaming
+its weights each time when group-offloaded; decode is unchanged.
 float32 compute on cards without bf16 is already in their `speed` (fleet files give the speed the card reaches
 with the profile it runs).
 """
@@ -49,18 +52,23 @@ class Timing:
 
 def predict_seconds(
     width: int, height: int, n: int, steps: int, profile: Profile, speed: float = 1.0,
-    calibration: Calibration | None = None,
+    calibration: Calibration | None = None, cfg: bool = False,
 ) -> Timing:
-    """Seconds to generate n images of width x height in `steps` steps under `profile` on a card of `speed`."""
+    """Seconds to generate n images of width x height in `steps` steps under `profile` on a card of `speed`, with
+    classifier-free guidance when `cfg`."""
     cal = calibration or load_calibration()
     tokens = image_tokens(width, height) + cal.prompt_tokens
-    flops_per_step = n * (2 * cal.transformer_params * tokens + 4 * LAYERS * tokens * tokens * WIDTH)
+    batch = 2 * n if cfg else n  # guidance: each image and its negative-prompt twin go through the transformer
+    flops_per_step = batch * (2 * cal.transformer_params * tokens + 4 * LAYERS * tokens * tokens * WIDTH)
     compute_s = flops_per_step / (EFFECTIVE_FLOPS * speed)
     streamed = profile.weights in ("group_offload_block", "group_offload_leaf", "sequential_cpu_offload")
     copy_s = cal.transformer_params * DTYPE_BYTES[profile.transformer_storage] / PCIE_BYTES_S if streamed else 0.0
     step_s = max(compute_s, copy_s) if profile.offload_stream else compute_s + copy_s
-    encode_s = 2 * cal.text_encoder_params * cal.prompt_tokens / (EFFECTIVE_FLOPS * speed)
+    passes = 2 if cfg else 1  # text-encoder calls: the prompt, and with guidance the negative prompt
+    encode_s = passes * 2 * cal.text_encoder_params * cal.prompt_tokens / (EFFECTIVE_FLOPS * speed)
     if profile.text_encoder != "gpu":
-        encode_s += cal.text_encoder_params * DTYPE_BYTES[profile.text_encoder_storage] / PCIE_BYTES_S
+        # Model CPU offload moves the encoder on once for both calls; group offload streams it per call.
+        streams = 1 if profile.weights == "model_cpu_offload" else passes
+        encode_s += streams * cal.text_encoder_params * DTYPE_BYTES[profile.text_encoder_storage] / PCIE_BYTES_S
     decode_s = n * VAE_SECONDS_PER_MEGAPIXEL * width * height / 1e6 / speed
     return Timing(encode_s, steps * step_s, decode_s)

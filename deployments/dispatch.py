@@ -1,6 +1,7 @@
 """From an admitted request to finished chunks: tier choice under load, bounded queues, retries elsewhere.
 
-For one request: 1. plan every tier for this size (memory model): which can hold an image and how many per call;
+For one request: 1. plan every tier for this size (memory model; a request with guidance_scale > 0 as guided, since
+classifier-free guidance doubles the transformer's batch): which can hold an image and how many per call;
 2. cut the n images into chunks, choosing a tier for each with the live loads (`scheduler.choose_chunk_tier`);
 3. run the chunks in parallel, each through its tier's bounded queue and the tier's VRAM-aware router;
 4. retry a failed chunk where it can succeed: out of memory (after the replica's own degraded retry) on a larger
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from autoscaling.serve_policy import COLD_START_OVERHEAD_S
-from cluster.memory import image_tokens, predict_peak
+from cluster.memory import image_tokens, predict_peak, uses_cfg
 from cluster.speed import predict_seconds
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.metrics import ServiceMetrics
@@ -53,9 +54,10 @@ class Outcome:
     retries: list[Retry] = field(default_factory=list)
 
 
-def work_units(width: int, height: int, n: int, steps: int) -> float:
-    """A chunk's work: image tokens (with the prompt's) x images x steps."""
-    return float((image_tokens(width, height) + PROMPT_TOKENS) * n * steps)
+def work_units(width: int, height: int, n: int, steps: int, cfg: bool = False) -> float:
+    """A chunk's work: image tokens (with the prompt's) x images x steps, twice that with classifier-free guidance
+    (`cfg`: every step runs the transformer on each image and its negative-prompt twin)."""
+    return float((image_tokens(width, height) + PROMPT_TOKENS) * n * steps * (2 if cfg else 1))
 
 
 class Dispatcher:
@@ -80,7 +82,7 @@ class Dispatcher:
         self.budgets = {t.name: tier_budget(t) for t in tiers}
         self.drained: dict[str, bool] = {}
         self.metrics = metrics or ServiceMetrics(tiers)
-        self.metrics.fleet.watch_queues(self.queues)
+        self.metrics.fleet.watch_queues(self.queues, autoscaling.min_replicas if autoscaling else 0)
 
     # -- live state from the replicas' reports -----------------------------------------------------------------
 
@@ -113,28 +115,30 @@ class Dispatcher:
 
     # -- one request ---------------------------------------------------------------------------------------------
 
-    def plan(self, width: int, height: int, steps: int, n: int):
-        """Tiers that can hold one image of this size now, cheapest first, with their chunks. NoTierFits if none."""
+    def plan(self, width: int, height: int, steps: int, n: int, cfg: bool = False):
+        """Tiers that can hold one image of this size now (guided when `cfg`), cheapest first, with their chunks.
+        NoTierFits if none."""
         drained = {tier: "every card of this tier fails NVML reads (drained)" for tier, on in self.drained.items() if on}
         return fitting_plans(list(self.tiers.values()), self.profiles, width, height, steps, n, self.calibration,
-                             self.budgets, drained)
+                             self.budgets, drained, cfg)
 
-    def _seconds_per_unit(self, tier: str, width: int, height: int, steps: int) -> float:
+    def _seconds_per_unit(self, tier: str, width: int, height: int, steps: int, cfg: bool = False) -> float:
         predicted = predict_seconds(width, height, 1, steps, self.profiles[tier], self.tiers[tier].speed or 1.0,
-                                    self.calibration).total_s
-        return predicted / work_units(width, height, 1, steps) * self.speed.correction(tier)
+                                    self.calibration, cfg).total_s
+        return predicted / work_units(width, height, 1, steps, cfg) * self.speed.correction(tier)
 
-    def assign(self, fitting, width: int, height: int, steps: int, n: int, first_seed: int) -> list[tuple[str, list[int]]]:
+    def assign(self, fitting, width: int, height: int, steps: int, n: int, first_seed: int,
+               cfg: bool = False) -> list[tuple[str, list[int]]]:
         """Cut n images into chunks and choose each chunk's tier with the loads as they would be. TiersFull if none."""
         batch = {p.tier: max(p.chunks) for p in fitting}
         loads = {
             p.tier: self.queues[p.tier].load(self.tiers[p.tier].max_queued_requests,
-                                             self._seconds_per_unit(p.tier, width, height, steps))
+                                             self._seconds_per_unit(p.tier, width, height, steps, cfg))
             for p in fitting
         }
         chunks, seed, remaining = [], first_seed, n
         while remaining:
-            candidates = [(loads[p.tier], work_units(width, height, min(remaining, batch[p.tier]), steps))
+            candidates = [(loads[p.tier], work_units(width, height, min(remaining, batch[p.tier]), steps, cfg))
                           for p in fitting]
             load = choose_chunk_tier(candidates)
             size = min(remaining, batch[load.tier])
@@ -143,12 +147,12 @@ class Dispatcher:
                 load.running += 1
             else:
                 load.waiting += 1
-            load.backlog_units += work_units(width, height, size, steps)
+            load.backlog_units += work_units(width, height, size, steps, cfg)
             seed += size
             remaining -= size
         return chunks
 
-    def assign_baseline(self, width: int, height: int, steps: int, n: int, first_seed: int):
+    def assign_baseline(self, width: int, height: int, steps: int, n: int, first_seed: int, cfg: bool = False):
         """The baselines: `largest` sends every chunk to the largest tier (sized by the memory model there);
         `round_robin` rotates chunks over all tiers, as many images per call as the profile allows, without asking
         the memory model whether they fit."""
@@ -156,9 +160,9 @@ class Dispatcher:
         chunks, seed, remaining = [], first_seed, n
         while remaining:
             if self.policy == "largest":
-                plan = self.plan(width, height, steps, n)[-1]
+                plan = self.plan(width, height, steps, n, cfg)[-1]
                 if plan.tier != names[-1]:
-                    raise no_tier_fits([plan], width, height, steps, self.calibration)
+                    raise no_tier_fits([plan], width, height, steps, self.calibration, cfg)
                 tier, size = plan.tier, min(remaining, max(plan.chunks))
             else:
                 tier = names[self._rotation % len(names)]
@@ -168,14 +172,15 @@ class Dispatcher:
             seed += size
             remaining -= size
         return chunks, [p for p in tier_plans(list(self.tiers.values()), self.profiles, width, height, steps, n,
-                                              self.calibration, self.budgets) if p.fits]
+                                              self.calibration, self.budgets, cfg) if p.fits]
 
     async def run(self, body: ImageGenerationRequest, width: int, height: int, first_seed: int) -> Outcome:
+        cfg = uses_cfg(body.guidance_scale)  # guided: planned, sized and predicted as the pipeline will run it
         if self.policy == "tier_aware":
-            fitting = self.plan(width, height, body.steps, body.n)
-            chunks = self.assign(fitting, width, height, body.steps, body.n, first_seed)
+            fitting = self.plan(width, height, body.steps, body.n, cfg)
+            chunks = self.assign(fitting, width, height, body.steps, body.n, first_seed, cfg)
         else:
-            chunks, fitting = self.assign_baseline(width, height, body.steps, body.n, first_seed)
+            chunks, fitting = self.assign_baseline(width, height, body.steps, body.n, first_seed, cfg)
         self.metrics.fitting_tiers(plan.tier for plan in fitting)
         outcome = Outcome([])
         parts = await gather_or_cancel(*(self._chunk(body, width, height, tier, seeds, fitting, outcome)
@@ -246,13 +251,14 @@ class Dispatcher:
 
     async def _attempt(self, body, width, height, tier, seeds) -> GenerationResult:
         n = len(seeds)
-        units = work_units(width, height, n, body.steps)
+        cfg = uses_cfg(body.guidance_scale)
+        units = work_units(width, height, n, body.steps, cfg)
         profile = self.profiles[tier]
         job = GenerationJob(
             prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
             guidance_scale=body.guidance_scale, seeds=list(seeds), output_format=body.output_format,
             quality=body.output_compression,
-            predicted_peak=predict_peak(width, height, n, profile, self.calibration).total,
+            predicted_peak=predict_peak(width, height, n, profile, self.calibration, cfg).total,
             request_id=body.request_id, lora=body.lora, lora_scale=body.lora_scale,
         )
         queue = self.queues[tier]
@@ -270,7 +276,7 @@ class Dispatcher:
                 handle = handle.options(multiplexed_model_id=body.lora)
             result = await handle.generate.remote(job)
             predicted = predict_seconds(width, height, n, body.steps, profile, self.tiers[tier].speed or 1.0,
-                                        self.calibration).total_s
+                                        self.calibration, cfg).total_s
             self.speed.record(tier, time.perf_counter() - started, predicted)
             self.metrics.chunk_done(tier, result, time.perf_counter() - started)
             return result

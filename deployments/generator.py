@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from cluster.memory import effective_budget, predict_peak, resident_bytes, smallest_request
+from cluster.memory import effective_budget, predict_peak, resident_bytes, smallest_request, uses_cfg
 from cluster.nvml import NvmlMonitor
 from cluster.profiles import apply_vae, degraded_profile
 from cluster.tiers import TierConfig
@@ -30,6 +30,8 @@ logger = logging.getLogger("ray.serve")
 
 # How long a replica reports the ingress's queue it last heard of (record_autoscaling_stats).
 QUEUE_SEEN_TTL_S = 10.0
+# How long a stopping replica waits for the fleet registry to take its goodbye.
+GOODBYE_WAIT_S = 2.0
 
 
 class JobCancelled(RuntimeError):
@@ -211,7 +213,8 @@ class Generator:
                 self._busy_since = None
         self._jobs += 1
         self._step_seconds = seconds / job.steps
-        measured = work_units(job.width, job.height, len(job.seeds), job.steps) / max(seconds, 1e-6)
+        units = work_units(job.width, job.height, len(job.seeds), job.steps, uses_cfg(job.guidance_scale))
+        measured = units / max(seconds, 1e-6)
         self._units_per_s = measured if self._units_per_s is None else 0.7 * self._units_per_s + 0.3 * measured
         return GenerationResult(
             images=images,
@@ -281,10 +284,12 @@ class Generator:
             return run_job(self.pipe, job, on_step=on_step)
         started = time.perf_counter()
         n = len(job.seeds)
-        peak = predict_peak(job.width, job.height, n, profile)
-        with self.sim.running(peak.total, f"{job.width}x{job.height} n={n} under {profile.name}"):
+        cfg = uses_cfg(job.guidance_scale)  # guided: the real transformer would run 2n latents per step
+        peak = predict_peak(job.width, job.height, n, profile, cfg=cfg)
+        guided = f" guided (guidance_scale {job.guidance_scale:g})" if cfg else ""
+        with self.sim.running(peak.total, f"{job.width}x{job.height} n={n}{guided} under {profile.name}"):
             images, _ = run_job(self.pipe, job, on_step=on_step, latents_hook=self.sim.latents_hook())
-            predicted = predict_seconds(job.width, job.height, n, job.steps, profile, self.sim.spec.speed)
+            predicted = predict_seconds(job.width, job.height, n, job.steps, profile, self.sim.spec.speed, cfg=cfg)
             self.sim.pace(started, predicted.total_s, cancel)
         return images, time.perf_counter() - started
 
@@ -455,10 +460,21 @@ class Generator:
                 except Exception:
                     logger.exception("fleet report failed")
                 if self._stop.wait(ZIT_FLEET_REPORT_PERIOD_S):
-                    break
-            registry.forget.remote(self.replica)
+                    break  # stopping: __del__ has said goodbye to the registry
 
         threading.Thread(target=loop, name="zit-fleet-report", daemon=True).start()
+
+    def _say_goodbye(self) -> None:
+        if not _in_ray():
+            return
+        import ray
+
+        from deployments.registry import get_registry
+
+        try:  # waited for (briefly): the process ends soon after, and a lost goodbye would look like a failed card
+            ray.wait([get_registry().forget.remote(self.replica)], timeout=GOODBYE_WAIT_S)
+        except Exception:
+            logger.warning("could not tell the fleet registry that replica %s stops", self.replica, exc_info=True)
 
     @staticmethod
     def _node_id() -> str | None:
@@ -480,7 +496,11 @@ class Generator:
             raise RuntimeError("pipeline not loaded")
 
     def __del__(self):
-        self._stop.set()
+        """Serve calls this when it stops the replica on purpose (scale-down, redeploy). The replica leaves the fleet
+        registry before it goes, so its card's silence is not read as a card that stopped reporting."""
+        if getattr(self, "_stop", None) is not None and not self._stop.is_set():
+            self._stop.set()
+            self._say_goodbye()
         if getattr(self, "monitor", None) is not None:
             self.monitor.close()
         if getattr(self, "sim", None) is not None:

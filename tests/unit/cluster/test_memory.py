@@ -14,6 +14,7 @@ from cluster.memory import (
     load_calibration,
     predict_peak,
     predict_phases,
+    uses_cfg,
 )
 from cluster.profiles import default_profile, resolve_profile
 from cluster.tiers import VRAM_TIERS_GIB, tier_vram_bytes
@@ -213,3 +214,57 @@ def test_lora_adapters_count_with_the_resident_weights_in_the_compute_dtype(cal)
     small = default_profile("vram_4", False)
     assert predict_peak(512, 512, 1, small.model_copy(update={"lora_params": 50_000_000}), cal).weights == \
         predict_peak(512, 512, 1, small, cal).weights
+
+
+# -- classifier-free guidance ----------------------------------------------------------------------------------------
+
+
+def test_guidance_doubles_the_transformer_activations_at_vram_24_2048_as_computed_by_hand(cal):
+    """2048x2048 on the 24 GB profile peaks while denoising, guided or not; guidance adds one more image's worth of
+    per-token activations (the negative-prompt twin, with its own prompt tokens) and nothing else."""
+    profile = default_profile("vram_24", bf16=True)
+    tokens = 128 * 128 + 512  # image tokens of 2048x2048, plus the padded prompt
+    weights, vae_rest = T_PARAMS * 2, VAE * 2  # resident bf16 transformer; the VAE waits on the card
+    plain = predict_peak(2048, 2048, 1, profile, cal)
+    guided = predict_peak(2048, 2048, 1, profile, cal, cfg=True)
+    assert plain.phase == guided.phase == "denoise"
+    assert plain.activations == ACT_BASE + ACT_PER_TOKEN * tokens
+    assert guided.activations == ACT_BASE + 2 * ACT_PER_TOKEN * tokens  # the base is paid once
+    assert guided.activations - plain.activations == ACT_PER_TOKEN * tokens
+    assert (guided.weights, guided.vae, guided.text_encoder, guided.context) == (weights, vae_rest, 0, CONTEXT)
+    subtotal = weights + guided.activations + vae_rest + CONTEXT
+    assert guided.margin == int(0.05 * subtotal) and guided.total == subtotal + int(0.05 * subtotal)
+    assert guided.total - plain.total == ACT_PER_TOKEN * tokens + guided.margin - plain.margin
+    assert round(guided.total / GIB, 2) == 19.29
+
+
+@pytest.mark.parametrize("profile", ALL_PROFILES, ids=lambda p: p.name)
+def test_guidance_changes_only_the_denoise_activations(profile, cal):
+    """The negative prompt is encoded by a second call after the first ended and decoding sees n images: encode and
+    decode are as without guidance; the denoise activations are those of 2n unguided images."""
+    for side, n in ((512, 1), (1024, 2), (2048, 1)):
+        plain = predict_phases(side, side, n, profile, cal)
+        guided = predict_phases(side, side, n, profile, cal, cfg=True)
+        assert guided["encode"] == plain["encode"] and guided["decode"] == plain["decode"]
+        assert guided["denoise"].activations == predict_phases(side, side, 2 * n, profile, cal)["denoise"].activations
+        assert guided["denoise"].weights == plain["denoise"].weights
+        guided_peak = predict_peak(side, side, n, profile, cal, cfg=True)
+        assert guided_peak.total >= predict_peak(side, side, n, profile, cal).total
+
+
+def test_guided_requests_fit_smaller_and_say_so(cal):
+    profile = default_profile("vram_4", bf16=False)
+    budget = tier_vram_bytes("vram_4")
+    plain, guided = largest_square(profile, budget, 1, cal), largest_square(profile, budget, 1, cal, cfg=True)
+    assert 0 < guided < plain
+    assert fits(guided, guided, 1, profile, budget, cal, cfg=True) is None
+    reason = fits(guided + 16, guided + 16, 1, profile, budget, cal, cfg=True)
+    assert "classifier-free guidance" in reason and "activations" in reason
+    assert fits(guided + 16, guided + 16, 1, profile, budget, cal) is None  # the same image unguided fits
+    vram_12 = default_profile("vram_12", bf16=True)
+    assert largest_batch(1024, 1024, vram_12, tier_vram_bytes("vram_12"), cal, cfg=True) < largest_batch(
+        1024, 1024, vram_12, tier_vram_bytes("vram_12"), cal)
+
+
+def test_guidance_is_on_above_zero_as_in_diffusers():
+    assert not uses_cfg(0.0) and uses_cfg(0.5) and uses_cfg(20.0)

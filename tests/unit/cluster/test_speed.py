@@ -69,3 +69,24 @@ def test_offload_stream_overlaps_the_copy_with_compute_instead_of_adding_it(side
     serial = seconds(side, side, profile=streamed(False)).per_step_s(9)
     assert overlapped == pytest.approx(max(compute, copy))
     assert serial == pytest.approx(compute + copy)
+
+
+def test_guided_steps_do_twice_the_arithmetic_and_encode_the_prompt_twice():
+    """Classifier-free guidance runs the transformer on each image and its negative-prompt twin: a resident step
+    takes twice as long, the text encoder runs twice (streaming its offloaded weights each time), decode is the same."""
+    cal = load_calibration()
+    plain = predict_seconds(1024, 1024, 2, 9, RESIDENT, 1.0, cal)
+    guided = predict_seconds(1024, 1024, 2, 9, RESIDENT, 1.0, cal, cfg=True)
+    assert guided.denoise_s == pytest.approx(2 * plain.denoise_s)
+    assert guided.denoise_s == pytest.approx(predict_seconds(1024, 1024, 4, 9, RESIDENT, 1.0, cal).denoise_s)
+    assert guided.encode_s == pytest.approx(2 * plain.encode_s)  # RESIDENT's text encoder is group-offloaded
+    assert guided.decode_s == plain.decode_s
+
+
+def test_guided_offloaded_steps_still_stream_the_weights_once():
+    cal = load_calibration()
+    plain = predict_seconds(256, 256, 1, 9, streamed(False), 1.0, cal)
+    guided = predict_seconds(256, 256, 1, 9, streamed(False), 1.0, cal, cfg=True)
+    compute = predict_seconds(256, 256, 1, 9, RESIDENT, 1.0, cal).per_step_s(9)
+    assert guided.per_step_s(9) == pytest.approx(2 * compute + copy_per_step_s(RESIDENT))
+    assert guided.per_step_s(9) - plain.per_step_s(9) == pytest.approx(compute)

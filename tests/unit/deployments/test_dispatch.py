@@ -282,3 +282,57 @@ def test_one_failure_cancels_its_siblings():
         assert sorted(cancelled) == ["a", "b"]
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=5))
+
+
+# -- classifier-free guidance ----------------------------------------------------------------------------------------
+
+
+class RecordingGenerator:
+    """A tier's Generator handle that records the jobs it gets and returns blank images."""
+
+    def __init__(self, tier, jobs):
+        from types import SimpleNamespace
+
+        self.tier, self.jobs = tier, jobs
+        self.generate = SimpleNamespace(remote=self._generate)
+
+    async def _generate(self, job):
+        from deployments.schemas import GenerationResult
+
+        self.jobs.append((self.tier, job))
+        return GenerationResult(images=[b""] * len(job.seeds), seeds=job.seeds, tier=self.tier, replica="r",
+                                device="cpu", seconds=0.01, seconds_per_step=0.001)
+
+
+def test_a_guided_request_is_chunked_and_predicted_as_guided_all_the_way_to_the_replica():
+    """guidance_scale > 0: the 12 GB tier takes 2 guided 1024x1024 images per call instead of 4, each job carries
+    the guided peak (what the in-tier router and a simulated card check), and its work counts double."""
+    from cluster.memory import predict_peak
+    from deployments.schemas import ImageGenerationRequest
+
+    tier = card_tier("vram_12", 2, bf16=True, vram_bytes=12 * GIB, speed=0.35)
+    for guidance, sizes in ((0.0, [4]), (4.0, [2, 2])):
+        jobs = []
+        d = Dispatcher([tier], {tier.name: tier_profile(tier)}, {tier.name: RecordingGenerator(tier.name, jobs)},
+                       load_calibration())
+        body = ImageGenerationRequest(prompt="a fox", size="1024x1024", n=4, guidance_scale=guidance)
+        outcome = asyncio.run(d.run(body, 1024, 1024, first_seed=7))
+        assert [len(job.seeds) for _, job in jobs] == sizes
+        assert [s for r in outcome.results for s in r.seeds] == [7, 8, 9, 10]
+        cfg = guidance > 0
+        for _, job in jobs:
+            assert job.guidance_scale == guidance
+            assert job.predicted_peak == predict_peak(1024, 1024, len(job.seeds), d.profiles["vram_12"],
+                                                      d.calibration, cfg).total
+    assert work_units(1024, 1024, 2, 9, cfg=True) == pytest.approx(work_units(1024, 1024, 4, 9))
+
+
+def test_plans_for_a_guided_request_hold_fewer_images():
+    d = mixed_fleet()
+    plain = {p.tier: max(p.chunks) for p in d.plan(1024, 1024, 9, 4)}
+    guided = {p.tier: max(p.chunks) for p in d.plan(1024, 1024, 9, 4, cfg=True)}
+    assert "vram_4" in plain and "vram_4" not in guided  # its one 1024x1024 image does not fit guided
+    for tier, batch in guided.items():
+        assert batch == min(4, largest_batch(1024, 1024, d.profiles[tier], d.budgets[tier], d.calibration, cfg=True))
+        assert batch <= plain[tier]
+    assert guided["vram_12"] < plain["vram_12"]

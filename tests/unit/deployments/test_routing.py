@@ -74,3 +74,25 @@ def test_plan_uses_the_chosen_tiers_chunk():
     profiles = {"cpu": tier_profile(tiers[0])}
     assert choose_tier(tiers, profiles, 256, 256, 9, 3).chunks == [2, 1]
     assert choose_tier(tiers, profiles, 256, 256, 9, 5).chunks == [2, 2, 1]
+
+
+def test_a_guided_request_goes_where_its_doubled_activations_fit():
+    """At 1024x1024 the 4 GB card holds one unguided image but not a guided one (guidance doubles the transformer's
+    batch): the guided request goes to the next tier, and if none holds it the error says guidance is why."""
+    tiers, profiles = mixed()
+    assert choose_tier(tiers, profiles, 1024, 1024, 9).tier == "vram_4"
+    assert predict_peak(1024, 1024, 1, profiles["vram_4"], cfg=True).total > tiers[0].vram_bytes
+    assert choose_tier(tiers, profiles, 1024, 1024, 9, cfg=True).tier == "vram_12"
+    small = tiers[:1]
+    with pytest.raises(NoTierFits, match="classifier-free guidance") as info:
+        choose_tier(small, profiles, 1024, 1024, 9, cfg=True)
+    side = info.value.largest["vram_4"]["side_at_n1"]  # the largest guided request it takes
+    assert 0 < side < 1024 and choose_tier(small, profiles, side, side, 9, cfg=True).tier == "vram_4"
+
+
+def test_guided_chunks_are_the_largest_guided_batch():
+    tiers, profiles = mixed()
+    plain = choose_tier(tiers[1:2], profiles, 1024, 1024, 9, n=4)
+    guided = choose_tier(tiers[1:2], profiles, 1024, 1024, 9, n=4, cfg=True)
+    batch = largest_batch(1024, 1024, profiles["vram_12"], tiers[1].vram_bytes, cfg=True)
+    assert plain.chunks == [4] and guided.chunks == [batch] * (4 // batch) and batch < 4

@@ -106,7 +106,9 @@ class TierConfig(BaseModel):
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the pipeline runs.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype; 'auto' is float32 on CPU and bfloat16 on CUDA cards that support it."
+        "auto", description="Compute dtype (the profile's compute_dtype; `profile: {compute_dtype: ...}` wins); 'auto' "
+        "is the tier profile's: float32 on CPU and on cards without bf16, bfloat16 on cards with it. Cards without "
+        "bf16 refuse anything but float32.",
     )
     num_replicas: int = Field(1, ge=0, description="Generator replicas of this tier (one per card on GPU tiers).")
     max_ongoing_requests: int = Field(

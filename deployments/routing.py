@@ -21,7 +21,10 @@ UNBOUNDED_BYTES = 1 << 62
 def tier_profile(tier: TierConfig, lora_params: int = 0) -> Profile:
     """The profile a tier's replicas run: the tier's default for its cards' bf16 support, plus overrides, plus the
     LoRA adapters its replicas may hold (`lora_params`, deployments/lora.py)."""
-    profile = resolve_profile(tier.name if tier.device == "cuda" else "cpu", tier.bf16, tier.profile or None)
+    overrides = dict(tier.profile or {})
+    if tier.dtype != "auto":  # the tier's `dtype` is the profile's compute_dtype, checked the same way
+        overrides.setdefault("compute_dtype", tier.dtype)
+    profile = resolve_profile(tier.name if tier.device == "cuda" else "cpu", tier.bf16, overrides or None)
     return profile.model_copy(update={"lora_params": lora_params}) if lora_params else profile
 
 

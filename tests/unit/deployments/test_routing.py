@@ -96,3 +96,15 @@ def test_guided_chunks_are_the_largest_guided_batch():
     guided = choose_tier(tiers[1:2], profiles, 1024, 1024, 9, n=4, cfg=True)
     batch = largest_batch(1024, 1024, profiles["vram_12"], tiers[1].vram_bytes, cfg=True)
     assert plain.chunks == [4] and guided.chunks == [batch] * (4 // batch) and batch < 4
+
+
+def test_a_tiers_dtype_sets_the_profiles_compute_dtype_and_is_refused_where_the_card_cannot_run_it():
+    from cluster.profiles import ProfileError
+
+    tier = TierConfig(name="vram_12", device="cuda", num_gpus=1, bf16=True, vram_bytes=tier_vram_bytes("vram_12"))
+    assert tier_profile(tier).compute_dtype == "bfloat16"
+    assert tier_profile(tier.model_copy(update={"dtype": "float32"})).compute_dtype == "float32"
+    no_bf16 = TierConfig(name="vram_6", device="cuda", num_gpus=1, bf16=False, dtype="float16",
+                         vram_bytes=tier_vram_bytes("vram_6"))
+    with pytest.raises(ProfileError, match="float16"):
+        tier_profile(no_bf16)

@@ -145,9 +145,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"Starting Ray (auth mode: {mode}, dashboard: {'127.0.0.1:8265' if args.dashboard else 'off'}) ...")
     started = time.perf_counter()
     fresh = local.start_head(dashboard=args.dashboard)
+    if not fresh and args.vram_tiers:
+        _say("A Ray cluster is already running here, and its processes keep the tier table they started with: run "
+             "`zit down` first to serve with --tiers.")
+        return 2
     if not fresh:
-        _say("A Ray cluster is already running here; deploying onto it (its processes keep the tier table they "
-             "started with: `zit down` first to change --tiers).")
+        _say("A Ray cluster is already running here; deploying onto it (its processes keep the tier table and the "
+             "environment they started with: `zit down` first to change them).")
 
     import ray
     from ray import serve

@@ -158,6 +158,12 @@ def uses_cfg(guidance_scale: float) -> bool:
     return guidance_scale > 0
 
 
+def transformer_batch(n: int, cfg: bool = False) -> int:
+    """Latents the transformer runs per step for n images: each image, and with classifier-free guidance (`cfg`) its
+    negative-prompt twin."""
+    return 2 * n if cfg else n
+
+
 def predict_peak(
     width: int, height: int, n: int, profile: Profile, calibration: Calibration | None = None, cfg: bool = False
 ) -> MemoryEstimate:
@@ -220,10 +226,10 @@ def predict_phases(
         cal.vae_decode_bytes_per_pixel * scale * per_image_px * decoded_at_once
         + cal.vae_output_bytes_per_pixel * width * height * n
     )
-    transformer_batch = 2 * n if cfg else n  # guidance: each image and its negative-prompt twin
     activations = int(
         cal.activation_base_bytes * scale
-        + cal.activation_bytes_per_token * scale * transformer_batch * (image_tokens(width, height) + cal.prompt_tokens)
+        + cal.activation_bytes_per_token * scale * transformer_batch(n, cfg)
+        * (image_tokens(width, height) + cal.prompt_tokens)
     )
 
     return {

@@ -32,6 +32,9 @@ LABEL_BF16 = "zit/bf16"
 LABEL_SIMULATED = "zit/simulated"
 LABEL_HOST = "zit/host"
 LABEL_SLOTS = "zit/slots"
+# Set on card nodes that are Kubernetes pods (the chart's files/card-labels.py): KubeRay removes an idle one, so its
+# dead node after a scale-down is no missing card.
+LABEL_POD = "zit/pod"
 # Logical CPUs each card's node offers: one for its Generator replica (one per slot on a split card), one for the odd
 # Ray task beside it. Logical CPUs are scheduling slots, not cores; the replica's torch threads follow its own
 # num_cpus.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.memory import Calibration, image_tokens, load_calibration
+from cluster.memory import Calibration, image_tokens, load_calibration, transformer_batch
 from cluster.profiles import DTYPE_BYTES, Profile
 
 # Dense tensor throughput an RTX 4090 sustains on this transformer (its fp16-accumulate peak is 165 TFLOP/s).
@@ -58,7 +58,7 @@ def predict_seconds(
     classifier-free guidance when `cfg`."""
     cal = calibration or load_calibration()
     tokens = image_tokens(width, height) + cal.prompt_tokens
-    batch = 2 * n if cfg else n  # guidance: each image and its negative-prompt twin go through the transformer
+    batch = transformer_batch(n, cfg)
     flops_per_step = batch * (2 * cal.transformer_params * tokens + 4 * LAYERS * tokens * tokens * WIDTH)
     compute_s = flops_per_step / (EFFECTIVE_FLOPS * speed)
     streamed = profile.weights in ("group_offload_block", "group_offload_leaf", "sequential_cpu_offload")

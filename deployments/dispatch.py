@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from autoscaling.serve_policy import COLD_START_OVERHEAD_S
-from cluster.memory import image_tokens, predict_peak, uses_cfg
+from cluster.memory import image_tokens, predict_peak, transformer_batch, uses_cfg
 from cluster.speed import predict_seconds
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.metrics import ServiceMetrics
@@ -57,7 +57,7 @@ class Outcome:
 def work_units(width: int, height: int, n: int, steps: int, cfg: bool = False) -> float:
     """A chunk's work: image tokens (with the prompt's) x images x steps, twice that with classifier-free guidance
     (`cfg`: every step runs the transformer on each image and its negative-prompt twin)."""
-    return float((image_tokens(width, height) + PROMPT_TOKENS) * n * steps * (2 if cfg else 1))
+    return float((image_tokens(width, height) + PROMPT_TOKENS) * transformer_batch(n, cfg) * steps)
 
 
 class Dispatcher:

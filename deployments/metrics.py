@@ -172,8 +172,8 @@ class FleetCollector(Collector):
     A card is `zit_card_up` 1 while its replica reports a reading, 0 once its reading fails or its replica stops
     reporting without saying goodbye (cards no replica ever ran on, and cards whose replica Serve stopped on purpose,
     have no zit_card_up); `zit_card_node_up` says whether Ray still sees the card's node (cards of a tier scaled to
-    zero stay node-up with no replica, so a dead node means a card is missing, unless its replica was stopped on
-    purpose: KubeRay then removes the node's pod).
+    zero stay node-up with no replica, so a dead node means a card is missing, unless the node is a Kubernetes pod
+    whose replica was stopped on purpose: KubeRay then removes the idle pod).
     """
 
     def __init__(self, tiers=()):
@@ -186,6 +186,7 @@ class FleetCollector(Collector):
         self.reported: set[str] = set()  # cards a replica has reported from (the ones zit_card_up is about)
         self.retired: set[str] = set()  # cards whose replica stopped on purpose and none reports from them now
         self.nodes: dict[str, bool] = {}  # uuid -> node alive
+        self.pods: set[str] = set()  # cards whose node is a Kubernetes pod (KubeRay removes idle ones)
         self.nodes_read_at: float | None = None
 
     def watch_queues(self, queues: dict, min_replicas: int = 0) -> None:
@@ -212,7 +213,7 @@ class FleetCollector(Collector):
 
     def observe_card_nodes(self, nodes: list[dict]) -> None:
         """Ray's card nodes (deployments.registry.card_nodes): dicts with `alive` and the node's zit/ labels."""
-        from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_TIER
+        from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_POD, LABEL_TIER
 
         for node in nodes:
             labels = node.get("labels") or {}
@@ -220,6 +221,8 @@ class FleetCollector(Collector):
             if not uuid:
                 continue
             self.nodes[uuid] = bool(node.get("alive"))
+            if labels.get(LABEL_POD) == "true":
+                self.pods.add(uuid)
             self.cards.setdefault(uuid, {"card": uuid, "model": labels.get(LABEL_MODEL, ""),
                                          "tier": labels.get(LABEL_TIER, ""), "host": labels.get(LABEL_HOST, "")})
         self.nodes_read_at = time.monotonic()
@@ -286,9 +289,9 @@ class FleetCollector(Collector):
                 reading[card["uuid"]] = card
         for uuid, labels in self.cards.items():
             values = [labels[key] for key in CARD_LABELS]
-            if uuid in self.nodes and (self.nodes[uuid] or uuid not in self.retired):
-                # A dead node of a card scaled away on purpose is no missing card (KubeRay removes idle worker pods;
-                # Ray keeps their dead nodes in its table).
+            if uuid in self.nodes and (self.nodes[uuid] or not (uuid in self.retired and uuid in self.pods)):
+                # The dead node of a pod whose replica was scaled away on purpose is no missing card: KubeRay removed
+                # the idle worker pod, and Ray keeps dead nodes in its table. On bare metal a dead node is missing.
                 node_up.add_metric(values, 1.0 if self.nodes[uuid] else 0.0)
             if uuid not in self.reported:
                 continue  # a card no replica was placed on yet: its node says whether it is there

@@ -42,9 +42,9 @@ class FleetRegistry:
         now = time.time()
         _, info = self._reports.pop(replica, (None, {}))
         self._gone[replica] = now
-        uuid = ((info or {}).get("card") or {}).get("uuid")
-        if uuid:
-            self._card_retired[uuid] = now
+        card = (info or {}).get("card") or {}
+        if card.get("uuid") and not card.get("error"):  # a failed card stays failed, whoever stops its replica
+            self._card_retired[card["uuid"]] = now
 
     def replicas(self, max_age_s: float | None = None) -> list[dict]:
         max_age_s = max_age_s or ZIT_FLEET_REPORT_PERIOD_S * STALE_AFTER_PERIODS

@@ -749,7 +749,9 @@ def render_notes(files: list[Path], tmp_path: Path) -> str:
 
 def test_notes_tell_how_to_reach_the_endpoint_and_dashboards(tmp_path):
     notes = render_notes([], tmp_path)
-    assert "kubectl -n zit port-forward svc/zit-zit-cluster-serve 8000:8000" in notes
+    # Whole lines, so the commands can be copied: a template's whitespace trimming must not run them together.
+    assert "\n  kubectl -n zit port-forward svc/zit-zit-cluster-serve 8000:8000\n" in notes
+    assert "\n  curl -s $ZIT_URL/healthz\n  curl -s $ZIT_URL/v1/images/generations " in notes
     assert "port-forward svc/zit-zit-cluster-head-svc 8265:8265" in notes
     assert "grafana_dashboard=1" in notes and "ServiceMonitor zit-zit-cluster" in notes
     mixed = render_notes(VALUES["mixed-fleet"], tmp_path / "mixed")

@@ -13,7 +13,7 @@ import sys
 
 import yaml
 
-from cluster.node import card_node
+from cluster.node import LABEL_POD, card_node
 from cluster.nvml import FakeNvml, probe
 
 fleet_file = os.environ.get("ZIT_FLEET_FILE")  # a simulated card (tests); unset on real GPUs
@@ -23,7 +23,7 @@ if len(cards) != 1:
 if cards[0].error:
     sys.exit(f"card-labels: NVML cannot read this pod's card ({cards[0].error}); the pod cannot serve")
 card = dataclasses.replace(cards[0], tier=os.environ["ZIT_TIER"], host=os.environ.get("ZIT_NODE_NAME") or None)
-labels = card_node(card, fleet_file).labels
+labels = {**card_node(card, fleet_file).labels, LABEL_POD: "true"}
 with open(sys.argv[1], "w") as out:
     yaml.safe_dump(labels, out, default_flow_style=False)
 print(f"card-labels: {card.name} [{card.uuid}] as {card.tier}: {labels}")

@@ -69,3 +69,30 @@ def test_a_guided_job_counts_twice_the_work(on_gtx_1650, monkeypatch):
     generator._units_per_s = None
     asyncio.run(generator.generate(job(128, 3.0)))
     assert generator._units_per_s == 2 * work_units(128, 128, 1, 2)
+
+
+def test_a_replica_serve_stops_says_goodbye_to_the_fleet_registry_once(on_gtx_1650, monkeypatch):
+    """Serve calls __del__ when it stops a replica on purpose; the replica leaves the registry then (its card's
+    silence is no fault: deployments/registry.py), once, and waits for the registry to have it."""
+    import ray
+
+    import deployments.generator as generator_module
+    import deployments.registry as registry_module
+
+    forgotten, waited = [], []
+
+    class Registry:
+        class forget:  # the actor method's .remote()
+            @staticmethod
+            def remote(replica):
+                forgotten.append(replica)
+                return f"ref-{replica}"
+
+    monkeypatch.setattr(generator_module, "_in_ray", lambda: True)
+    monkeypatch.setattr(registry_module, "get_registry", lambda: Registry)
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout: waited.append((refs, timeout)) or (refs, []))
+    generator = on_gtx_1650
+    generator.__del__()
+    generator.__del__()  # Serve's own call, then the garbage collector's
+    assert forgotten == [generator.replica]
+    assert waited == [([f"ref-{generator.replica}"], generator_module.GOODBYE_WAIT_S)]

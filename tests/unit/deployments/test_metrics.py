@@ -199,19 +199,22 @@ def test_a_card_whose_reading_failed_or_whose_replica_went_quiet_is_down_without
 
 
 def test_a_card_whose_replica_was_stopped_on_purpose_is_not_down_until_a_replica_reports_from_it_again():
-    from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_TIER
+    from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_POD, LABEL_TIER
 
-    a, b = load_fleet(FLEET)[:2]
+    a, b, c = load_fleet(FLEET)[:3]
     m = ServiceMetrics(tiers())
-    m.fleet.observe_reports([report(a), report(b)])
-    # b's replica was scaled away (it said goodbye to the registry), and KubeRay removed its node's pod.
-    m.fleet.observe_reports([report(a)], retired=[b.uuid])
+    m.fleet.observe_reports([report(a), report(b), report(c)])
+    # b's and c's replicas were scaled away (they said goodbye to the registry), and their nodes died: b's is a
+    # Kubernetes pod KubeRay removed, c's a bare-metal host that went down.
+    m.fleet.observe_reports([report(a)], retired=[b.uuid, c.uuid])
     m.fleet.observe_card_nodes([{"alive": alive, "labels": {LABEL_CARD: card.uuid, LABEL_TIER: card.tier,
-                                                            LABEL_MODEL: card.name, LABEL_HOST: "h"}}
-                                for card, alive in ((a, True), (b, False))])
+                                                            LABEL_MODEL: card.name, LABEL_HOST: "h", **extra}}
+                                for card, alive, extra in ((a, True, {}), (b, False, {LABEL_POD: "true"}),
+                                                           (c, False, {}))])
     assert value(m, "zit_card_up", card=a.uuid) == 1
-    assert value(m, "zit_card_up", card=b.uuid) is None
+    assert value(m, "zit_card_up", card=b.uuid) is None and value(m, "zit_card_up", card=c.uuid) is None
     assert value(m, "zit_card_node_up", card=b.uuid) is None  # a pod removed on purpose is no missing card
+    assert value(m, "zit_card_node_up", card=c.uuid) == 0  # a host that died is
     # The registry forgets the goodbye; the collector does not: b stays quiet until a replica runs there again.
     m.fleet.observe_reports([report(a)])
     assert value(m, "zit_card_up", card=b.uuid) is None
@@ -234,6 +237,10 @@ def test_the_registry_remembers_which_cards_were_left_on_purpose_and_drops_late_
     registry.report({**report(b), "replica": "a-new-replica"})  # Serve placed a replica on b again
     assert registry.retired_cards() == []
     assert {r["replica"] for r in registry.replicas()} == {report(a)["replica"], "a-new-replica"}
+    # A card NVML lost stays failed, whoever stops its replica.
+    registry.report(report(a, error="NVMLError_GpuIsLost: GPU is lost"))
+    registry.forget(report(a)["replica"])
+    assert registry.retired_cards() == []
 
 
 def test_a_card_without_power_or_temperature_support_leaves_those_series_out():

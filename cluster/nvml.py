@@ -90,11 +90,12 @@ class GpuSnapshot:
         return data
 
 
-def _optional(call, *args):
-    """NVML readings some cards do not support (power on laptops, temperature on some vGPUs) come back as None."""
+def _optional(call, *args, errors: type[Exception] = pynvml.NVMLError_NotSupported):
+    """NVML readings some cards do not support (power on laptops, temperature on some vGPUs) come back as None; so
+    does any reading that raises `errors` (pynvml.NVMLError: whatever a failed card still answers)."""
     try:
         return call(*args)
-    except pynvml.NVMLError_NotSupported:
+    except errors:
         return None
 
 
@@ -157,18 +158,12 @@ def read_card(nvml, index: int, own_pids: frozenset[int] = frozenset()) -> GpuSn
 def failed_card(nvml, index: int, exc: Exception) -> GpuSnapshot:
     """The snapshot of a card whose reading failed with `exc`: what NVML still says of it (UUID, name; often nothing
     once a card is lost) and the error."""
-
-    def attempt(call, *args):
-        try:
-            return call(*args)
-        except pynvml.NVMLError:
-            return None
-
-    handle = attempt(nvml.nvmlDeviceGetHandleByIndex, index)
-    name = attempt(nvml.nvmlDeviceGetName, handle) if handle is not None else None
+    handle = _optional(nvml.nvmlDeviceGetHandleByIndex, index, errors=pynvml.NVMLError)
+    name = _optional(nvml.nvmlDeviceGetName, handle, errors=pynvml.NVMLError) if handle is not None else None
+    uuid = _optional(nvml.nvmlDeviceGetUUID, handle, errors=pynvml.NVMLError) if handle is not None else None
     extra = nvml.zit_card_extra(handle) if handle is not None and hasattr(nvml, "zit_card_extra") else {}
     return GpuSnapshot(
-        index=index, uuid=(attempt(nvml.nvmlDeviceGetUUID, handle) if handle is not None else None) or "",
+        index=index, uuid=uuid or "",
         name=(name.decode() if isinstance(name, bytes) else name) or "unknown card", memory_total=0, memory_free=0,
         memory_used=0, compute_capability=(0, 0), bf16=False, utilization_pct=None, temperature_c=None, power_w=None,
         foreign_memory=0, tier=None, simulated=bool(extra.get("simulated", False)), speed=extra.get("speed"),

@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, VRAM_TIERS_GIB, ZIT_VRAM_TIERS_GB_ENV, vram_tiers
+from cluster.tiers import (
+    GIB, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, VRAM_TIERS_GIB, ZIT_VRAM_TIERS_GB_ENV, classify, vram_tiers,
+)
 
 if TYPE_CHECKING:
     from diffusers import ZImagePipeline
@@ -195,8 +197,7 @@ _TIER_PLACEMENT: dict[str, dict[str, Any]] = {
 def shipped_tier_for(gib: float) -> str:
     """The shipped tier whose profile a configured tier of `gib` GiB runs: the largest shipped tier at or below that
     size (a 10 GB tier runs vram_8's techniques), or the smallest shipped one for a tier below all of them."""
-    at_or_below = [(size, name) for name, size in VRAM_TIERS_GIB.items() if size <= gib]
-    return max(at_or_below)[1] if at_or_below else min((size, name) for name, size in VRAM_TIERS_GIB.items())[1]
+    return classify(int(gib * GIB), VRAM_TIERS_GIB, margin=0.0) or min(VRAM_TIERS_GIB, key=VRAM_TIERS_GIB.get)
 
 
 def default_profile(tier: str, bf16: bool) -> Profile:

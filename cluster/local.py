@@ -133,6 +133,17 @@ def remove_card_node(card_uuid: str) -> None:
     raise LookupError(f"no node for card {card_uuid}")
 
 
+def kill_card_raylet(card_uuid: str) -> None:
+    """SIGKILL the raylet of one card's node of the running in-process fleet cluster, as a host that loses the card
+    or its power does: no goodbye, Ray notices by its health checks. The node's workers exit with it."""
+    cluster, _, _ = ACTIVE_FLEET_CLUSTERS[-1]
+    for node in cluster.list_all_nodes():
+        if node.node_labels.get("zit/card") == card_uuid:
+            node.kill_raylet()  # SIGKILL, not SIGTERM
+            return
+    raise LookupError(f"no node for card {card_uuid}")
+
+
 def add_card_node(card_uuid: str) -> None:
     """Start the Ray node of one card of the running in-process fleet cluster again (the card is back)."""
     cluster, nodes, env = ACTIVE_FLEET_CLUSTERS[-1]

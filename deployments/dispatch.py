@@ -7,6 +7,10 @@ classifier-free guidance doubles the transformer's batch): which can hold an ima
 4. retry a failed chunk where it can succeed: out of memory (after the replica's own degraded retry) on a larger
    tier, NaN/black images on a tier with bf16, a dead replica on the same tier or another, at most MAX_ATTEMPTS
    times; every retry is listed in the response. Results come back in seed order.
+5. a tier that no chunk can reach any more (`lost_tiers`: its card nodes died, and no replica of it runs anywhere)
+   hands its waiting and running chunks to the next tier that holds them, at their place in the queue
+   (reason `node_lost`; such a move does not count as an attempt: the chunk failed nowhere), and gets no new chunks
+   until a replica or a card node of it is back. A request that only lost tiers could hold gets 503 + Retry-After.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 from autoscaling.serve_policy import COLD_START_OVERHEAD_S
+import itertools
+
 from cluster.memory import image_tokens, predict_peak, transformer_batch, uses_cfg
+from cluster.node import LABEL_CARD, LABEL_TIER
 from cluster.speed import predict_seconds
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.metrics import ServiceMetrics
@@ -31,10 +38,48 @@ logger = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 3
 # Prompt tokens the pipeline pads every prompt to: part of each image's work.
 PROMPT_TOKENS = 512
+# What a client is told to wait when the only tiers that hold its request are lost: long enough for a pod to be
+# replaced or a card node to rejoin, short enough that a client retrying finds the tier soon after it is back.
+LOST_TIER_RETRY_AFTER_S = 30.0
 
 
 class ChunkExhausted(RuntimeError):
     """A chunk failed on every tier it could go to; the message says where and why."""
+
+
+class TierLost(RuntimeError):
+    """The chunk's tier was lost while the chunk waited or ran there (`lost_tiers`); it moves to another tier."""
+
+    def __init__(self, tier: str, why: str):
+        self.tier = tier
+        super().__init__(f"tier {tier} lost: {why}")
+
+
+def lost_tiers(tiers, reports: list[dict], nodes: list[dict], retired=()) -> dict[str, str]:
+    """The card tiers no chunk can reach now, each with why. Pure: the registry's replica reports (`node_id`,
+    `tier`), Ray's card nodes (`alive`, `node_id` and the node's labels, deployments.registry.card_nodes) and the
+    cards whose replica Serve stopped on purpose (FleetRegistry.retired_cards).
+
+    A tier is lost when no replica of it reports from a live node, none of its card nodes is alive (so Serve has
+    nowhere to start one), and at least one of them died while it served: a card whose replica was scaled away on
+    purpose and whose Kubernetes pod was then removed is not lost (waking the tier brings a pod back), nor is a tier
+    Ray has never seen a node of. A card node that joins again, or a replica that reports, ends the loss."""
+    dead = {node["node_id"] for node in nodes if not node["alive"]}
+    live = {report.get("tier") for report in reports if report.get("node_id") not in dead}
+    retired = set(retired)
+    lost = {}
+    for tier in tiers:
+        if tier.device != "cuda" or tier.name in live:
+            continue
+        own = [node for node in nodes if node["labels"].get(LABEL_TIER) == tier.name]
+        if not own or any(node["alive"] for node in own):
+            continue
+        crashed = sorted(node["labels"].get(LABEL_CARD, node["node_id"]) for node in own
+                         if node["labels"].get(LABEL_CARD) not in retired)
+        if crashed:
+            lost[tier.name] = (f"the node of every card of the tier is dead (Ray reports card(s) {', '.join(crashed)} "
+                               "dead) and no replica of it runs; back when a card node of the tier joins again")
+    return lost
 
 
 @dataclass
@@ -73,16 +118,23 @@ class Dispatcher:
         self.calibration = calibration
         # Autoscaled tiers (autoscaling/serve_policy.py) may be at zero replicas: work that waits for one wakes it.
         self.autoscaling = autoscaling
+        arrivals = itertools.count()  # one order of arrival over every tier's queue
         self.queues = {t.name: TierQueue(t.name, t.num_replicas, t.max_queued_requests,
                                          scalable=autoscaling is not None and t.num_replicas > 0,
-                                         cold_start_s=autoscaling.cold_start_s if autoscaling else 60.0)
+                                         cold_start_s=autoscaling.cold_start_s if autoscaling else 60.0,
+                                         arrivals=arrivals)
                        for t in tiers}
+        self.arrivals = arrivals
         self._wakes: dict[str, asyncio.Future] = {}
+        # Lost tiers (`lost_tiers`) and, per tier, the event that tells its waiting and running chunks to move.
+        self.lost: dict[str, str] = {}
+        self._lost_events = {t.name: asyncio.Event() for t in tiers}
         self.speed = SpeedBook()
         self.budgets = {t.name: tier_budget(t) for t in tiers}
         self.drained: dict[str, bool] = {}
         self.metrics = metrics or ServiceMetrics(tiers)
-        self.metrics.fleet.watch_queues(self.queues, autoscaling.min_replicas if autoscaling else 0)
+        self.metrics.fleet.watch_queues(self.queues, autoscaling.min_replicas if autoscaling else 0,
+                                        lost=lambda: self.lost)
 
     # -- live state from the replicas' reports -----------------------------------------------------------------
 
@@ -103,7 +155,7 @@ class Dispatcher:
             queue = self.queues[name]
             if loads and queue.scalable:  # a cold start takes what loading took (plus Ray's start)
                 queue.cold_start_s = max(loads) + COLD_START_OVERHEAD_S
-            if queue.scalable and queue.replicas == 0 and queue.waiting:
+            if queue.scalable and queue.replicas == 0 and queue.waiting and name not in self.lost:
                 # Work waits for a tier the registry shows at zero: (again) wake it. If it has replicas the
                 # registry has not heard of yet, the call returns at once and opens the queue.
                 self._wake(name, queue.waiting, queue.waiting_units)
@@ -113,14 +165,42 @@ class Dispatcher:
                 # A chunk needs one card that holds it; the router sends it only to such a card.
                 self.budgets[name] = min(tier.vram_bytes, max(capacities))
 
+    def update_lost(self, lost: dict[str, str]) -> None:
+        """Which tiers are lost now (`lost_tiers`, called every few seconds). A tier that becomes lost sends its
+        waiting and running chunks elsewhere at once; one that is back takes chunks again."""
+        for name in self.tiers:
+            if name in lost and name not in self.lost:
+                logger.warning("tier %s is lost (%s); its chunks move to other tiers", name, lost[name])
+                self._lost_events[name].set()
+            elif name in self.lost and name not in lost:
+                logger.info("tier %s is back", name)
+                self._lost_events[name] = asyncio.Event()
+        self.lost = {name: why for name, why in lost.items() if name in self.tiers}
+
     # -- one request ---------------------------------------------------------------------------------------------
+
+    def unavailable(self) -> dict[str, str]:
+        """Tiers that take no new chunk now, with why: lost, or drained (every card fails NVML reads)."""
+        drained = {tier: "every card of this tier fails NVML reads (drained)" for tier, on in self.drained.items() if on}
+        return {**drained, **self.lost}
 
     def plan(self, width: int, height: int, steps: int, n: int, cfg: bool = False):
         """Tiers that can hold one image of this size now (guided when `cfg`), cheapest first, with their chunks.
-        NoTierFits if none."""
-        drained = {tier: "every card of this tier fails NVML reads (drained)" for tier, on in self.drained.items() if on}
-        return fitting_plans(list(self.tiers.values()), self.profiles, width, height, steps, n, self.calibration,
-                             self.budgets, drained, cfg)
+        NoTierFits if none would, even with every tier up; TiersFull (503 + Retry-After) if only tiers that are
+        unavailable now (lost or drained) would."""
+        unavailable = self.unavailable()
+        try:
+            return fitting_plans(list(self.tiers.values()), self.profiles, width, height, steps, n, self.calibration,
+                                 self.budgets, unavailable, cfg)
+        except NoTierFits:
+            holding = [p.tier for p in tier_plans(list(self.tiers.values()), self.profiles, width, height, steps, n,
+                                                  self.calibration, self.budgets, cfg)
+                       if p.fits and p.tier in unavailable]
+            if not holding:
+                raise
+            raise TiersFull(LOST_TIER_RETRY_AFTER_S, holding,
+                            "the only tiers that hold this request are unavailable now ("
+                            + "; ".join(f"{tier}: {unavailable[tier]}" for tier in holding) + ")") from None
 
     def _seconds_per_unit(self, tier: str, width: int, height: int, steps: int, cfg: bool = False) -> float:
         predicted = predict_seconds(width, height, 1, steps, self.profiles[tier], self.tiers[tier].speed or 1.0,
@@ -206,16 +286,20 @@ class Dispatcher:
 
     # -- one chunk, with retries ---------------------------------------------------------------------------------
 
-    async def _chunk(self, body, width, height, tier, seeds, fitting, outcome, attempt=1, tried=()) -> list:
+    async def _chunk(self, body, width, height, tier, seeds, fitting, outcome, attempt=1, tried=(),
+                     arrival=None) -> list:
         tried = (*tried, tier)
+        if arrival is None:  # the chunk's place in line, kept wherever it moves
+            arrival = next(self.arrivals)
         try:
-            return [await self._attempt(body, width, height, tier, seeds)]
+            return [await self._attempt(body, width, height, tier, seeds, arrival)]
         except Exception as exc:
             reason = _failure_reason(exc)
             self.metrics.chunk_failed(tier, reason)
             if reason is None:
                 raise
-            if attempt >= self.max_attempts:
+            counts = reason != "node_lost"  # the chunk failed nowhere: its tier went away under it
+            if counts and attempt >= self.max_attempts:
                 raise ChunkExhausted(f"seeds {seeds[0]}..{seeds[-1]} failed {attempt} times, last on {tier}: "
                                      f"{reason} ({str(exc).splitlines()[0][:300]})") from exc
             target = self._fallback(reason, tier, fitting, tried)
@@ -229,15 +313,18 @@ class Dispatcher:
             size = max(target.chunks)
             parts = [seeds[i:i + size] for i in range(0, len(seeds), size)]
             done = await gather_or_cancel(*(self._chunk(body, width, height, target.tier, part, fitting, outcome,
-                                                        attempt + 1, tried) for part in parts))
+                                                        attempt + counts, tried, arrival) for part in parts))
             return [result for part in done for result in part]
 
     def _fallback(self, reason: str, tier: str, fitting, tried):
         """Where a failed chunk goes next: a larger tier after out-of-memory, a bf16 tier after black images, any
-        tier that can hold it (its own first) after a replica died."""
+        tier that can hold it (its own first) after a replica died, the next tier that holds it after its tier was
+        lost. Never a tier that is unavailable now (lost or drained)."""
         budget = self.budgets[tier]
-        if reason == "replica_died":  # Serve replaces the replica; the tier's other cards can take the chunk now
-            own = [plan for plan in fitting if plan.tier == tier]
+        unavailable = self.unavailable()
+        fitting = [plan for plan in fitting if plan.tier not in unavailable]
+        if reason in ("replica_died", "node_lost"):  # Serve replaces a dead replica where its card still is
+            own = [plan for plan in fitting if plan.tier == tier and reason == "replica_died"]
             others = [plan for plan in fitting if plan.tier not in tried]
             return (own or others or [None])[0]
         for plan in fitting:
@@ -249,7 +336,30 @@ class Dispatcher:
                 return plan
         return None
 
-    async def _attempt(self, body, width, height, tier, seeds) -> GenerationResult:
+    async def _attempt(self, body, width, height, tier, seeds, arrival=None) -> GenerationResult:
+        """Run the chunk on `tier`, unless the tier is lost before it has finished there: then TierLost, at once,
+        whether the chunk waited in the tier's queue or ran (its handle call is cancelled)."""
+        if tier in self.lost:
+            raise TierLost(tier, self.lost[tier])
+        work = asyncio.ensure_future(self._run_on(body, width, height, tier, seeds, arrival))
+        lost = asyncio.ensure_future(self._lost_events[tier].wait())
+        try:
+            await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+        finally:
+            lost.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        try:
+            await work
+        except BaseException:  # cancelled, or failed as it was cancelled: the tier is gone either way
+            pass
+        raise TierLost(tier, self.lost.get(tier, "its card nodes are dead"))
+
+    async def _run_on(self, body, width, height, tier, seeds, arrival=None) -> GenerationResult:
         n = len(seeds)
         cfg = uses_cfg(body.guidance_scale)
         units = work_units(width, height, n, body.steps, cfg)
@@ -265,7 +375,7 @@ class Dispatcher:
         arrived = time.perf_counter()
         if queue.scalable and queue.replicas == 0:
             self._wake(tier, queue.waiting + 1, queue.waiting_units + units)
-        await queue.acquire(body.priority, units)
+        await queue.acquire(body.priority, units, arrival)
         # What still waits for this tier travels with the job: the replica reports it to the autoscaler.
         job.tier_queue = (queue.waiting, queue.waiting_units)
         try:
@@ -310,9 +420,11 @@ def _failure_reason(exc: BaseException) -> str | None:
         return "out_of_memory"
     if isinstance(exc, ChunkBadImage):
         return "bad_image"
+    if isinstance(exc, TierLost):
+        return "node_lost"
     if isinstance(exc, RayActorError):
         return "replica_died"
     return None
 
 
-__all__ = ["ChunkExhausted", "Dispatcher", "Outcome", "Retry", "TiersFull", "NoTierFits"]
+__all__ = ["ChunkExhausted", "Dispatcher", "Outcome", "Retry", "TierLost", "TiersFull", "NoTierFits", "lost_tiers"]

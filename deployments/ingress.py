@@ -220,6 +220,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 "profile": in_tier[0]["profile"] if in_tier else None,
                 "queue": {"running": self.dispatcher.queues[tier.name].running,
                           "waiting": self.dispatcher.queues[tier.name].waiting},
+                "lost": self.dispatcher.lost.get(tier.name),
             })
         routing = {"tier_policy": self.config.tier_policy, "in_tier_router": self.config.in_tier_router}
         return {"cards": cards, "tiers": tiers, "replicas": replicas, "routing": routing}
@@ -277,20 +278,26 @@ class Ingress(A1111Api, ProgressApi, WebUi):
             logger.warning("no fleet registry reading after %.0f s; routing on the configured tiers", FIRST_POLL_WAIT_S)
 
     async def _poll_registry(self) -> None:
-        from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S, get_registry
+        """Every ZIT_FLEET_REPORT_PERIOD_S: the replicas' reports and Ray's card nodes, into routing (live replicas
+        and budgets per tier, lost tiers) and the metrics. A report from a node Ray reports dead is no live
+        replica, however fresh."""
+        from deployments.dispatch import lost_tiers
+        from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S, card_nodes, get_registry
 
         while True:
             try:
                 if self._registry is None:
                     self._registry = get_registry()
-                reports = await self._registry.replicas.remote()
+                reports, nodes = await asyncio.gather(self._registry.replicas.remote(),
+                                                      asyncio.to_thread(card_nodes))
+                dead = {node["node_id"] for node in nodes if not node["alive"]}
+                reports = [report for report in reports if report.get("node_id") not in dead]
+                retired = await self._retired_cards()
                 self.dispatcher.update_from_reports(reports)
+                self.dispatcher.update_lost(lost_tiers(self.config.tiers, reports, nodes, retired))
                 self._polled.set()
-                self.metrics.fleet.observe_reports(reports, await self._retired_cards())
-                if self.metrics.fleet.card_nodes_due():
-                    from deployments.registry import card_nodes
-
-                    self.metrics.fleet.observe_card_nodes(await asyncio.to_thread(card_nodes))
+                self.metrics.fleet.observe_reports(reports, retired)
+                self.metrics.fleet.observe_card_nodes(nodes)
             except Exception:
                 logger.exception("reading the fleet registry failed; keeping the last known state")
             # The encoded images of finished requests go back to the host (deployments/hostmem.py).

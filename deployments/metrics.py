@@ -14,8 +14,9 @@ many as they like):
 
 Labels: endpoint (the route template, never the raw path), status (HTTP code), tier, card (the NVML uuid), model
 (the card's name), host, deployment, reason/outcome (short fixed words). Never a prompt, a request id or a key.
-Counters and histograms whose label values are known up front (one per tier) start at 0, so `rate()` sees the
-first event as an increase and alerts see a series before it.
+Every series whose label values are known up front starts at 0 (per tier; per image endpoint; per rejection status
+and reason; per retry reason and pair of tiers; per chunk outcome), so a dashboard panel shows 0 rather than "No
+data" before the first event, `rate()` sees that event as an increase, and alerts see a series before it.
 """
 
 from __future__ import annotations
@@ -41,8 +42,16 @@ REJECTION_STATUSES = {401: "unauthorized", 413: "body_too_large", 422: "invalid_
                       503: "busy"}
 # nginx's code for a client that went away before the answer; the request is counted, not lost.
 CLIENT_CLOSED = 499
-# Ray's node table is read this often for the card nodes (alive or dead): a GCS call, so less often than reports.
-CARD_NODES_PERIOD_S = 10.0
+# The routes that make images: their request, latency and rejection series exist from start-up.
+IMAGE_ENDPOINTS = ("/v1/images/generations", "/v1/images/generations/stream", "/sdapi/v1/txt2img")
+# Why an image request may be refused (status, reason): REJECTION_STATUSES' defaults and the reasons the generate
+# path notes (deployments/ingress.py).
+REJECTION_REASONS = (*((str(status), reason) for status, reason in REJECTION_STATUSES.items()),
+                     ("422", "no_tier_fits"), ("503", "tiers_full"), ("503", "retries_exhausted"))
+# Why a chunk attempt ends (zit_chunks_total's outcome), and why one moves to another tier (zit_retries_total's
+# reason; deployments/dispatch.py _failure_reason).
+RETRY_REASONS = ("out_of_memory", "bad_image", "replica_died", "node_lost")
+CHUNK_OUTCOMES = ("ok", *RETRY_REASONS, "error")
 
 # Buckets in seconds. Generation spans 0.05 s (tiny model, small image) to minutes (1024x1024 on a 4 GB card with
 # offload); the latency objective (docs/observability.md) sits on the 60 s bucket.
@@ -110,14 +119,30 @@ class ServiceMetrics:
                                ["reason", "tier", "to_tier"], registry=r)
         self.demand = Counter("zit_tier_demand", "Requests the memory model says this tier can hold (whether or not "
                               "it ran them).", ["tier"], registry=r)
+        self._start_at_zero(tier_names)
+        # 3. State at scrape time.
+        self.fleet = FleetCollector(tiers)
+        r.register(self.fleet)
+
+    def _start_at_zero(self, tier_names: list[str]) -> None:
+        """Create every series whose labels are known now, at 0 (the module docstring says why)."""
         for name in tier_names:
             for per_tier in (self.images, self.oom, self.degraded, self.demand, self.queue_wait, self.generation,
                              self.step_seconds):
                 per_tier.labels(tier=name)
-            self.chunks.labels(tier=name, outcome="ok")
-        # 3. State at scrape time.
-        self.fleet = FleetCollector(tiers)
-        r.register(self.fleet)
+            for outcome in CHUNK_OUTCOMES:
+                self.chunks.labels(tier=name, outcome=outcome)
+            for reason in RETRY_REASONS:
+                for to_tier in tier_names:
+                    self.retries.labels(reason=reason, tier=name, to_tier=to_tier)
+        for endpoint in IMAGE_ENDPOINTS:
+            for tier in (*tier_names, NO_TIER):
+                self.request_seconds.labels(endpoint=endpoint, tier=tier)
+                if tier != NO_TIER:
+                    self.requests.labels(endpoint=endpoint, status="200", tier=tier)
+            for status, reason in REJECTION_REASONS:
+                self.requests.labels(endpoint=endpoint, status=status, tier=NO_TIER)
+                self.rejections.labels(endpoint=endpoint, status=status, reason=reason)
 
     # -- recording (cheap: a dict lookup and an add each) -----------------------------------------------------------
 
@@ -180,6 +205,7 @@ class FleetCollector(Collector):
         self.tiers = list(tiers)
         self.queues: dict = {}
         self.min_replicas = 0
+        self.lost = dict
         self.reports: list[dict] = []
         self.reported_at: float | None = None
         self.cards: dict[str, dict[str, str]] = {}  # uuid -> card labels, for every card ever seen
@@ -187,12 +213,13 @@ class FleetCollector(Collector):
         self.retired: set[str] = set()  # cards whose replica stopped on purpose and none reports from them now
         self.nodes: dict[str, bool] = {}  # uuid -> node alive
         self.pods: set[str] = set()  # cards whose node is a Kubernetes pod (KubeRay removes idle ones)
-        self.nodes_read_at: float | None = None
 
-    def watch_queues(self, queues: dict, min_replicas: int = 0) -> None:
-        """`min_replicas`: what an autoscaled tier (a queue that is `scalable`) keeps at least."""
+    def watch_queues(self, queues: dict, min_replicas: int = 0, lost=dict) -> None:
+        """`min_replicas`: what an autoscaled tier (a queue that is `scalable`) keeps at least; `lost`: a callable
+        giving the tiers lost now (Dispatcher.lost), by name."""
         self.queues = queues
         self.min_replicas = min_replicas
+        self.lost = lost
 
     def observe_reports(self, reports: list[dict], retired: list[str] = ()) -> None:
         """`retired`: cards whose replica stopped on purpose (FleetRegistry.retired_cards): no zit_card_up for them
@@ -208,24 +235,23 @@ class FleetCollector(Collector):
         self.reports = reports
         self.reported_at = time.monotonic()
 
-    def card_nodes_due(self) -> bool:
-        return self.nodes_read_at is None or time.monotonic() - self.nodes_read_at >= CARD_NODES_PERIOD_S
-
     def observe_card_nodes(self, nodes: list[dict]) -> None:
-        """Ray's card nodes (deployments.registry.card_nodes): dicts with `alive` and the node's zit/ labels."""
+        """Ray's card nodes (deployments.registry.card_nodes): dicts with `alive` and the node's zit/ labels. A card
+        whose node died and joined again has both in Ray's table: it is up when any of its nodes is alive."""
         from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_POD, LABEL_TIER
 
+        alive: dict[str, bool] = {}
         for node in nodes:
             labels = node.get("labels") or {}
             uuid = labels.get(LABEL_CARD)
             if not uuid:
                 continue
-            self.nodes[uuid] = bool(node.get("alive"))
+            alive[uuid] = alive.get(uuid, False) or bool(node.get("alive"))
             if labels.get(LABEL_POD) == "true":
                 self.pods.add(uuid)
             self.cards.setdefault(uuid, {"card": uuid, "model": labels.get(LABEL_MODEL, ""),
                                          "tier": labels.get(LABEL_TIER, ""), "host": labels.get(LABEL_HOST, "")})
-        self.nodes_read_at = time.monotonic()
+        self.nodes.update(alive)
 
     def collect(self):
         yield from self._queues()
@@ -252,6 +278,9 @@ class FleetCollector(Collector):
         least = GaugeMetricFamily("zit_replicas_min", "Replicas the tier keeps at least: the configured ones, or an "
                                   "autoscaled tier's min_replicas (0: it may sit at zero while larger tiers serve).",
                                   labels=["tier", "deployment"])
+        lost = GaugeMetricFamily("zit_tier_lost", "1 while the tier is lost: its card nodes are dead and no replica of "
+                                 "it runs, so its chunks go to other tiers; 0 otherwise.", labels=["tier", "deployment"])
+        lost_now = self.lost()
         per_tier = Tally(r.get("tier") for r in self.reports)
         busy_tier = Tally(r.get("tier") for r in self.reports if r.get("busy"))
         for tier in self.tiers:
@@ -262,7 +291,8 @@ class FleetCollector(Collector):
             queue = self.queues.get(tier.name)
             scalable = queue is not None and queue.scalable
             least.add_metric(labels, min(self.min_replicas, tier.num_replicas) if scalable else tier.num_replicas)
-        families = [live, busy, target, least]
+            lost.add_metric(labels, 1.0 if tier.name in lost_now else 0.0)
+        families = [live, busy, target, least, lost]
         if self.reported_at is not None:
             age = GaugeMetricFamily("zit_fleet_report_age_seconds", "Seconds since the ingress last read the fleet "
                                     "registry (card and replica metrics are this old).")

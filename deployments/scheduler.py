@@ -15,6 +15,8 @@ predicted time) and, for a tier not measured yet, from the time model corrected 
 Stateful part (`TierQueue`): one per tier; at most `replicas` chunks of this ingress run on the tier at once, the
 rest wait ordered by priority (interactive before batch), then arrival. The queue is bounded, so nothing waits
 without limit, and a replica's own queue stays empty (no request sits behind a long job when a card is free).
+The queues of one dispatcher share one arrival counter, so a chunk moved from a tier that was lost to another
+(deployments/dispatch.py) keeps its place: it waits behind what arrived before it and ahead of what came later.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ PRIORITIES = {"interactive": 0, "batch": 1}
 
 
 class TiersFull(RuntimeError):
-    """Every tier that could hold the work is at its queue limit; retry after `retry_after_s`."""
+    """Every tier that could hold the work is at its queue limit (or, with `why`, unavailable now); retry after
+    `retry_after_s`."""
 
-    def __init__(self, retry_after_s: float, tiers: list[str]):
+    def __init__(self, retry_after_s: float, tiers: list[str], why: str | None = None):
         self.retry_after_s = retry_after_s
-        super().__init__(f"every tier that can hold this request is full ({', '.join(tiers)}); "
-                         f"retry in about {retry_after_s:.0f} s")
+        why = why or f"every tier that can hold this request is full ({', '.join(tiers)})"
+        super().__init__(f"{why}; retry in about {retry_after_s:.0f} s")
 
 
 @dataclass
@@ -116,15 +119,18 @@ class SpeedBook:
 class TierQueue:
     """At most `replicas` chunks running on a tier; the rest wait by (priority, arrival), at most `limit` of them."""
 
-    def __init__(self, tier: str, replicas: int, limit: int, scalable: bool = False, cold_start_s: float = 60.0):
+    def __init__(self, tier: str, replicas: int, limit: int, scalable: bool = False, cold_start_s: float = 60.0,
+                 arrivals: "itertools.count | None" = None):
+        """`arrivals`: the arrival counter shared by every queue of a dispatcher (default: this queue's own)."""
         self.tier = tier
         self.replicas = replicas
         self.limit = limit
         self.scalable, self.cold_start_s = scalable, cold_start_s
         self.running = 0
         self.backlog_units = 0.0
-        self._waiters: list[tuple[int, int, asyncio.Future, float]] = []
-        self._order = itertools.count()
+        self._waiters: list[tuple[int, int, int, asyncio.Future, float]] = []
+        self.arrivals = arrivals if arrivals is not None else itertools.count()
+        self._ties = itertools.count()  # parts of one moved chunk share its arrival; this keeps the heap ordered
 
     @property
     def waiting(self) -> int:
@@ -132,14 +138,15 @@ class TierQueue:
 
     @property
     def waiting_units(self) -> float:
-        return sum(entry[3] for entry in self._waiters)
+        return sum(entry[-1] for entry in self._waiters)
 
     def set_replicas(self, replicas: int) -> None:
         self.replicas = replicas
         self._wake()
 
-    async def acquire(self, priority: str, units: float) -> None:
-        """Wait for a free slot on the tier. Cancelling the wait leaves the queue as if it had never joined."""
+    async def acquire(self, priority: str, units: float, arrival: int | None = None) -> None:
+        """Wait for a free slot on the tier, behind chunks of a higher priority or an earlier `arrival` (a number
+        from `arrivals`; a new one when None). Cancelling the wait leaves the queue as if it had never joined."""
         self.backlog_units += units
         if self.running < self.replicas and not self._waiters:
             self.running += 1
@@ -148,7 +155,8 @@ class TierQueue:
             self.backlog_units -= units
             raise TiersFull(1.0, [self.tier])
         future = asyncio.get_running_loop().create_future()
-        entry = (PRIORITIES[priority], next(self._order), future, units)
+        entry = (PRIORITIES[priority], next(self.arrivals) if arrival is None else arrival, next(self._ties), future,
+                 units)
         heapq.heappush(self._waiters, entry)
         try:
             await future
@@ -169,7 +177,7 @@ class TierQueue:
 
     def _wake(self) -> None:
         while self._waiters and self.running < self.replicas:
-            _, _, future, _ = heapq.heappop(self._waiters)
+            future = heapq.heappop(self._waiters)[3]
             if not future.done():
                 self.running += 1
                 future.set_result(None)

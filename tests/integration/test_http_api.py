@@ -159,3 +159,10 @@ def test_an_abandoned_request_frees_its_replica(client, base_url):
     replicas = client.get("/v1/fleet").json()["replicas"]
     assert replicas and not any(r["busy"] for r in replicas), replicas
     assert time.monotonic() < deadline
+
+
+def test_the_endpoints_whose_metrics_start_at_zero_are_the_services_image_routes(client):
+    from deployments.metrics import IMAGE_ENDPOINTS
+
+    paths = set(client.get("/openapi.json").json()["paths"])
+    assert set(IMAGE_ENDPOINTS) <= paths, set(IMAGE_ENDPOINTS) - paths

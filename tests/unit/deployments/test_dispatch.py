@@ -8,7 +8,7 @@ from ray.exceptions import ActorDiedError
 
 from cluster.memory import fits, largest_batch, load_calibration
 from cluster.tiers import GIB, card_tier
-from deployments.dispatch import Dispatcher, _failure_reason, gather_or_cancel, work_units
+from deployments.dispatch import Dispatcher, Outcome, _failure_reason, gather_or_cancel, work_units
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.routing import NoTierFits, tier_profile
 from deployments.scheduler import TiersFull
@@ -336,3 +336,157 @@ def test_plans_for_a_guided_request_hold_fewer_images():
         assert batch == min(4, largest_batch(1024, 1024, d.profiles[tier], d.budgets[tier], d.calibration, cfg=True))
         assert batch <= plain[tier]
     assert guided["vram_12"] < plain["vram_12"]
+
+
+# -- lost tiers: a card node dies under a chunk ------------------------------------------------------------------
+
+
+def node(tier, card, alive, node_id=None):
+    from cluster.node import LABEL_CARD, LABEL_TIER
+
+    return {"node_id": node_id or f"node-{card}-{alive}", "alive": alive,
+            "labels": {LABEL_CARD: card, LABEL_TIER: tier}}
+
+
+def two_tiers():
+    return [card_tier("vram_8", 1, bf16=True, vram_bytes=8 * GIB), card_tier("vram_24", 1, bf16=True,
+                                                                                 vram_bytes=24 * GIB)]
+
+
+def test_a_tier_whose_only_card_node_died_is_lost_and_back_when_the_node_rejoins():
+    from deployments.dispatch import lost_tiers
+
+    tiers = two_tiers()
+    dead = node("vram_8", "GPU-8", alive=False, node_id="n8")
+    # The dead replica's last report is still fresh in the registry: it runs on a dead node, so it is no replica.
+    reports = [{"tier": "vram_8", "node_id": "n8"}, {"tier": "vram_24", "node_id": "n24"}]
+    lost = lost_tiers(tiers, reports, [dead, node("vram_24", "GPU-24", alive=True, node_id="n24")])
+    assert list(lost) == ["vram_8"] and "GPU-8" in lost["vram_8"]
+    rejoined = [dead, node("vram_8", "GPU-8", alive=True, node_id="n8-again")]
+    assert lost_tiers(tiers, [], rejoined) == {}  # a node is back: Serve places the replica there
+
+
+def test_a_tier_is_not_lost_while_a_replica_reports_from_a_live_node_or_ray_never_saw_its_nodes():
+    from deployments.dispatch import lost_tiers
+
+    tiers = two_tiers()
+    one_dead = [node("vram_8", "GPU-a", alive=False, node_id="na"), node("vram_8", "GPU-b", alive=False,
+                                                                            node_id="nb")]
+    assert lost_tiers(tiers, [{"tier": "vram_8", "node_id": "elsewhere"}], one_dead) == {}
+    assert lost_tiers(tiers, [], []) == {}  # nothing known about the tier's nodes: not lost
+
+
+def test_a_pod_removed_after_its_replica_was_scaled_away_is_no_lost_tier():
+    from deployments.dispatch import lost_tiers
+
+    tiers = two_tiers()
+    nodes = [node("vram_8", "GPU-8", alive=False)]
+    assert lost_tiers(tiers, [], nodes, retired=["GPU-8"]) == {}
+    assert "vram_8" in lost_tiers(tiers, [], nodes, retired=["GPU-other"])
+
+
+def test_the_cpu_tier_is_never_lost():
+    from cluster.tiers import cpu_tier
+    from deployments.dispatch import lost_tiers
+
+    assert lost_tiers([cpu_tier()], [], [node("cpu", "GPU-x", alive=False)]) == {}
+
+
+class HangingGenerator:
+    """A tier's Generator handle whose calls never return (its card node is gone) until cancelled; counts them."""
+
+    def __init__(self, tier):
+        from types import SimpleNamespace
+
+        self.tier, self.started, self.cancelled = tier, [], []
+        self.generate = SimpleNamespace(remote=self._generate)
+
+    async def _generate(self, job):
+        self.started.append(job.seeds)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled.append(job.seeds)
+            raise
+
+
+def request(n=1, priority="interactive", size="512x512"):
+    from deployments.schemas import ImageGenerationRequest
+
+    return ImageGenerationRequest(prompt="a fox", size=size, n=n, steps=2, priority=priority)
+
+
+def lost_fleet():
+    """vram_8 (one replica, its calls hang) and vram_24 (one replica, records its jobs)."""
+    jobs = []
+    tiers = two_tiers()
+    hanging = HangingGenerator("vram_8")
+    generators = {"vram_8": hanging, "vram_24": RecordingGenerator("vram_24", jobs)}
+    return Dispatcher(tiers, {t.name: tier_profile(t) for t in tiers}, generators, load_calibration()), hanging, jobs
+
+
+def test_running_and_waiting_chunks_of_a_lost_tier_move_keeping_their_place_and_priority():
+    d, hanging, jobs = lost_fleet()
+
+    async def scenario():
+        d.queues["vram_24"].running = 1  # vram_24 is busy with a long job: moved chunks wait for it in line
+        runs = [asyncio.ensure_future(d._chunk(request(priority=p), 512, 512, "vram_8", [seed], d.plan(512, 512, 2, 1),
+                                               outcome))
+                for seed, p, outcome in ((1, "interactive", Outcome([])), (2, "batch", Outcome([])),
+                                         (3, "interactive", Outcome([])))]
+        await asyncio.sleep(0.05)
+        assert hanging.started == [[1]] and d.queues["vram_8"].waiting == 2  # seed 1 runs, 2 and 3 wait
+        later = asyncio.ensure_future(d._chunk(request(), 512, 512, "vram_24", [4], d.plan(512, 512, 2, 1),
+                                               Outcome([])))
+        await asyncio.sleep(0.05)
+        d.update_lost({"vram_8": "its card node is dead"})
+        await asyncio.sleep(0.05)
+        assert hanging.cancelled == [[1]] and d.queues["vram_8"].waiting == 0 and d.queues["vram_8"].running == 0
+        assert d.queues["vram_24"].waiting == 4
+        d.queues["vram_24"].release(0.0)  # the long job ends: the queue runs one chunk at a time, in order
+        await asyncio.gather(*runs, later)
+        return runs
+
+    runs = asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+    # Interactive before batch, then arrival: 1 and 3 (interactive, first), 4 (interactive, came after them), 2.
+    assert [job.seeds for _, job in jobs] == [[1], [3], [4], [2]]
+    assert all(result[0].tier == "vram_24" for result in (run.result() for run in runs))
+
+
+def test_a_moved_chunk_says_node_lost_and_it_costs_no_attempt():
+    d, hanging, jobs = lost_fleet()
+    d.max_attempts = 1  # a move that counted as an attempt would exhaust the chunk here
+
+    async def scenario():
+        body = request()
+        run = asyncio.ensure_future(d.run(body, 512, 512, first_seed=11))
+        await asyncio.sleep(0.05)
+        assert hanging.started == [[11]]
+        d.update_lost({"vram_8": "its card node is dead"})
+        return await run
+
+    outcome = asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+    assert [r.tier for r in outcome.results] == ["vram_24"]
+    assert [r.as_dict() for r in outcome.retries] == [{"seeds": [11], "reason": "node_lost", "from": "vram_8",
+                                                       "to": "vram_24"}]
+    assert d.metrics.retries.labels(reason="node_lost", tier="vram_8", to_tier="vram_24")._value.get() == 1
+
+
+def test_new_chunks_skip_a_lost_tier_until_it_is_back_and_a_request_only_it_holds_gets_retry_after():
+    d, _, _ = lost_fleet()
+    d.update_lost({"vram_8": "its card node is dead"})
+    assert [p.tier for p in d.plan(512, 512, 2, 1)] == ["vram_24"]
+    d.update_lost({"vram_8": "its card node is dead", "vram_24": "its card node is dead"})
+    with pytest.raises(TiersFull, match="unavailable now") as info:
+        d.plan(512, 512, 2, 1)
+    assert info.value.retry_after_s > 0
+    d.update_lost({})
+    assert [p.tier for p in d.plan(512, 512, 2, 1)] == ["vram_8", "vram_24"]
+
+
+def test_a_replica_that_died_on_a_lost_tier_goes_elsewhere_at_once():
+    d, _, _ = lost_fleet()
+    fitting = d.plan(512, 512, 2, 1)
+    d.update_lost({"vram_8": "its card node is dead"})
+    assert d._fallback("replica_died", "vram_8", fitting, ("vram_8",)).tier == "vram_24"
+    assert d._fallback("node_lost", "vram_8", fitting, ("vram_8", "vram_24")) is None

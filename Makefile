@@ -21,9 +21,11 @@ run: $(STAMP)
 	$(BIN)/zit up $(ARGS)
 
 # The real tools the system tests drive (prometheus, chromium, helm) are installed by tests/tools/install.sh.
+# lint-imports checks the layers (pyproject.toml [tool.importlinter], docs/architecture.md) before any test runs.
 # Lifecycle tests start and stop whole Ray clusters (`ray stop` ends every Ray process), so they run on their own.
 test: $(STAMP)
 	bash tests/tools/install.sh
+	$(BIN)/lint-imports
 	$(BIN)/pytest -m "not lifecycle" $(PYTEST_ARGS)
 	$(BIN)/pytest -m lifecycle $(PYTEST_ARGS)
 

@@ -1,1 +1,1 @@
-"""Replica counts per tier (application-level autoscaling policy and the fleet simulator)."""
+"""Replica counts per tier: the policy (pure), its Ray Serve adapters and the fleet simulator."""

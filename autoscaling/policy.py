@@ -32,11 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# Reference request for the throughput prior: the API's default size and steps.
-PRIOR_SIZE, PRIOR_STEPS = 1024, 9
-# Relative speed (RTX 4090 = 1) of a slow common card per tier, for the prior when the adapter knows no speed
-# (cluster/fleets/large.yaml's slowest card of each class). A low guess asks for more replicas, not fewer.
-TYPICAL_SPEED = {"vram_4": 0.08, "vram_6": 0.15, "vram_8": 0.3, "vram_12": 0.35, "vram_16": 0.4, "vram_24": 0.7}
+from cluster.speed import prior_units_per_s
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,7 @@ class TierSignals:
     # processes; failed or missing cards excluded)
     running: int  # chunks computing on the tier's replicas
     queued: int  # chunks waiting for a replica of this tier
-    queued_units: float  # their work (image tokens x images x steps, deployments.dispatch.work_units)
+    queued_units: float  # their work (image tokens x images x steps, cluster.requests.work_units)
     busy_fraction: float  # share of the ready replicas' time spent computing over the last period, 0..1
     units_per_s: float | None  # measured throughput of one replica while computing; None before any chunk finished
     idle_s: float  # seconds since the tier last had work (running or queued); 0 while it has some
@@ -77,7 +73,7 @@ class PolicyConfig:
     # Replicas every tier keeps, idle or not. 0: idle tiers cost nothing; a warm larger tier takes their requests.
     min_replicas: int = 0
     # Throughput prior per tier (units per second per replica) for tiers not measured yet; the adapter fills it
-    # from the time model and the tier's slowest card (`prior_units_per_s`). Missing tiers use TYPICAL_SPEED.
+    # from the time model and the tier's slowest card (`prior_units_per_s`). Missing tiers use its typical speed.
     priors: tuple[tuple[str, float], ...] = ()
 
     def prior(self, tier: str) -> float:
@@ -85,19 +81,6 @@ class PolicyConfig:
             if name == tier:
                 return value
         return prior_units_per_s(tier)
-
-
-def prior_units_per_s(tier: str, speed: float | None = None, bf16: bool | None = None) -> float:
-    """Units per second one replica of `tier` computes, from the time model at 1024x1024, 9 steps (the prior)."""
-    from cluster.planning import NO_BF16_TIERS
-    from cluster.profiles import default_profile
-    from cluster.speed import predict_seconds
-    from deployments.dispatch import work_units
-
-    bf16 = (tier not in NO_BF16_TIERS) if bf16 is None else bf16
-    speed = speed or TYPICAL_SPEED.get(tier, 0.1)
-    seconds = predict_seconds(PRIOR_SIZE, PRIOR_SIZE, 1, PRIOR_STEPS, default_profile(tier, bf16), speed).total_s
-    return work_units(PRIOR_SIZE, PRIOR_SIZE, 1, PRIOR_STEPS) / seconds
 
 
 # -- the policy --------------------------------------------------------------------------------------------------

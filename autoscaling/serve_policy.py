@@ -37,9 +37,10 @@ import dataclasses
 import math
 import time
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from autoscaling.policy import PolicyConfig, TierSignals, decide
+from cluster.requests import work_units
+from cluster.speed import PRIOR_SIZE, PRIOR_STEPS
+from deployments.config import COLD_START_OVERHEAD_S, AutoscalingSettings
 
 # Custom metrics a Generator replica reports (deployments/generator.py record_autoscaling_stats).
 METRIC_BUSY = "busy_fraction"
@@ -48,50 +49,13 @@ METRIC_LOAD_S = "load_s"
 METRIC_QUEUED = "queued"
 METRIC_QUEUED_UNITS = "queued_units"
 METRIC_CARD_UNUSABLE = "card_unusable"
-# The application-level policy as serve_config.yaml, the Helm chart and `zit up` name it (`autoscaling_policy`).
-APPLICATION_POLICY = {"policy_function": "autoscaling.serve_policy:FleetAutoscaler"}
-# A new replica is ready this long after its model load time (Ray starts the worker, Serve checks its health).
-COLD_START_OVERHEAD_S = 5.0
 
 
-class AutoscalingSettings(BaseModel):
-    """`autoscaling` in the service config: the policy's knobs (autoscaling/policy.py PolicyConfig) and the start."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    initial_replicas: int | None = Field(
-        None, ge=0, description="Replicas per tier at deployment; None: one per card (then the policy trims).")
-    min_replicas: int = Field(0, ge=0, description="Replicas every tier keeps, idle or not.")
-    target_wait_s: float = Field(20.0, gt=0, description="Longest a chunk should wait in a tier's queue.")
-    target_utilization: float = Field(0.35, gt=0, le=1, description="Busy share a tier is sized for.")
-    downscale_delay_s: float = Field(120.0, ge=0, description="How long the need stays lower before scaling down.")
-    idle_timeout_s: float = Field(300.0, ge=0, description="Seconds without work before a tier goes to zero.")
-    cold_start_s: float = Field(60.0, ge=0, description="Model load time assumed until replicas have measured it.")
-    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their metrics to Serve.")
-
-    def policy_config(self) -> PolicyConfig:
-        return PolicyConfig(target_wait_s=self.target_wait_s, target_utilization=self.target_utilization,
-                            downscale_delay_s=self.downscale_delay_s, idle_timeout_s=self.idle_timeout_s,
-                            min_replicas=self.min_replicas)
-
-    def serve_autoscaling_config(self, tier: str, cards: int, prior_units_per_s: float | None = None,
-                                 vram_bytes: int | None = None) -> dict:
-        """The deployment's `autoscaling_config` for a tier of `cards` cards (`vram_bytes`: its cards' memory, which
-        orders the tiers for the application-level policy)."""
-        initial = cards if self.initial_replicas is None else min(self.initial_replicas, cards)
-        return {
-            "min_replicas": min(self.min_replicas, cards),
-            "max_replicas": max(cards, 1),
-            "initial_replicas": initial,
-            "metrics_interval_s": self.metrics_interval_s,
-            "look_back_period_s": 2 * self.metrics_interval_s,
-            # The policy holds its own delays (hysteresis, idle timeout): Serve applies its decisions as they come.
-            "upscale_delay_s": 0.0,
-            "downscale_delay_s": 0.0,
-            "policy": {"policy_function": "autoscaling.serve_policy:TierAutoscaler",
-                       "policy_kwargs": {"tier": tier, "settings": self.model_dump(),
-                                         "prior_units_per_s": prior_units_per_s, "vram_bytes": vram_bytes}},
-        }
+def policy_config(settings: AutoscalingSettings) -> PolicyConfig:
+    """The policy's knobs from the service config's `autoscaling` settings."""
+    return PolicyConfig(target_wait_s=settings.target_wait_s, target_utilization=settings.target_utilization,
+                        downscale_delay_s=settings.downscale_delay_s, idle_timeout_s=settings.idle_timeout_s,
+                        min_replicas=settings.min_replicas)
 
 
 def _mean(values) -> float | None:
@@ -117,9 +81,6 @@ def tier_signals(tier: str, ctx, state: dict, cold_start_s: float) -> tuple[Tier
     queued_units = max(per_replica[METRIC_QUEUED_UNITS], default=0.0)
     units_per_s = _mean(v for v in per_replica[METRIC_UNITS_PER_S] if v and v > 0)
     if queued and not queued_units:  # a wake-up with no size yet: count it as one chunk of the default request
-        from autoscaling.policy import PRIOR_SIZE, PRIOR_STEPS
-        from deployments.dispatch import work_units
-
         queued_units = queued * work_units(PRIOR_SIZE, PRIOR_SIZE, 1, PRIOR_STEPS)
     # Cold start: what the replicas measured loading the model plus Ray starting them (remembered while the tier is
     # at zero), else the configured guess.
@@ -157,7 +118,7 @@ class TierAutoscaler:
         self.tier = tier
         self.vram_bytes = vram_bytes
         self.settings = AutoscalingSettings.model_validate(settings or {})
-        config = self.settings.policy_config()
+        config = policy_config(self.settings)
         if prior_units_per_s:
             config = dataclasses.replace(config, priors=((tier, prior_units_per_s),))
         self.config = config

@@ -39,13 +39,15 @@ from typing import Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from autoscaling.policy import POLICIES, PolicyConfig, TierSignals, prior_units_per_s
+from autoscaling.policy import POLICIES, PolicyConfig, TierSignals
 from cluster.memory import load_calibration, predict_peak, resident_bytes
 from cluster.nvml import BF16_MIN_CC, MIB, CardSpec, FleetFile, load_fleet_file
-from cluster.speed import predict_seconds
-from cluster.tiers import classify, tiers_for_cards
-from deployments.dispatch import Dispatcher, work_units
-from deployments.routing import NoTierFits, tier_budget, tier_profile
+from cluster.profiles import tier_profile
+from cluster.requests import work_units
+from cluster.speed import predict_seconds, prior_units_per_s
+from cluster.tiers import classify, tier_budget, tiers_for_cards
+from deployments.dispatch import Dispatcher
+from deployments.routing import NoTierFits
 from deployments.scheduler import TierLoad, TiersFull
 
 # How often the policy runs, simulated seconds. Ray Serve's controller decides every 0.1 s but replicas push their
@@ -668,3 +670,18 @@ def _plot_html(results: dict[str, dict], path: Path) -> str:
     path.write_text("".join(parts))
     return str(path)
 
+
+COLUMNS = ("images/s", "p50 s", "p95 s", "p99 s", "busy GPU-h", "idle GPU-h", "off GPU-h", "rejected", "OOM")
+
+
+def row(name: str, r: dict) -> list[str]:
+    gh = r["gpu_hours"]
+    return [name, f"{r['images_per_s']:.2f}", str(r["p50_s"]), str(r["p95_s"]), str(r["p99_s"]), f"{gh['busy']:.1f}",
+            f"{gh['idle']:.1f}", f"{gh['off']:.1f}", str(r["rejections"]), str(r["out_of_memory"])]
+
+
+def table(results: dict[str, dict]) -> str:
+    """A Markdown table, one row per policy."""
+    lines = ["| policy | " + " | ".join(COLUMNS) + " |", "| --- " * (len(COLUMNS) + 1) + "|"]
+    lines += ["| " + " | ".join(row(name, r)) + " |" for name, r in results.items()]
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Faults under load on the simulated mixed fleet: replica processes and a card node's raylet killed with SIGKILL.
 
-One multi-node Ray cluster (a node per simulated card of cluster/fleets/mixed.yaml, cluster.local.fleet_cluster).
+One multi-node Ray cluster (a node per simulated card of cluster/fleets/mixed.yaml, runtime.simfleet.fleet_cluster).
 A steady mixed load (sizes 512-1024, n 1-2, `concurrency` at a time) runs twice: once without faults (each
 request's expected time), then with them: the Generator processes of two tiers are killed (a crashing driver), then,
 while the RTX 3070's replica runs a chunk, the raylet of that card's node (a host losing the card, or its power).
@@ -131,7 +131,7 @@ def kill_replicas(url: str, tiers: tuple[str, ...]) -> dict[str, int]:
 
 def node_alive(card_uuid: str) -> bool:
     from deployments.registry import card_nodes
-    from cluster.node import LABEL_CARD
+    from runtime.nodes import LABEL_CARD
 
     return any(n["alive"] for n in card_nodes() if n["labels"].get(LABEL_CARD) == card_uuid)
 
@@ -148,7 +148,7 @@ def wait_until_serving(url: str, replicas: int, timeout_s: float = 120) -> None:
 def run_faults(url: str, cards, kill_raylet, requests: int = 36, concurrency: int = 6,
                say=lambda line: None) -> FaultRun:
     """The whole scenario on a deployed service (module docstring). `kill_raylet(card_uuid)` SIGKILLs the raylet of
-    that card's node (cluster.local.kill_card_raylet on an in-process fleet)."""
+    that card's node (runtime.simfleet.kill_card_raylet on an in-process fleet)."""
     work = workload(requests)
     say(f"baseline: {len(work)} requests, {concurrency} at a time, no faults")
     baseline = run_load(url, work, concurrency)
@@ -233,10 +233,10 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray import serve
 
-    from cluster.local import fleet_cluster, kill_card_raylet
     from cluster.tiers import tiers_for_cards
     from deployments.app import build_app
     from deployments.config import ServiceConfig
+    from runtime.simfleet import fleet_cluster, kill_card_raylet
 
     runs = []
     for i in range(args.rounds):

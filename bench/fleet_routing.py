@@ -1,6 +1,6 @@
 """Tier-aware routing vs "everything to the largest card" vs round-robin, on the simulated mixed fleet.
 
-One multi-node Ray cluster (a node per simulated card, cluster.local.fleet_cluster); the same workload is sent to
+One multi-node Ray cluster (a node per simulated card, runtime.simfleet.fleet_cluster); the same workload is sent to
 the service deployed with each policy in turn, at a fixed concurrency, all in one run. Simulated cards take the time
 model's seconds x ZIT_SIM_TIME_SCALE (0.5 here, so the cards' speed differences, not the tiny model's CPU time,
 decide) and refuse what would not fit. Reports images/s, p50/p95 latency, rejected and out-of-memory requests.
@@ -79,10 +79,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-    from cluster.local import fleet_cluster
     from cluster.tiers import tiers_for_cards
     from deployments.app import build_app
     from deployments.config import ServiceConfig
+    from runtime.simfleet import fleet_cluster
 
     requests = workload(args.requests)
     rows = {}

@@ -68,7 +68,8 @@ def _stop(signum, frame):
 
 def priority_grid(tiers, cal, device: str, dry_run: bool):
     """Runs in the order that matters: each tier's typical card first (no bf16 on 4/6 GB), then the other variant."""
-    from cluster.planning import NO_BF16_TIERS, calibration_profiles, largest_request_grid
+    from cluster.calibrate import calibration_profiles, largest_request_grid
+    from cluster.tiers import NO_BF16_TIERS
 
     if dry_run:  # tiny model on a CPU: two small sizes per profile exercise the same path in seconds
         return [(t, p, s, s, n) for t, p in calibration_profiles(tiers, [True, False], device)
@@ -100,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from cluster.memory import load_calibration
-        from cluster.planning import (
-            CALIBRATION_STEPS, full_size_pipeline_factory, run_calibration, tiny_pipeline_factory,
+        from cluster.calibrate import (
+            CALIBRATION_STEPS,
+            full_size_pipeline_factory,
+            run_calibration,
+            tiny_pipeline_factory,
         )
+        from cluster.memory import load_calibration
         from cluster.tiers import VRAM_TIERS_GIB, tier_vram_bytes
 
         cal = load_calibration()
@@ -139,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarise(records: list[dict], args, factory, started: float, stopped: str | None) -> int:
     """Print the table of `records` and write the calibration; the exit code (see the module docstring)."""
+    from cluster.calibrate import write_calibration
     from cluster.memory import GIB, load_calibration
-    from cluster.planning import write_calibration
 
     print(f"\n{'profile':<14}{'size':>10}{'n':>3}{'measured GiB':>14}{'predicted GiB':>15}{'s/image':>9}")
     for r in records:

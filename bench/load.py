@@ -9,7 +9,7 @@ process (each named by its role: raylet, GCS, a Serve replica, ...) is read at r
 last response, the lowest of three reads a second apart: what a round's last request still holds for a moment is
 not growth), and each process's trend over the measured rounds must stay under 5 %. A leak grows every round; a
 warm-up (allocator arenas, caches and buffers filling) grows in the first rounds and then stays. The Ray processes
-run as `zit up` starts them (cluster/local.py RAY_PROCESS_ENV: glibc's malloc with MALLOC_ARENA_MAX=2 instead of
+run as `zit up` starts them (runtime/local.py RAY_PROCESS_ENV: glibc's malloc with MALLOC_ARENA_MAX=2 instead of
 Ray's preloaded jemalloc, results up to 10 MiB inline): with glibc's default arenas the threaded ones (raylets, the
 proxy, the ingress) grew 5-20 % over the same run, with images through the object store the raylets swung by
 megabytes from round to round, and under jemalloc the raylets grew about 0.1 MiB a minute, requests or not.
@@ -150,10 +150,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-    from cluster.local import RAY_PROCESS_ENV, fleet_cluster
     from cluster.tiers import tiers_for_cards
     from deployments.app import build_app
     from deployments.config import ServiceConfig
+    from runtime.local import RAY_PROCESS_ENV
+    from runtime.simfleet import fleet_cluster
 
     rows = []
     with fleet_cluster(FLEET, {"ZIT_SIM_TIME_SCALE": args.time_scale}) as (cards, port):

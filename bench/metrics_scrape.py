@@ -47,10 +47,10 @@ def synthetic_reports(count: int) -> list[dict]:
 
 def busy_metrics(reports: list[dict]):
     """A ServiceMetrics for the tiers of these cards with every label combination a busy service would have."""
+    from cluster.requests import GenerationResult
     from cluster.tiers import VRAM_TIERS_GIB, TierConfig
     from deployments.metrics import ServiceMetrics
     from deployments.scheduler import TierQueue
-    from deployments.schemas import GenerationResult
 
     tiers = [TierConfig(name=name, num_replicas=4) for name in VRAM_TIERS_GIB]
     metrics = ServiceMetrics(tiers)

@@ -40,13 +40,12 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
     import ray
-
-    from cluster.local import HEAD_RESOURCES
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
+    from cluster.requests import GenerationJob
     from deployments.router import ZIT_ROUTING_STATS_PERIOD_S, VramAwareRouter
-    from deployments.schemas import GenerationJob
+    from runtime.local import HEAD_RESOURCES
 
     ray.init(address="local", num_cpus=4, resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False)

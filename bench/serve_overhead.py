@@ -37,12 +37,12 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from cluster.local import HEAD_RESOURCES
+    from cluster.pipeline import load_pipeline, resolve_model, run_job
+    from cluster.requests import GenerationJob, parse_size
     from cluster.tiers import TierConfig
     from deployments.app import build_app
     from deployments.config import ServiceConfig
-    from deployments.pipeline import load_pipeline, resolve_model, run_job
-    from deployments.schemas import GenerationJob, parse_size
+    from runtime.local import HEAD_RESOURCES
 
     width, height = parse_size(args.size)
     threads = torch.get_num_threads()

@@ -27,9 +27,8 @@ INTRO = ("The autoscaling policy vs fixed replicas vs Ray Serve's default autosc
 
 
 def main() -> None:
-    from autoscaling.cli import table
     from autoscaling.policy import POLICIES
-    from autoscaling.simulate import WorkloadSpec, plot, simulate
+    from autoscaling.simulate import WorkloadSpec, plot, simulate, table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cards", type=int, default=1000)

@@ -25,9 +25,12 @@ import pynvml
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.paths import cache_dir
 from cluster.tiers import GIB, classify
 
 MIB = 1 << 20
+# The simulated fleet `zit up` serves on when NVML finds no card (the README's mixed fleet).
+DEFAULT_FLEET = Path(__file__).resolve().parent / "fleets" / "mixed.yaml"
 # Environment of a simulated card's Ray node: the fleet file it belongs to. (The card itself is named by the node's
 # `zit/card` label, as a real card is by CUDA_VISIBLE_DEVICES.)
 ZIT_FLEET_FILE_ENV = "ZIT_FLEET_FILE"
@@ -76,7 +79,7 @@ class GpuSnapshot:
     speed: float | None = None
     host: str | None = None
     taken_at: float = field(default_factory=time.time)
-    # Replicas of `tier` the card hosts: 1, or k when it is split into k slots of a smaller tier (cluster/node.py
+    # Replicas of `tier` the card hosts: 1, or k when it is split into k slots of a smaller tier (runtime/nodes.py
     # split_card; `tier` is then the smaller tier).
     slots: int = 1
     error: str | None = None
@@ -195,6 +198,19 @@ def probe(nvml=None, own_pids: frozenset[int] = frozenset()) -> list[GpuSnapshot
         return cards
     finally:
         nvml.nvmlShutdown()
+
+
+@dataclass
+class LocalCard:
+    """The card a replica runs on, with the NVML backend that reads it (runtime.nodes.local_card finds it)."""
+
+    uuid: str
+    index: int
+    nvml: object
+    simulated: bool
+
+    def read(self) -> GpuSnapshot:
+        return read_card(self.nvml, self.index, frozenset({os.getpid()}))
 
 
 class NvmlMonitor:
@@ -318,8 +334,6 @@ def load_fleet_file(path: str | Path) -> FleetFile:
 
 
 def default_state_dir(fleet_path: Path) -> Path:
-    from deployments.config import cache_dir
-
     override = os.environ.get(ZIT_SIM_STATE_DIR_ENV)
     if override:
         return Path(override)

@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.tiers import (
-    GIB, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, VRAM_TIERS_GIB, ZIT_VRAM_TIERS_GB_ENV, classify, vram_tiers,
+    GIB,
+    MAX_IMAGE_SIDE,
+    MIN_IMAGE_SIDE,
+    VRAM_TIERS_GIB,
+    ZIT_VRAM_TIERS_GB_ENV,
+    TierConfig,
+    classify,
+    vram_tiers,
 )
 
 if TYPE_CHECKING:
@@ -268,6 +275,16 @@ def resolve_profile(tier: str, bf16: bool, overrides: dict | None = None) -> Pro
             "use compute_dtype='float32' (weights can stay stored in bf16 or fp8 with storage_dtype)"
         )
     return profile
+
+
+def tier_profile(tier: TierConfig, lora_params: int = 0) -> Profile:
+    """The profile a tier's replicas run: the tier's default for its cards' bf16 support, plus overrides, plus the
+    LoRA adapters its replicas may hold (`lora_params`, deployments/lora.py)."""
+    overrides = dict(tier.profile or {})
+    if tier.dtype != "auto":  # the tier's `dtype` is the profile's compute_dtype, checked the same way
+        overrides.setdefault("compute_dtype", tier.dtype)
+    profile = resolve_profile(tier.name if tier.device == "cuda" else "cpu", tier.bf16, overrides or None)
+    return profile.model_copy(update={"lora_params": lora_params}) if lora_params else profile
 
 
 def apply_profile(pipe: "ZImagePipeline", profile: Profile, device: str) -> None:

@@ -12,8 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 
-from cluster.node import LocalCard
-from cluster.nvml import FakeNvml
+from cluster.nvml import FakeNvml, LocalCard
 from cluster.tiers import GIB
 
 # Simulated cards take the time model's seconds times this. 0.02 makes a 1024x1024 image on the simulated RTX 4090

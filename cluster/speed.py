@@ -22,7 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.memory import Calibration, image_tokens, load_calibration, transformer_batch
-from cluster.profiles import DTYPE_BYTES, Profile
+from cluster.profiles import DTYPE_BYTES, Profile, default_profile
+from cluster.requests import work_units
+from cluster.tiers import NO_BF16_TIERS
 
 # Dense tensor throughput an RTX 4090 sustains on this transformer (its fp16-accumulate peak is 165 TFLOP/s).
 # Gives about 0.45 s per step at 1024x1024, about 5 s per image: the few seconds users report for 8 steps.
@@ -34,6 +36,11 @@ PCIE_BYTES_S = 12e9
 VAE_SECONDS_PER_MEGAPIXEL = 0.25
 # Transformer shape (Z-Image-Turbo): layers and width for the attention term.
 LAYERS, WIDTH = 30, 3840
+# Reference request for the throughput prior: the API's default size and steps.
+PRIOR_SIZE, PRIOR_STEPS = 1024, 9
+# Relative speed (RTX 4090 = 1) of a slow common card per tier, for the prior when no speed is known
+# (cluster/fleets/large.yaml's slowest card of each class). A low guess asks the autoscaler for more replicas, not fewer.
+TYPICAL_SPEED = {"vram_4": 0.08, "vram_6": 0.15, "vram_8": 0.3, "vram_12": 0.35, "vram_16": 0.4, "vram_24": 0.7}
 
 
 @dataclass(frozen=True)
@@ -72,3 +79,13 @@ def predict_seconds(
         encode_s += streams * cal.text_encoder_params * DTYPE_BYTES[profile.text_encoder_storage] / PCIE_BYTES_S
     decode_s = n * VAE_SECONDS_PER_MEGAPIXEL * width * height / 1e6 / speed
     return Timing(encode_s, steps * step_s, decode_s)
+
+
+def prior_units_per_s(tier: str, speed: float | None = None, bf16: bool | None = None) -> float:
+    """Work units (cluster.requests.work_units) per second one replica of `tier` computes, from the time model at
+    PRIOR_SIZE x PRIOR_SIZE, PRIOR_STEPS steps, on a card of `speed` (its TYPICAL_SPEED when None) with or without
+    bf16 (as its typical card when None): the throughput the autoscaler assumes until replicas have measured it."""
+    bf16 = (tier not in NO_BF16_TIERS) if bf16 is None else bf16
+    speed = speed or TYPICAL_SPEED.get(tier, 0.1)
+    seconds = predict_seconds(PRIOR_SIZE, PRIOR_SIZE, 1, PRIOR_STEPS, default_profile(tier, bf16), speed).total_s
+    return work_units(PRIOR_SIZE, PRIOR_SIZE, 1, PRIOR_STEPS) / seconds

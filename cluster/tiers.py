@@ -35,6 +35,10 @@ VRAM_TIERS_GIB: dict[str, float] = {
 # shipped table above. Every zit process of one cluster (`zit up`, `zit node`, the Ray processes they start, which
 # inherit it) must see the same value; `--tiers` on zit up/node/fleet/plan sets it.
 ZIT_VRAM_TIERS_GB_ENV = "ZIT_VRAM_TIERS_GB"
+# Tiers whose typical cards lack bf16 (the 4 GB GTX 1650 and the 6 GB GTX 1660 Super / RTX 2060 are compute
+# capability 7.5). From 8 GB on, the common cards (RTX 3060/3070/3080/3090/40xx) have bf16; an 8 GB RTX 2070 Super
+# does not, and a fleet file says so per card. Planning without cards (`zit plan`, priors) assumes these.
+NO_BF16_TIERS = ("vram_4", "vram_6")
 # NVML reports total memory a little under the nominal size (driver-reserved memory: a 4 GB GTX 1650 shows about
 # 3.8 GiB with recent drivers), so a card reaches a tier at 90 % of its nominal size.
 CLASSIFY_MARGIN = 0.10
@@ -143,6 +147,15 @@ class TierConfig(BaseModel):
         return self
 
 
+# A budget no request reaches: the CPU tier's memory is host RAM, which the memory model does not cover.
+UNBOUNDED_BYTES = 1 << 62
+
+
+def tier_budget(tier: TierConfig) -> int:
+    """The memory a tier plans its requests in: its smallest card's, unbounded on the CPU tier."""
+    return tier.vram_bytes if tier.vram_bytes is not None else UNBOUNDED_BYTES
+
+
 def cpu_tier() -> TierConfig:
     """One CPU replica running whatever model is configured (no card at all; `zit up --cpu`)."""
     return TierConfig(name="cpu")
@@ -172,7 +185,7 @@ def tiers_for_cards(cards: list, configured: list[TierConfig] | None = None) -> 
     A tier the operator configured keeps its settings (limits, profile overrides); its replica count, placement,
     bf16 and budget follow the cards found. Configured tiers with no card are dropped.
 
-    Split cards (cluster/node.py split_card) count as `slots` cards of `card.memory_total / slots` each. Their tier's
+    Split cards (runtime/nodes.py split_card) count as `slots` cards of `card.memory_total / slots` each. Their tier's
     replicas then take 1/k of a GPU (k the most slots on one card), so k of them fit on a split card and one on a
     card of the tier's own size (which offers one `vram_<tier>`), and its profile caps each replica's CUDA allocator
     at the tier's budget (`max_memory_gb`): a replica that goes past its plan runs out of memory itself (and is

@@ -1,1 +1,2 @@
-"""The Ray Serve application: HTTP ingress, one Generator deployment per VRAM tier, the pipeline loader."""
+"""The Ray Serve application: HTTP ingress, dispatch and routing, one Generator deployment per VRAM tier, the fleet
+registry and the metrics."""

@@ -27,11 +27,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.requests import SIZE_MULTIPLE
+from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from deployments.http import ApiError, api
 from deployments.lora import LoraError, parse_prompt_loras
-from deployments.schemas import MAX_SEED, SIZE_MULTIPLE, ImageGenerationRequest
-
-from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+from deployments.schemas import MAX_SEED, ImageGenerationRequest
 
 # What `sampler_name` reports: Z-Image-Turbo's FlowMatchEulerDiscreteScheduler is an Euler sampler.
 SAMPLER = "Euler"

@@ -19,6 +19,9 @@ GRACEFUL_SHUTDOWN_S = 30.0
 
 
 APP_IMPORT_PATH = "deployments.app:build_app"
+# The application-level autoscaling policy (autoscaling/serve_policy.py FleetAutoscaler) as serve_config.yaml, the
+# Helm chart and `zit up` name it (`autoscaling_policy`): by import path, so this layer imports nothing of it.
+APPLICATION_POLICY = {"policy_function": "autoscaling.serve_policy:FleetAutoscaler"}
 
 
 def generator_deployment_name(tier: str) -> str:
@@ -27,7 +30,7 @@ def generator_deployment_name(tier: str) -> str:
 
 def _prior_units_per_s(tier) -> float:
     """The throughput prior of a tier's autoscaler: the time model for its profile at its slowest card's speed."""
-    from autoscaling.policy import prior_units_per_s
+    from cluster.speed import prior_units_per_s
 
     return prior_units_per_s(tier.name, tier.speed, tier.bf16) if tier.device == "cuda" else prior_units_per_s(
         "vram_24", 1.0, True)
@@ -83,8 +86,6 @@ def deploy_schema(config: ServiceConfig, name: str, host: str, port: int) -> "Se
     """What `serve deploy serve_config.yaml` hands Serve for `config`: the builder by import path, the settings as
     args, the application-level autoscaling policy (autoscaling/serve_policy.py FleetAutoscaler)."""
     from ray.serve.schema import ServeDeploySchema
-
-    from autoscaling.serve_policy import APPLICATION_POLICY
 
     return ServeDeploySchema.model_validate({
         "proxy_location": "HeadOnly",

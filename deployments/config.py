@@ -2,29 +2,56 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from autoscaling.serve_policy import AutoscalingSettings
+from cluster.pipeline import REAL_MODEL_ID
 from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, TierConfig, cpu_tier
 
 if TYPE_CHECKING:
     from deployments.lora import LoraSettings
 
-# Where built and downloaded models live. One folder per user so a second `make run` reuses the tiny model.
-ZIT_CACHE_DIR_ENV = "ZIT_CACHE_DIR"
-
-# The ModelScope repository of the real weights.
-REAL_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
+# A new replica is ready this long after its model load time (Ray starts the worker, Serve checks its health).
+COLD_START_OVERHEAD_S = 5.0
 
 
-def cache_dir() -> Path:
-    """ZIT_CACHE_DIR, else ~/.cache/zit."""
-    return Path(os.environ.get(ZIT_CACHE_DIR_ENV) or Path.home() / ".cache" / "zit").expanduser()
+class AutoscalingSettings(BaseModel):
+    """`autoscaling` in the service config: the policy's knobs (autoscaling/policy.py PolicyConfig, through
+    autoscaling.serve_policy.policy_config) and the start. The policy itself is named by import path, so this
+    layer needs nothing of autoscaling/."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas per tier at deployment; None: one per card (then the policy trims).")
+    min_replicas: int = Field(0, ge=0, description="Replicas every tier keeps, idle or not.")
+    target_wait_s: float = Field(20.0, gt=0, description="Longest a chunk should wait in a tier's queue.")
+    target_utilization: float = Field(0.35, gt=0, le=1, description="Busy share a tier is sized for.")
+    downscale_delay_s: float = Field(120.0, ge=0, description="How long the need stays lower before scaling down.")
+    idle_timeout_s: float = Field(300.0, ge=0, description="Seconds without work before a tier goes to zero.")
+    cold_start_s: float = Field(60.0, ge=0, description="Model load time assumed until replicas have measured it.")
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their metrics to Serve.")
+
+    def serve_autoscaling_config(self, tier: str, cards: int, prior_units_per_s: float | None = None,
+                                 vram_bytes: int | None = None) -> dict:
+        """The deployment's `autoscaling_config` for a tier of `cards` cards (`vram_bytes`: its cards' memory, which
+        orders the tiers for the application-level policy)."""
+        initial = cards if self.initial_replicas is None else min(self.initial_replicas, cards)
+        return {
+            "min_replicas": min(self.min_replicas, cards),
+            "max_replicas": max(cards, 1),
+            "initial_replicas": initial,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": 2 * self.metrics_interval_s,
+            # The policy holds its own delays (hysteresis, idle timeout): Serve applies its decisions as they come.
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": 0.0,
+            "policy": {"policy_function": "autoscaling.serve_policy:TierAutoscaler",
+                       "policy_kwargs": {"tier": tier, "settings": self.model_dump(),
+                                         "prior_units_per_s": prior_units_per_s, "vram_bytes": vram_bytes}},
+        }
 
 
 class ServiceConfig(BaseModel):
@@ -132,3 +159,20 @@ class ServiceConfig(BaseModel):
         if dupes:
             raise ValueError(f"tier names must be unique; repeated: {dupes}")
         return self
+
+
+def load_service_config(path: Path | None, overrides: dict) -> ServiceConfig:
+    """ServiceConfig from a serve_config.yaml (its first application's args) or a plain YAML of the same fields, with
+    `overrides` (those not None) on top. Raises pydantic's ValidationError for a file the service would refuse,
+    yaml.YAMLError for one that is not YAML, OSError for one that cannot be read."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        raw = yaml.safe_load(path.read_text()) or {}
+        if "applications" in raw:
+            data = dict(raw["applications"][0].get("args") or {})
+        else:
+            data = raw
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return ServiceConfig.model_validate(data)

@@ -16,28 +16,27 @@ classifier-free guidance doubles the transformer's batch): which can hold an ima
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 
-from autoscaling.serve_policy import COLD_START_OVERHEAD_S
-import itertools
-
-from cluster.memory import image_tokens, predict_peak, transformer_batch, uses_cfg
-from cluster.node import LABEL_CARD, LABEL_TIER
+from cluster.memory import predict_peak, uses_cfg
+from cluster.requests import GenerationJob, GenerationResult, work_units
 from cluster.speed import predict_seconds
+from cluster.tiers import tier_budget
+from deployments.config import COLD_START_OVERHEAD_S
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.metrics import ServiceMetrics
-from deployments.routing import NoTierFits, fitting_plans, no_tier_fits, tier_budget, tier_plans
+from deployments.routing import NoTierFits, fitting_plans, no_tier_fits, tier_plans
 from deployments.scheduler import SpeedBook, TierQueue, TiersFull, choose_chunk_tier
-from deployments.schemas import GenerationJob, GenerationResult, ImageGenerationRequest
+from deployments.schemas import ImageGenerationRequest
+from runtime.nodes import LABEL_CARD, LABEL_TIER
 
 logger = logging.getLogger("ray.serve")
 
 # Attempts per chunk, the first included: one retry for a transient fault and one more after moving tier.
 MAX_ATTEMPTS = 3
-# Prompt tokens the pipeline pads every prompt to: part of each image's work.
-PROMPT_TOKENS = 512
 # What a client is told to wait when the only tiers that hold its request are lost: long enough for a pod to be
 # replaced or a card node to rejoin, short enough that a client retrying finds the tier soon after it is back.
 LOST_TIER_RETRY_AFTER_S = 30.0
@@ -97,12 +96,6 @@ class Retry:
 class Outcome:
     results: list[GenerationResult]
     retries: list[Retry] = field(default_factory=list)
-
-
-def work_units(width: int, height: int, n: int, steps: int, cfg: bool = False) -> float:
-    """A chunk's work: image tokens (with the prompt's) x images x steps, twice that with classifier-free guidance
-    (`cfg`: every step runs the transformer on each image and its negative-prompt twin)."""
-    return float((image_tokens(width, height) + PROMPT_TOKENS) * transformer_batch(n, cfg) * steps)
 
 
 class Dispatcher:

@@ -15,15 +15,14 @@ import time
 
 from cluster.memory import effective_budget, predict_peak, resident_bytes, smallest_request, uses_cfg
 from cluster.nvml import NvmlMonitor
+from cluster.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from cluster.profiles import apply_vae, degraded_profile
+from cluster.requests import GenerationJob, GenerationResult, work_units
 from cluster.tiers import TierConfig
-from deployments.dispatch import work_units
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.hostmem import trim_host_memory
 from deployments.lora import LoraSettings, adapter_to_dtype
-from deployments.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from deployments.progress import ReplicaProgress
-from deployments.schemas import GenerationJob, GenerationResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,7 +83,7 @@ class Generator:
     """
 
     def __init__(self, tier: TierConfig, model: str, lora: LoraSettings | None = None):
-        from deployments.routing import tier_profile
+        from cluster.profiles import tier_profile
 
         started = time.perf_counter()
         self.tier = tier
@@ -158,7 +157,7 @@ class Generator:
 
     @staticmethod
     def _find_card():
-        from cluster.node import local_card
+        from runtime.nodes import local_card
 
         card = local_card()
         if card is None:

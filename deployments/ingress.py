@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from cluster.memory import load_calibration
+from cluster.profiles import tier_profile
 from deployments.a1111 import A1111Api
 from deployments.config import ServiceConfig
 from deployments.dispatch import ChunkExhausted, Dispatcher, Outcome
@@ -22,9 +23,10 @@ from deployments.hostmem import trim_host_memory
 from deployments.http import AUTH, ApiError, api
 from deployments.image_store import CONTENT_TYPES, ImageStore
 from deployments.lora import LORA_SUFFIX, LoraError, LoraLibrary
-from deployments.metrics import install as install_metrics, note_request, record_requests
+from deployments.metrics import install as install_metrics
+from deployments.metrics import note_request, record_requests
 from deployments.progress import ProgressApi, new_request_id
-from deployments.routing import NoTierFits, tier_profile
+from deployments.routing import NoTierFits
 from deployments.scheduler import TiersFull
 from deployments.schemas import (
     MAX_SEED,
@@ -169,9 +171,17 @@ class Ingress(A1111Api, ProgressApi, WebUi):
     @api.get("/v1/fleet")
     async def fleet(self) -> dict:
         """Cards (Ray nodes labelled with a card), tiers, and the replica on each card, as the registry last heard."""
-        from cluster.node import (LABEL_BF16, LABEL_CARD, LABEL_CC, LABEL_HOST, LABEL_SIMULATED, LABEL_SLOTS,
-                                  LABEL_TIER, LABEL_VRAM)
         from deployments.registry import card_nodes, get_registry
+        from runtime.nodes import (
+            LABEL_BF16,
+            LABEL_CARD,
+            LABEL_CC,
+            LABEL_HOST,
+            LABEL_SIMULATED,
+            LABEL_SLOTS,
+            LABEL_TIER,
+            LABEL_VRAM,
+        )
 
         if self._registry is None:
             self._registry = get_registry()

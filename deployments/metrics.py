@@ -238,7 +238,7 @@ class FleetCollector(Collector):
     def observe_card_nodes(self, nodes: list[dict]) -> None:
         """Ray's card nodes (deployments.registry.card_nodes): dicts with `alive` and the node's zit/ labels. A card
         whose node died and joined again has both in Ray's table: it is up when any of its nodes is alive."""
-        from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_POD, LABEL_TIER
+        from runtime.nodes import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_POD, LABEL_TIER
 
         alive: dict[str, bool] = {}
         for node in nodes:

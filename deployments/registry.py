@@ -93,7 +93,7 @@ def card_nodes() -> list[dict]:
     """Every Ray node that is a card (has a zit/card label), alive or not, from Ray's node table."""
     import ray
 
-    from cluster.node import LABEL_CARD
+    from runtime.nodes import LABEL_CARD
 
     nodes = []
     for node in ray.nodes():

@@ -11,25 +11,8 @@ from __future__ import annotations
 
 from cluster.memory import Calibration
 from cluster.planning import TierPlan, largest_request, plan_tier
-from cluster.profiles import Profile, resolve_profile
-from cluster.tiers import TierConfig
-
-# A budget no request reaches: the CPU tier's memory is host RAM, which the memory model does not cover.
-UNBOUNDED_BYTES = 1 << 62
-
-
-def tier_profile(tier: TierConfig, lora_params: int = 0) -> Profile:
-    """The profile a tier's replicas run: the tier's default for its cards' bf16 support, plus overrides, plus the
-    LoRA adapters its replicas may hold (`lora_params`, deployments/lora.py)."""
-    overrides = dict(tier.profile or {})
-    if tier.dtype != "auto":  # the tier's `dtype` is the profile's compute_dtype, checked the same way
-        overrides.setdefault("compute_dtype", tier.dtype)
-    profile = resolve_profile(tier.name if tier.device == "cuda" else "cpu", tier.bf16, overrides or None)
-    return profile.model_copy(update={"lora_params": lora_params}) if lora_params else profile
-
-
-def tier_budget(tier: TierConfig) -> int:
-    return tier.vram_bytes if tier.vram_bytes is not None else UNBOUNDED_BYTES
+from cluster.profiles import Profile
+from cluster.tiers import TierConfig, tier_budget
 
 
 class NoTierFits(ValueError):

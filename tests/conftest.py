@@ -21,6 +21,6 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from deployments.pipeline import resolve_model
+    from cluster.pipeline import resolve_model
 
     return resolve_model("tiny")

@@ -13,10 +13,10 @@ pytestmark = [
 
 @pytest.mark.parametrize("tier", ["vram_4", "vram_6", "vram_8", "vram_12", "vram_24"])
 def test_an_adapter_runs_under_the_tier_profile(tiny_model_dir, tier):
+    from cluster.pipeline import load_pipeline, models_dir
     from cluster.profiles import apply_profile, default_profile
+    from cluster.tiny_model import ensure_tiny_loras
     from deployments.lora import adapter_to_dtype
-    from deployments.pipeline import load_pipeline, models_dir
-    from deployments.tiny_model import ensure_tiny_loras
 
     profile = default_profile(tier, torch.cuda.get_device_capability() >= (8, 0))
     pipe = load_pipeline(tiny_model_dir, "cpu")

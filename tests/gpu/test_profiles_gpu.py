@@ -26,11 +26,11 @@ SIZES = ((256, 1), (512, 1), (768, 1), (512, 2))
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir):
+    from cluster.calibrate import measure_run
     from cluster.memory import architecture_of, load_calibration
-    from cluster.planning import measure_run
+    from cluster.pipeline import load_pipeline
     from cluster.profiles import apply_profile, default_profile, resolve_profile
     from cluster.tiers import VRAM_TIERS_GIB
-    from deployments.pipeline import load_pipeline
 
     profiles = [default_profile(t, bf16) for t in VRAM_TIERS_GIB for bf16 in (True, False)]
     profiles += [resolve_profile("vram_24", True, {"weights": w, "name": w})

@@ -7,9 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.local import HEAD_RESOURCES, free_port
 from cluster.tiers import TierConfig
 from deployments.config import ServiceConfig
+from runtime.local import HEAD_RESOURCES, free_port
 
 _deployed: dict = {}
 HERE = Path(__file__).resolve().parent

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cluster.pipeline import models_dir, resolve_model
 from cluster.tiers import TierConfig
+from cluster.tiny_model import ensure_tiny_loras
 from deployments.config import ServiceConfig
-from deployments.pipeline import models_dir, resolve_model
-from deployments.tiny_model import ensure_tiny_loras
 from tests.integration.conftest import deploy
 
 pytestmark = pytest.mark.integration

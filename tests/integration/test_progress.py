@@ -61,7 +61,8 @@ def test_error_after_admission_arrives_as_an_error_event(client):
 
 
 def test_zit_generate_shows_a_progress_bar_and_writes_the_images(base_url, tmp_path, capsys):
-    from cluster.cli import build_parser, cmd_generate
+    from cli.generate import cmd_generate
+    from cli.main import build_parser
 
     args = build_parser().parse_args(["generate", "a red fox", "--size", "128x128", "--n", "2", "--steps", "6",
                                       "--seed", "3", "-o", str(tmp_path), "--url", base_url, "--timeout", "120"])

@@ -1,4 +1,4 @@
-"""Simulated fleets as real multi-node Ray clusters in the test process (cluster.local.fleet_cluster), one per
+"""Simulated fleets as real multi-node Ray clusters in the test process (runtime.simfleet.fleet_cluster), one per
 test module, and the helpers to deploy the service on them."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.local import fleet_cluster
 from cluster.tiers import tiers_for_cards
 from deployments.config import ServiceConfig
+from runtime.simfleet import fleet_cluster
 
 FLEETS = Path(__file__).resolve().parents[2] / "cluster" / "fleets"
 TEST_FLEETS = Path(__file__).resolve().parent / "fleets"

@@ -13,12 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from autoscaling.serve_policy import AutoscalingSettings
-from cluster.local import fleet_cluster
 from cluster.tiers import tiers_for_cards
 from deployments.app import deploy
-from deployments.config import ServiceConfig
+from deployments.config import AutoscalingSettings, ServiceConfig
 from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S
+from runtime.simfleet import fleet_cluster
 from tests.system.conftest import TEST_FLEETS
 
 pytestmark = pytest.mark.system

@@ -15,11 +15,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from cluster.local import free_port
+from runtime.local import free_port
 
 pytestmark = [pytest.mark.system, pytest.mark.lifecycle]
 
-ZIT = [sys.executable, "-m", "cluster.cli"]
+ZIT = [sys.executable, "-m", "cli.main"]
 
 
 def zit(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:

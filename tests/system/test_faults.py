@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from bench.faults import FLEET, LOST_TIER, TIME_SCALE, run_faults, wait_until_serving
-from cluster.local import fleet_cluster, kill_card_raylet
+from runtime.simfleet import fleet_cluster, kill_card_raylet
 from tests.system.conftest import deploy
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]

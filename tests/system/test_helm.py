@@ -365,8 +365,7 @@ def test_autoscaled_tiers_can_use_every_pod_of_their_group(rendered, computed, v
     may grow to every card its worker group can have (maxReplicas x slots: the policy's `cards` signal is that
     max_replicas), no further, and KubeRay's autoscaler turns the replicas into pods, removing idle ones no later
     than the policy's own down-delay."""
-    from autoscaling.serve_policy import APPLICATION_POLICY
-    from deployments.app import generator_deployment_name
+    from deployments.app import APPLICATION_POLICY, generator_deployment_name
 
     objects = rendered[values]
     cluster = only(objects, "RayService")["spec"]["rayClusterConfig"]

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.local import free_port
 from cluster.nvml import load_fleet
+from runtime.local import free_port
 from tests.system.conftest import deploy, fleet_cluster, wait_for_replicas
 from tests.unit.deployments.test_metrics import EXPOSED_SERIES
 

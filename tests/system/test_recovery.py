@@ -67,7 +67,7 @@ def test_replica_degrades_on_its_own_card_before_giving_up(faulty):
     """Sent past the planner: 2048x2048 x2 without VAE tiling does not fit 24 GB; with tiles it does."""
     from ray import serve
 
-    from deployments.schemas import GenerationJob
+    from cluster.requests import GenerationJob
 
     job = GenerationJob(prompt="x", width=2048, height=2048, steps=1, guidance_scale=0.0, seeds=[1, 2])
     result = serve.get_deployment_handle("Generator_vram_24", "zit").generate.remote(job).result()
@@ -118,7 +118,7 @@ def test_every_accepted_request_completes_under_faults(faulty):
 def test_a_card_node_dying_under_load_loses_nothing_and_the_card_rejoins(faulty):
     """Kill the Ray node of one RTX 3070 while requests run on that tier: every request completes (its chunk moves
     to the other 3070 or a larger tier); when the card's node comes back, Serve places its replica again."""
-    from cluster.local import add_card_node, remove_card_node
+    from runtime.simfleet import add_card_node, remove_card_node
 
     cards, url = faulty
     victim = [c for c in cards if c.tier == "vram_8"][0]

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from cluster.local import fleet_cluster
 from cluster.memory import resident_bytes
 from cluster.profiles import default_profile
+from runtime.simfleet import fleet_cluster
 from tests.system.conftest import TEST_FLEETS, deploy, wait_for_replicas
 
 pytestmark = pytest.mark.system

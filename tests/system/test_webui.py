@@ -25,8 +25,8 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 
 @pytest.fixture(scope="module")
 def url(mixed_fleet):
-    from deployments.pipeline import models_dir, resolve_model
-    from deployments.tiny_model import ensure_tiny_loras
+    from cluster.pipeline import models_dir, resolve_model
+    from cluster.tiny_model import ensure_tiny_loras
 
     cards, port = mixed_fleet
     url = deploy(cards, port, lora_dir=str(ensure_tiny_loras(models_dir(), resolve_model("tiny"))))

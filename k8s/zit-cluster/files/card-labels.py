@@ -2,7 +2,7 @@
 
 A worker pod holds exactly one card (nvidia.com/gpu: 1). Generator replicas find their card by the node label
 zit/card (its NVML UUID), which no template can know, so the pod reads it from NVML at start with the same code
-`zit node` uses on bare metal (cluster/node.py), and writes the full label set. The tier comes from the worker
+`zit node` uses on bare metal (runtime/nodes.py), and writes the full label set. The tier comes from the worker
 group (ZIT_TIER), not from classifying the card: the group's `vram_<tier>` resource and its labels must agree.
 Exits non-zero with the reason when the pod sees no card, more than one, or a card NVML cannot read.
 """
@@ -13,8 +13,8 @@ import sys
 
 import yaml
 
-from cluster.node import LABEL_POD, card_node
 from cluster.nvml import FakeNvml, probe
+from runtime.nodes import LABEL_POD, card_node
 
 fleet_file = os.environ.get("ZIT_FLEET_FILE")  # a simulated card (tests); unset on real GPUs
 cards = probe(FakeNvml(fleet_file) if fleet_file else None)

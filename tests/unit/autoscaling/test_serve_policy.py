@@ -7,7 +7,8 @@ import pytest
 from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from autoscaling.serve_policy import COLD_START_OVERHEAD_S, AutoscalingSettings, FleetAutoscaler, TierAutoscaler
+from autoscaling.serve_policy import FleetAutoscaler, TierAutoscaler
+from deployments.config import COLD_START_OVERHEAD_S, AutoscalingSettings
 
 DEPLOYMENT = DeploymentID(name="Generator_vram_12", app_name="zit")
 ROOT = Path(__file__).resolve().parents[3]

@@ -80,7 +80,7 @@ def test_request_no_tier_holds_is_rejected_not_run():
 
 
 def test_zit_simulate_prints_one_json_record_per_policy(capsys, tmp_path):
-    from cluster.cli import main
+    from cli.main import main
 
     plot = tmp_path / "replicas.png"
     assert main(["simulate", "--fleet", str(FLEETS / "mixed.yaml"), "--rate", "0.2", "--duration", "120",

@@ -90,14 +90,14 @@ def test_a_tier_in_no_table_is_refused_with_how_to_add_it(monkeypatch):
 
 @pytest.fixture
 def tiny_pipe(tiny_model_dir):
-    from deployments.pipeline import load_pipeline
+    from cluster.pipeline import load_pipeline
 
     return load_pipeline(tiny_model_dir, "cpu")
 
 
 def _generate(pipe, n=1):
-    from deployments.pipeline import run_job
-    from deployments.schemas import GenerationJob
+    from cluster.pipeline import run_job
+    from cluster.requests import GenerationJob
 
     job = GenerationJob(prompt="a fox", width=64, height=64, steps=2, guidance_scale=0.0, seeds=list(range(n)))
     images, seconds = run_job(pipe, job)

@@ -116,8 +116,8 @@ def test_cuda_tier_without_a_gpu_is_refused_with_both_values():
 
 
 def test_split_cards_add_slots_to_the_smaller_tier_with_a_gpu_share_and_a_memory_cap(repo_root):
-    from cluster.node import apply_splits
     from cluster.nvml import load_fleet
+    from runtime.nodes import apply_splits
 
     cards = apply_splits(load_fleet(repo_root / "cluster" / "fleets" / "mixed.yaml"), ["RTX 4090=vram_12"])
     tiers = {t.name: t for t in tiers_for_cards(cards)}

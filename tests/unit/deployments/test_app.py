@@ -2,12 +2,11 @@
 
 import yaml
 
-from autoscaling.serve_policy import APPLICATION_POLICY, AutoscalingSettings
-from cluster.node import apply_splits
 from cluster.nvml import load_fleet
 from cluster.tiers import tiers_for_cards
-from deployments.app import APP_IMPORT_PATH, build_app, deploy_schema
-from deployments.config import ServiceConfig
+from deployments.app import APP_IMPORT_PATH, APPLICATION_POLICY, build_app, deploy_schema
+from deployments.config import AutoscalingSettings, ServiceConfig
+from runtime.nodes import apply_splits
 
 
 def test_the_deploy_schema_is_serve_config_yaml_with_these_settings(repo_root):

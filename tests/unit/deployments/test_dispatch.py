@@ -7,10 +7,12 @@ import pytest
 from ray.exceptions import ActorDiedError
 
 from cluster.memory import fits, largest_batch, load_calibration
+from cluster.profiles import tier_profile
+from cluster.requests import work_units
 from cluster.tiers import GIB, card_tier
-from deployments.dispatch import Dispatcher, Outcome, _failure_reason, gather_or_cancel, work_units
+from deployments.dispatch import Dispatcher, Outcome, _failure_reason, gather_or_cancel
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
-from deployments.routing import NoTierFits, tier_profile
+from deployments.routing import NoTierFits
 from deployments.scheduler import TiersFull
 
 MIB = 1 << 20
@@ -297,7 +299,7 @@ class RecordingGenerator:
         self.generate = SimpleNamespace(remote=self._generate)
 
     async def _generate(self, job):
-        from deployments.schemas import GenerationResult
+        from cluster.requests import GenerationResult
 
         self.jobs.append((self.tier, job))
         return GenerationResult(images=[b""] * len(job.seeds), seeds=job.seeds, tier=self.tier, replica="r",
@@ -342,7 +344,7 @@ def test_plans_for_a_guided_request_hold_fewer_images():
 
 
 def node(tier, card, alive, node_id=None):
-    from cluster.node import LABEL_CARD, LABEL_TIER
+    from runtime.nodes import LABEL_CARD, LABEL_TIER
 
     return {"node_id": node_id or f"node-{card}-{alive}", "alive": alive,
             "labels": {LABEL_CARD: card, LABEL_TIER: tier}}

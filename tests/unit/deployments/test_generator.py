@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from cluster.memory import predict_peak, resident_bytes
-from cluster.node import LocalCard
-from cluster.nvml import FakeNvml
+from cluster.nvml import FakeNvml, LocalCard
 from cluster.profiles import default_profile
+from cluster.requests import GenerationJob
 from cluster.simcard import SimulatedCard
 from cluster.tiers import cpu_tier
-from deployments.schemas import GenerationJob
 
 FLEET = Path(__file__).resolve().parents[3] / "cluster" / "fleets" / "single-4gb.yaml"
 
@@ -55,8 +54,8 @@ def test_the_simulated_card_refuses_a_guided_job_that_the_same_job_unguided_fits
 
 def test_a_guided_job_counts_twice_the_work(on_gtx_1650, monkeypatch):
     """What the replica tells the autoscaler it gets through (work units per second): a guided job of the same size
-    and time is twice the work (deployments.dispatch.work_units)."""
-    from deployments.dispatch import work_units
+    and time is twice the work (cluster.requests.work_units)."""
+    from cluster.requests import work_units
 
     generator = on_gtx_1650
 

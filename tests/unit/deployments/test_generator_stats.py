@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.requests import GenerationJob
 from cluster.tiers import cpu_tier
-from deployments.schemas import GenerationJob
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
+from cluster.pipeline import models_dir, resolve_model
+from cluster.tiny_model import TINY_LORAS, ensure_tiny_loras
 from deployments.lora import LoraError, LoraLibrary, LoraSettings, adapter_params, parse_prompt_loras
-from deployments.pipeline import models_dir, resolve_model
-from deployments.tiny_model import TINY_LORAS, ensure_tiny_loras
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +92,12 @@ held = []
 
 
 def run(generator, **job_fields):
-    from deployments.schemas import GenerationJob
+    from cluster.requests import GenerationJob
 
     job = GenerationJob(prompt="a fox", width=64, height=64, steps=2, guidance_scale=0.0, seeds=[3], **job_fields)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     images, _ = generator._run(job, generator.profile, threading.Event())
     return np.asarray(Image.open(io.BytesIO(images[0]))).astype(int)

@@ -13,6 +13,8 @@ from pydantic import BaseModel
 
 from cluster.memory import load_calibration
 from cluster.nvml import load_fleet
+from cluster.profiles import tier_profile
+from cluster.requests import GenerationResult
 from cluster.tiers import GIB, card_tier
 from deployments import metrics as metrics_module
 from deployments.dispatch import Dispatcher
@@ -26,9 +28,8 @@ from deployments.metrics import (
     record_requests,
     served_tier,
 )
-from deployments.routing import tier_profile
 from deployments.scheduler import TierQueue
-from deployments.schemas import GenerationResult, ImageGenerationRequest
+from deployments.schemas import ImageGenerationRequest
 
 MIB = 1 << 20
 # The only label names a zit_ series may carry (plus Prometheus' own `le` on histogram buckets).
@@ -199,7 +200,7 @@ def test_a_card_whose_reading_failed_or_whose_replica_went_quiet_is_down_without
 
 
 def test_a_card_whose_replica_was_stopped_on_purpose_is_not_down_until_a_replica_reports_from_it_again():
-    from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_POD, LABEL_TIER
+    from runtime.nodes import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_POD, LABEL_TIER
 
     a, b, c = load_fleet(FLEET)[:3]
     m = ServiceMetrics(tiers())
@@ -253,7 +254,7 @@ def test_a_card_without_power_or_temperature_support_leaves_those_series_out():
 
 
 def test_card_nodes_from_ray_say_which_cards_are_missing_even_without_a_replica():
-    from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_TIER
+    from runtime.nodes import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_TIER
 
     m = ServiceMetrics(tiers())
     m.fleet.observe_card_nodes([
@@ -478,7 +479,7 @@ def queried_metrics() -> set[str]:
 def test_every_series_a_dashboard_or_alert_reads_exists_before_the_first_request():
     """Start-up: the replicas have reported and Ray's card nodes are known, nothing else has happened. Each queried
     series is there (at 0 for counters), so panels show 0, not "No data"."""
-    from cluster.node import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_TIER
+    from runtime.nodes import LABEL_CARD, LABEL_HOST, LABEL_MODEL, LABEL_TIER
 
     cards = load_fleet(FLEET)
     m = ServiceMetrics(tiers())

@@ -3,8 +3,9 @@
 import pytest
 
 from cluster.memory import largest_batch, predict_peak
+from cluster.profiles import tier_profile
 from cluster.tiers import TierConfig, tier_vram_bytes
-from deployments.routing import NoTierFits, choose_tier, tier_profile
+from deployments.routing import NoTierFits, choose_tier
 
 GIB = 1 << 30
 

@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from deployments.schemas import ImageGenerationRequest, parse_size
+from cluster.requests import parse_size
+from deployments.schemas import ImageGenerationRequest
 
 
 def make(**fields):

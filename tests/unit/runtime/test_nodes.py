@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from cluster.cli import main
-from cluster.node import LocalCard, card_node, nodes_for_cards
-from cluster.nvml import FakeNvml, load_fleet, probe
+from cli.main import main
+from cluster.nvml import FakeNvml, LocalCard, load_fleet, probe
 from cluster.simcard import SimulatedCard
+from runtime.nodes import card_node, nodes_for_cards
 
 GIB = 1 << 30
 
@@ -137,7 +137,7 @@ def test_zit_fleet_and_zit_node_take_splits_and_refuse_bad_ones(mixed, capsys):
 
 
 def test_a_split_card_offers_slots_of_the_smaller_tier(mixed):
-    from cluster.node import apply_splits
+    from runtime.nodes import apply_splits
 
     cards = apply_splits(load_fleet(mixed), ["RTX 4090=vram_12"])
     rtx4090 = next(c for c in cards if "4090" in c.name)
@@ -159,21 +159,21 @@ def test_a_split_card_offers_slots_of_the_smaller_tier(mixed):
     ("4090=vram_8", "no card matches '4090'"),  # digits are an index, never part of a name
 ])
 def test_a_split_that_cannot_be_done_says_why(mixed, spec, says):
-    from cluster.node import apply_splits
+    from runtime.nodes import apply_splits
 
     with pytest.raises(ValueError, match=re.escape(says)):
         apply_splits(load_fleet(mixed), [spec])
 
 
 def test_one_card_named_by_two_splits_is_refused(mixed):
-    from cluster.node import apply_splits
+    from runtime.nodes import apply_splits
 
     with pytest.raises(ValueError, match="both match card 4"):
         apply_splits(load_fleet(mixed), ["RTX 4090=vram_12", "4=vram_8"])
 
 
 def test_a_split_cards_node_has_a_cpu_per_slot(mixed):
-    from cluster.node import CARD_NODE_CPUS, apply_splits
+    from runtime.nodes import CARD_NODE_CPUS, apply_splits
 
     nodes, _ = nodes_for_cards(apply_splits(load_fleet(mixed), ["RTX 4090=vram_8"]), mixed)
     assert [n.num_cpus for n in nodes] == [CARD_NODE_CPUS] * 4 + [CARD_NODE_CPUS + 2]
@@ -181,8 +181,8 @@ def test_a_split_cards_node_has_a_cpu_per_slot(mixed):
 
 def test_split_by_index_or_uuid_and_the_slots_memory_must_fit(mixed):
     from cluster.memory import resident_bytes
-    from cluster.node import apply_splits, room_problem
     from cluster.profiles import default_profile
+    from runtime.nodes import apply_splits, room_problem
 
     cards = load_fleet(mixed)
     rtx4090 = next(c for c in cards if "4090" in c.name)
@@ -290,13 +290,13 @@ def test_a_lost_card_is_not_joined_and_says_why(with_a_lost_card, capsys, no_tie
     ("fd00::1", "[fd00::1]:6379"),
 ])
 def test_the_heads_address_gets_rays_port_when_it_names_none(given, expected):
-    from cluster.node import with_default_port
+    from runtime.nodes import with_default_port
 
     assert with_default_port(given) == expected
 
 
 def test_cards_already_in_the_cluster_are_not_joined_again(mixed):
-    from cluster.node import apply_splits, cards_to_join
+    from runtime.nodes import apply_splits, cards_to_join
 
     nodes, _ = nodes_for_cards(load_fleet(mixed), mixed)
     first, second, third = nodes[:3]

@@ -19,9 +19,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.local import RAY_HEAD_PORT
-from cluster.nvml import ZIT_FLEET_FILE_ENV, FakeNvml, GpuSnapshot, read_card
+from cluster.nvml import ZIT_FLEET_FILE_ENV, FakeNvml, GpuSnapshot, LocalCard
 from cluster.tiers import CLASSIFY_MARGIN, classify, tier_gib, tier_vram_bytes, vram_tiers
+from runtime.local import RAY_HEAD_PORT
 
 LABEL_CARD = "zit/card"
 LABEL_TIER = "zit/tier"
@@ -121,7 +121,7 @@ def joined_cards(address: str) -> dict[str, dict[str, str]]:
     """Labels of every live card node of the cluster at `address` (HOST:PORT), by card UUID, read from the GCS's
     node table as `ray status --address` does, without joining the cluster or starting a driver. Raises whatever
     Ray raises when the GCS cannot be reached or read."""
-    from cluster.local import ensure_auth_mode
+    from runtime.local import ensure_auth_mode
 
     ensure_auth_mode()  # before Ray's client reads its settings from the environment
     from ray._raylet import GcsClient
@@ -139,7 +139,7 @@ def start_card_nodes(address: str, nodes: list[CardNode], node_ip: str | None = 
     """`ray start --address` once per card, one after another. Returns one line per card saying what joined."""
     import json
 
-    from cluster.local import ensure_auth_mode, ensure_ray_process_env, ray_executable
+    from runtime.local import ensure_auth_mode, ensure_ray_process_env, ray_executable
 
     ensure_auth_mode()
     ensure_ray_process_env()
@@ -250,19 +250,6 @@ def nodes_for_cards(cards: list[GpuSnapshot], fleet_file: str | Path | None) -> 
 
 
 # -- inside a replica ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LocalCard:
-    """The card a replica runs on, with the NVML backend that reads it."""
-
-    uuid: str
-    index: int
-    nvml: object
-    simulated: bool
-
-    def read(self) -> GpuSnapshot:
-        return read_card(self.nvml, self.index, frozenset({os.getpid()}))
 
 
 def local_card() -> LocalCard | None:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.pipeline import ModelNotFound, load_pipeline, resolve_model, run_job
-from deployments.schemas import GenerationJob
+from cluster.pipeline import ModelNotFound, load_pipeline, resolve_model, run_job
+from cluster.requests import GenerationJob
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_missing_model_says_how_to_get_it(tmp_path, monkeypatch):
 ])
 def test_the_hub_proxy_is_the_one_the_hub_client_would_take(monkeypatch, env, endpoint, proxy):
     """`zit download` tries a direct connection to the hub first only when the hub client would connect directly."""
-    from deployments.pipeline import _hub_proxy
+    from cluster.pipeline import _hub_proxy
 
     for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)

@@ -1,9 +1,9 @@
-"""How the Ray processes this project starts are tuned (cluster/local.py RAY_PROCESS_ENV), the same everywhere."""
+"""How the Ray processes this project starts are tuned (runtime/local.py RAY_PROCESS_ENV), the same everywhere."""
 
 import os
 import re
 
-from cluster.local import RAY_PROCESS_ENV, ensure_ray_process_env
+from runtime.local import RAY_PROCESS_ENV, ensure_ray_process_env
 
 
 def test_the_ray_process_env_fills_gaps_and_keeps_the_operators_values(monkeypatch):

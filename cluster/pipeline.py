@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlparse
 
-from deployments.config import REAL_MODEL_ID, cache_dir
-from deployments.tiny_model import ensure_tiny_model
+from cluster.paths import cache_dir
+from cluster.tiny_model import ensure_tiny_model
 
 if TYPE_CHECKING:
     import torch
     from diffusers import ZImagePipeline
 
-    from deployments.schemas import GenerationJob
+    from cluster.requests import GenerationJob
+
+# The ModelScope repository of the real weights.
+REAL_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
 
 # How long `zit download` waits for the hub to answer before it says the machine is offline. ModelScope's own retries
 # take about 22 s to give up; a plain TCP connect tells the same in well under a second when there is no route.

@@ -10,27 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-COLUMNS = ("images/s", "p50 s", "p95 s", "p99 s", "busy GPU-h", "idle GPU-h", "off GPU-h", "rejected", "OOM")
-
-
-def row(name: str, r: dict) -> list[str]:
-    gh = r["gpu_hours"]
-    return [name, f"{r['images_per_s']:.2f}", str(r["p50_s"]), str(r["p95_s"]), str(r["p99_s"]), f"{gh['busy']:.1f}",
-            f"{gh['idle']:.1f}", f"{gh['off']:.1f}", str(r["rejections"]), str(r["out_of_memory"])]
-
-
-def table(results: dict[str, dict]) -> str:
-    """A Markdown table, one row per policy."""
-    lines = ["| policy | " + " | ".join(COLUMNS) + " |", "| --- " * (len(COLUMNS) + 1) + "|"]
-    lines += ["| " + " | ".join(row(name, r)) + " |" for name, r in results.items()]
-    return "\n".join(lines)
-
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from autoscaling.policy import POLICIES, PolicyConfig
-    from autoscaling.simulate import WorkloadSpec, load_workload, plot, simulate
+    from autoscaling.simulate import WorkloadSpec, load_workload, plot, simulate, table
 
     try:
         workload = load_workload(args.workload) if args.workload else WorkloadSpec(rate=args.rate)

@@ -8,9 +8,9 @@ import sys
 import threading
 import time
 
-
-from cluster.cli import load_service_config, main
-from deployments.pipeline import DOWNLOAD_CONNECT_TIMEOUT_S
+from cli.main import main
+from cluster.pipeline import DOWNLOAD_CONNECT_TIMEOUT_S
+from deployments.config import load_service_config
 
 
 def test_serve_config_yaml_is_a_valid_service_config(repo_root):
@@ -46,7 +46,7 @@ def test_download_offline_fails_fast_with_the_manual_command(tmp_path):
     env = {"MODELSCOPE_ENDPOINT": f"http://127.0.0.1:{refused_port()}", "PATH": "/usr/bin:/bin"}
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "download", "--dir", str(tmp_path / "zit")],
+        [sys.executable, "-m", "cli.main", "download", "--dir", str(tmp_path / "zit")],
         capture_output=True, text=True, env=env, timeout=120,
     )
     elapsed = time.monotonic() - started
@@ -82,7 +82,7 @@ def answering_500(hits: list[str]):
 
 def zit_download(tmp_path, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "download", "--dir", str(tmp_path / "zit")],
+        [sys.executable, "-m", "cli.main", "download", "--dir", str(tmp_path / "zit")],
         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env}, timeout=300,
     )
 

@@ -1,0 +1,1 @@
+"""The `zit` command, the top layer: it starts, plans, measures and drives everything below it."""

@@ -1,0 +1,114 @@
+"""`zit fleet` (the cards NVML or a fleet file has, and their tiers) and `zit node` (join this host's cards to a
+cluster, one Ray node per card)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cli.common import no_card_why, say, socket_host
+
+
+def _fleet_cards(args: argparse.Namespace):
+    """The cards of --fleet FILE, else the real ones (NvmlUnavailable when there is no driver), with the --split
+    specs applied (ValueError saying why when one cannot be)."""
+    from cluster.nvml import load_fleet, probe
+    from runtime.nodes import apply_splits
+
+    return apply_splits(load_fleet(args.fleet) if args.fleet else probe(), args.split)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from cluster.nvml import DEFAULT_FLEET, NvmlUnavailable
+
+    try:
+        cards = _fleet_cards(args)
+    except NvmlUnavailable as exc:
+        say(f"error: {str(exc).split(':')[0]}: no NVIDIA driver here. To see a simulated fleet: "
+             f"zit fleet --fleet {DEFAULT_FLEET}")
+        return 1
+    except (OSError, ValidationError) as exc:
+        say(f"error: bad fleet file: {exc}")
+        return 2
+    except ValueError as exc:
+        say(f"error: {exc}")
+        return 2
+    if args.json:
+        print(json.dumps([c.to_dict() for c in cards], indent=2))
+        return 0
+    header = f"{'#':>3}  {'card':<34} {'tier':<10} {'total':>7} {'free':>7}  {'cc':<4} {'bf16':<4} {'util':>5}  host"
+    say(header)
+    for c in cards:
+        if c.error:  # a lost card: what NVML said instead of its readings
+            say(f"{c.index:>3}  {c.name[:34]:<34} {'FAILED':<10} {c.error}  {c.host or socket_host()}"
+                 + ("  (simulated)" if c.simulated else ""))
+            continue
+        util = "-" if c.utilization_pct is None else f"{c.utilization_pct:.0f}%"
+        tier = f"{c.tier} x{c.slots}" if c.slots > 1 else (c.tier or "too small")
+        say(f"{c.index:>3}  {c.name[:34]:<34} {tier:<10} {c.memory_total / 2**30:6.1f}G "
+             f"{c.memory_free / 2**30:6.1f}G  {c.compute_capability[0]}.{c.compute_capability[1]:<2} "
+             f"{'yes' if c.bf16 else 'no':<4} {util:>5}  {c.host or socket_host()}"
+             + ("  (simulated)" if c.simulated else ""))
+    from cluster.tiers import tier_gib
+
+    tiers: dict[str, int] = {}
+    for c in cards:
+        kind = "failed" if c.error else c.tier or "too small"
+        tiers[kind] = tiers.get(kind, 0) + c.slots
+    # Smallest tier first; cards that serve no tier last.
+    order = sorted(tiers, key=lambda t: (0, tier_gib(t)) if t.startswith("vram_") else (1, t))
+    say(f"{len(cards)} card(s): " + ", ".join(f"{tiers[t]} x {t}" for t in order)
+         + (" (split cards count once per slot)" if any(c.slots > 1 for c in cards) else ""))
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    """Join this host's cards (or one simulated host's cards) to a running cluster, one Ray node per card."""
+    from pydantic import ValidationError
+
+    from cluster.nvml import NvmlUnavailable
+    from runtime.nodes import cards_to_join, joined_cards, nodes_for_cards, start_card_nodes, with_default_port
+
+    try:
+        cards = _fleet_cards(args)
+    except NvmlUnavailable as exc:
+        say(f"error: {exc}")
+        return 1
+    except (OSError, ValidationError) as exc:
+        say(f"error: bad fleet file: {exc}")
+        return 2
+    except ValueError as exc:
+        say(f"error: {exc}")
+        return 2
+    if args.host:
+        cards = [c for c in cards if c.host == args.host]
+        if not cards:
+            say(f"error: no card of {args.fleet} is on host {args.host!r}")
+            return 2
+    nodes, skipped = nodes_for_cards(cards, args.fleet)
+    for line in skipped:
+        say(f"skipped: {line}")
+    if not nodes:
+        say(f"error: no card here can serve ({no_card_why()})")
+        return 2
+    address = with_default_port(args.address)
+    try:  # a card already in the cluster (`zit node` run twice) is not joined again
+        missing, already, warnings = cards_to_join(nodes, joined_cards(address))
+    except Exception as exc:  # Ray's GCS client raises its own errors; `ray start` below says what is wrong
+        say(f"warning: could not list the cards already in {address} ({str(exc).splitlines()[0][:300]}); "
+             "joining every card")
+        missing, already, warnings = nodes, [], []
+    for line in already + warnings:
+        say(line)
+    if not missing:
+        return 0
+    try:
+        for line in start_card_nodes(address, missing, node_ip=args.node_ip):
+            say(line)
+    except RuntimeError as exc:
+        say(f"error: {exc}")
+        return 1
+    return 0

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: run test unit lock bench clean
+.PHONY: run test unit dashboards lock bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; set PYTHON=python3.11")'
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+# The chart's Grafana dashboards are built by k8s/dashboards.py (Grafana's SDK); commit what this writes.
+dashboards: $(STAMP)
+	$(BIN)/python k8s/dashboards.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.serve_overhead

@@ -31,7 +31,7 @@ from deployments.metrics import ServiceMetrics
 from deployments.routing import NoTierFits, fitting_plans, no_tier_fits, tier_plans
 from deployments.scheduler import SpeedBook, TierQueue, TiersFull, choose_chunk_tier
 from deployments.schemas import ImageGenerationRequest
-from runtime.nodes import LABEL_CARD, LABEL_TIER
+from runtime.nodes import LABEL_CARD, LABEL_POD, LABEL_TIER
 
 logger = logging.getLogger("ray.serve")
 
@@ -60,12 +60,17 @@ def lost_tiers(tiers, reports: list[dict], nodes: list[dict], retired=()) -> dic
     cards whose replica Serve stopped on purpose (FleetRegistry.retired_cards).
 
     A tier is lost when no replica of it reports from a live node, none of its card nodes is alive (so Serve has
-    nowhere to start one), and at least one of them died while it served: a card whose replica was scaled away on
-    purpose and whose Kubernetes pod was then removed is not lost (waking the tier brings a pod back), nor is a tier
-    Ray has never seen a node of. A card node that joins again, or a replica that reports, ends the loss."""
+    nowhere to start one), and at least one of them is missing: a card whose replica was scaled away on purpose and
+    whose Kubernetes pod KubeRay then removed is not (waking the tier brings a pod back), a bare-metal card node that
+    died is, whatever ran on it; a tier Ray has never seen a node of is not lost either. A card node that joins
+    again, or a replica that reports, ends the loss."""
     dead = {node["node_id"] for node in nodes if not node["alive"]}
     live = {report.get("tier") for report in reports if report.get("node_id") not in dead}
     retired = set(retired)
+
+    def removed_on_purpose(node: dict) -> bool:
+        return node["labels"].get(LABEL_POD) == "true" and node["labels"].get(LABEL_CARD) in retired
+
     lost = {}
     for tier in tiers:
         if tier.device != "cuda" or tier.name in live:
@@ -74,7 +79,7 @@ def lost_tiers(tiers, reports: list[dict], nodes: list[dict], retired=()) -> dic
         if not own or any(node["alive"] for node in own):
             continue
         crashed = sorted(node["labels"].get(LABEL_CARD, node["node_id"]) for node in own
-                         if node["labels"].get(LABEL_CARD) not in retired)
+                         if not removed_on_purpose(node))
         if crashed:
             lost[tier.name] = (f"the node of every card of the tier is dead (Ray reports card(s) {', '.join(crashed)} "
                                "dead) and no replica of it runs; back when a card node of the tier joins again")
@@ -125,6 +130,7 @@ class Dispatcher:
         self.speed = SpeedBook()
         self.budgets = {t.name: tier_budget(t) for t in tiers}
         self.drained: dict[str, bool] = {}
+        self._reported: set[str] = set()  # tiers whose replicas have reported at least once
         self.metrics = metrics or ServiceMetrics(tiers)
         self.metrics.fleet.watch_queues(self.queues, autoscaling.min_replicas if autoscaling else 0,
                                         lost=lambda: self.lost)
@@ -142,7 +148,12 @@ class Dispatcher:
                 healthy = [r for r in reports if r.get("card") and not r["card"].get("error")]
                 self.drained[name] = bool(reports) and not healthy
                 reports = healthy if reports else reports
-            if reports or self.drained.get(name) or self.autoscaling is not None:
+            if reports:
+                self._reported.add(name)
+            # Until a tier's replicas first report, it keeps its configured count (they are loading); after that the
+            # reports count: a tier whose replicas all went silent (a dead node, replicas restarting) takes no new
+            # chunks until one reports again.
+            if reports or self.drained.get(name) or self.autoscaling is not None or name in self._reported:
                 self.queues[name].set_replicas(len(reports))
             loads = [r["load_seconds"] for r in reports if r.get("load_seconds")]
             queue = self.queues[name]

@@ -69,6 +69,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         install_metrics(self.metrics)
         self._poller: asyncio.Future | None = None
         self._registry = None
+        self._fleet_state: tuple[list[dict], list[dict]] | None = None  # (replica reports, card nodes), last poll
 
     # -- API -------------------------------------------------------------------------------------------------
 
@@ -170,7 +171,9 @@ class Ingress(A1111Api, ProgressApi, WebUi):
 
     @api.get("/v1/fleet")
     async def fleet(self) -> dict:
-        """Cards (Ray nodes labelled with a card), tiers, and the replica on each card, as the registry last heard."""
+        """Cards (Ray nodes labelled with a card), tiers, and the replica on each card, as the ingress last read them
+        (the registry's reports and Ray's node table, every ZIT_FLEET_REPORT_PERIOD_S): it answers while a card
+        node dies or the registry restarts, with what it knew last."""
         from deployments.registry import card_nodes, get_registry
         from runtime.nodes import (
             LABEL_BF16,
@@ -183,9 +186,13 @@ class Ingress(A1111Api, ProgressApi, WebUi):
             LABEL_VRAM,
         )
 
-        if self._registry is None:
-            self._registry = get_registry()
-        replicas, nodes = await asyncio.gather(self._registry.replicas.remote(), asyncio.to_thread(card_nodes))
+        await self._fleet_known()
+        if self._fleet_state is not None:  # what the last poll read (at most ZIT_FLEET_REPORT_PERIOD_S old)
+            replicas, nodes = self._fleet_state
+        else:  # no poll has succeeded yet: read it now
+            if self._registry is None:
+                self._registry = get_registry()
+            replicas, nodes = await asyncio.gather(self._registry.replicas.remote(), asyncio.to_thread(card_nodes))
         on_card: dict[str, list[dict]] = {}  # a split card hosts several replicas
         for r in replicas:
             if r.get("card"):
@@ -308,6 +315,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 self._polled.set()
                 self.metrics.fleet.observe_reports(reports, retired)
                 self.metrics.fleet.observe_card_nodes(nodes)
+                self._fleet_state = (reports, nodes)
             except Exception:
                 logger.exception("reading the fleet registry failed; keeping the last known state")
             # The encoded images of finished requests go back to the host (deployments/hostmem.py).

@@ -13,6 +13,8 @@ REGISTRY_NAME = "zit-fleet-registry"
 REGISTRY_NAMESPACE = "zit"
 # Replicas report this often. Two seconds keeps the fleet view live for people while costing nothing measurable.
 ZIT_FLEET_REPORT_PERIOD_S = float(os.environ.get("ZIT_FLEET_REPORT_PERIOD_S", "2.0"))
+# The resource Ray gives the head node alone ("node:" + "__internal_head__").
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 # A replica not heard from for three periods is listed as gone (it died or was scaled down).
 STALE_AFTER_PERIODS = 3
 # How long the id of a replica that stopped on purpose is kept, to drop its reports that arrive after its goodbye.
@@ -69,7 +71,8 @@ class FleetRegistry:
 
 def cluster_actor(cls, name: str, namespace: str = REGISTRY_NAMESPACE):
     """The cluster's one actor of `cls` named `name`, created on first use (detached: it outlives any one replica;
-    restarted if it dies).
+    restarted if it dies), on the head node: a card node can die with its card, the head only with the whole
+    service (its marker resource, as Ray Train places its own state actor).
 
     Calls run one at a time but in the order they arrive, not the order each caller sent them: an in-order actor
     stalls every later call of a caller for 30 s when one of its fire-and-forget calls is lost under load (Ray's
@@ -80,7 +83,8 @@ def cluster_actor(cls, name: str, namespace: str = REGISTRY_NAMESPACE):
     return (
         ray.remote(cls)
         .options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached", num_cpus=0,
-                 max_restarts=-1, allow_out_of_order_execution=True, enable_task_events=False)
+                 resources={HEAD_NODE_RESOURCE: 0.001}, max_restarts=-1, allow_out_of_order_execution=True,
+                 enable_task_events=False)
         .remote()
     )
 

@@ -58,6 +58,11 @@ def test_the_chunk_on_the_lost_card_moved_to_another_tier(fault_run):
     assert killed, "no chunk was retried after its replica process was killed"
 
 
+def test_the_fleet_view_answers_while_a_card_node_dies(fault_run):
+    run, _ = fault_run
+    assert not run.watch_errors, run.watch_errors
+
+
 def test_the_service_serves_afterwards_and_shows_the_lost_card(fault_run):
     run, cards = fault_run
     assert run.after is not None and run.after.status == 200 and run.after.images == 2, run.after

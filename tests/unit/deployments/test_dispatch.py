@@ -378,13 +378,17 @@ def test_a_tier_is_not_lost_while_a_replica_reports_from_a_live_node_or_ray_neve
     assert lost_tiers(tiers, [], []) == {}  # nothing known about the tier's nodes: not lost
 
 
-def test_a_pod_removed_after_its_replica_was_scaled_away_is_no_lost_tier():
+def test_a_pod_removed_after_its_replica_was_scaled_away_is_no_lost_tier_but_a_dead_host_is():
     from deployments.dispatch import lost_tiers
+    from runtime.nodes import LABEL_POD
 
     tiers = two_tiers()
-    nodes = [node("vram_8", "GPU-8", alive=False)]
-    assert lost_tiers(tiers, [], nodes, retired=["GPU-8"]) == {}
-    assert "vram_8" in lost_tiers(tiers, [], nodes, retired=["GPU-other"])
+    pod = node("vram_8", "GPU-8", alive=False)
+    pod["labels"][LABEL_POD] = "true"
+    assert lost_tiers(tiers, [], [pod], retired=["GPU-8"]) == {}  # KubeRay removed the idle pod: waking brings one
+    assert "vram_8" in lost_tiers(tiers, [], [pod], retired=["GPU-other"])  # the pod died serving
+    host = node("vram_8", "GPU-8", alive=False)  # bare metal: no one brings it back
+    assert "vram_8" in lost_tiers(tiers, [], [host], retired=["GPU-8"])
 
 
 def test_the_cpu_tier_is_never_lost():

@@ -83,6 +83,17 @@ class PolicyConfig:
         return prior_units_per_s(tier)
 
 
+# Requests one text-encoder stage replica holds before another one helps: an encode takes about a second on a card
+# and a cache hit nothing, so four waiting is a few seconds of queue.
+STAGE_TARGET_REQUESTS = 4
+
+
+def stage_replicas(requests: float, replicas: int, most: int, target: int = STAGE_TARGET_REQUESTS) -> int:
+    """Replicas of the text-encoder stage for `requests` held at its replicas now: enough that each holds at most
+    `target`, at least one (every request passes through it), at most `most` (the cards that host it)."""
+    return max(1, min(most, math.ceil(requests / target) if requests > 0 else 1))
+
+
 # -- the policy --------------------------------------------------------------------------------------------------
 
 

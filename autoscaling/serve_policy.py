@@ -37,7 +37,7 @@ import dataclasses
 import math
 import time
 
-from autoscaling.policy import PolicyConfig, TierSignals, decide
+from autoscaling.policy import PolicyConfig, TierSignals, decide, stage_replicas
 from cluster.requests import work_units
 from cluster.speed import PRIOR_SIZE, PRIOR_STEPS
 from deployments.config import COLD_START_OVERHEAD_S, AutoscalingSettings
@@ -130,6 +130,20 @@ class TierAutoscaler:
         return replicas[self.tier] + unusable, _keep(states[self.tier], now, signals, unusable)
 
 
+class StageAutoscaler:
+    """Serve's policy object for the text-encoder stage (deployment-level): `stage_replicas` of the requests its
+    replicas hold, within the deployment's bounds."""
+
+    def __init__(self, stage: str = "text_encoder"):
+        self.stage = stage
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        requests = float(ctx.total_num_requests or 0.0)
+        most = int(ctx.capacity_adjusted_max_replicas or 1)
+        replicas = stage_replicas(requests, int(ctx.current_num_replicas or 0), most)
+        return replicas, {"signal": "stage", "requests": requests}
+
+
 class FleetAutoscaler:
     """Serve's application-level policy: `__call__(contexts) -> (replicas per deployment, state per deployment)`,
     every tier in one `decide` call, cheapest tier first. Each Generator deployment's own `TierAutoscaler` kwargs
@@ -154,14 +168,18 @@ class FleetAutoscaler:
         return self._tiers[key]
 
     def __call__(self, contexts: dict) -> tuple[dict, dict]:
-        tiers = []
+        tiers, stages = [], {}
         for deployment_id, ctx in contexts.items():
+            kwargs = getattr(getattr(ctx.config, "policy", None), "policy_kwargs", None) or {}
+            if "stage" in kwargs:  # the text-encoder stage: sized by the requests it holds
+                stages[deployment_id] = StageAutoscaler(kwargs["stage"])(ctx)
+                continue
             tier = self._tier(ctx)
             if tier is not None:
                 tiers.append((tier.vram_bytes or 0, tier.tier, deployment_id, ctx, tier))
         tiers.sort(key=lambda t: (t[0], t[1]))
         if not tiers:
-            return {}, {}
+            return ({d: n for d, (n, _) in stages.items()}, {d: state for d, (_, state) in stages.items()})
         signals, unusable, previous, config = [], [], {}, tiers[-1][4].config
         now = max(float(ctx.current_time or 0.0) for *_, ctx, _ in tiers) or time.time()
         for _, name, _, ctx, tier in tiers:
@@ -173,7 +191,8 @@ class FleetAutoscaler:
         config = dataclasses.replace(config, priors=tuple((tier.tier, tier.config.prior(tier.tier))
                                                           for *_, tier in tiers))
         replicas, states = decide(signals, config, now, previous)
-        decisions, out = {}, {}
+        decisions = {d: n for d, (n, _) in stages.items()}
+        out = {d: state for d, (_, state) in stages.items()}
         for (_, name, deployment_id, _, _), tier_signal, tier_unusable in zip(tiers, signals, unusable):
             decisions[deployment_id] = replicas[name] + tier_unusable
             out[deployment_id] = _keep(states[name], now, tier_signal, tier_unusable)

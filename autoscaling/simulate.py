@@ -45,6 +45,7 @@ from cluster.nvml import BF16_MIN_CC, MIB, CardSpec, FleetFile, load_fleet_file
 from cluster.profiles import tier_profile
 from cluster.requests import work_units
 from cluster.speed import predict_seconds, prior_units_per_s
+from cluster.stages import place_text_encoder, staged_tiers
 from cluster.tiers import classify, tier_budget, tiers_for_cards
 from deployments.dispatch import Dispatcher
 from deployments.routing import NoTierFits
@@ -123,6 +124,8 @@ class WorkloadSpec(BaseModel):
     n: dict[int, float] = Field(default_factory=lambda: {1: 0.45, 2: 0.2, 4: 0.25, 8: 0.1},
                                 description="Images per request -> weight.")
     steps: int = Field(9, ge=1, le=50, description="Denoising steps of every request.")
+    repeat_fraction: float = Field(0.3, ge=0, le=1, description="Share of requests whose prompt an earlier request "
+                                   "had (the text-encoder stage's cache answers those).")
     requests: list[dict] | None = Field(
         None, description="A trace instead of the process: [{t, size: 'WxH', n, steps?}], t in seconds.")
 
@@ -135,6 +138,7 @@ class Request:
     height: int
     n: int
     steps: int
+    prompt: int = -1  # which prompt (requests with the same number repeat it); -1: its own
 
 
 def load_workload(path: str | Path) -> WorkloadSpec:
@@ -172,7 +176,8 @@ def generate_requests(spec: WorkloadSpec, duration_s: float, rng: random.Random)
             return out
         if rng.random() * peak <= rate(t):
             w, h = rng.choices(sizes, size_w)[0]
-            out.append(Request(len(out), t, w, h, rng.choices(ns, n_w)[0], spec.steps))
+            prompt = out[rng.randrange(len(out))].prompt if out and rng.random() < spec.repeat_fraction else len(out)
+            out.append(Request(len(out), t, w, h, rng.choices(ns, n_w)[0], spec.steps, prompt))
 
 
 def _poisson(rng: random.Random, mean: float) -> int:
@@ -182,6 +187,68 @@ def _poisson(rng: random.Random, mean: float) -> int:
         if p <= limit:
             return k
         k += 1
+
+
+# -- the text-encoder stage --------------------------------------------------------------------------------------
+
+# Prompts the simulated stage remembers (its cache): 256 MiB of real embeddings at about 0.3 MB each.
+STAGE_CACHE_ENTRIES = 850
+
+
+def _snapshot(card: SimCard):
+    """A SimCard as the stage's placement reads cards (a GpuSnapshot's fields)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(uuid=str(card.index), name=card.model, tier=card.tier, index=card.index, error=None,
+                           slots=1, memory_total=card.memory_total, foreign_memory=card.memory_total - card.capacity,
+                           bf16=card.bf16, speed=card.speed)
+
+
+class StageQueue:
+    """The text-encoder stage as the simulation runs it: one encode at a time per replica (one per hosting card),
+    first come first served, each taking the time model's encode time on its card; a prompt its cache holds costs
+    nothing; the cache keeps the `cache_entries` most recently used prompts."""
+
+    def __init__(self, placement, cards: list[SimCard], cache_entries: int, cal):
+        from collections import OrderedDict
+
+        from cluster.speed import encode_seconds
+
+        speeds = [c.speed for c in cards] or [CPU_STAGE_SPEED]  # 'cpu': no card, encode_seconds takes the CPU
+        self.seconds = [encode_seconds(placement.profile, speed, cal) for speed in speeds]
+        self.free_at = [0.0] * len(self.seconds)
+        self.cache: OrderedDict = OrderedDict()
+        self.cache_entries = cache_entries
+        self.where = placement.where
+        self.hits = self.misses = 0
+        self.waited_s = 0.0
+
+    def encode(self, r: Request, now: float) -> float | None:
+        """When the request's embeddings are ready (None: at once, from the cache)."""
+        if r.prompt >= 0 and r.prompt in self.cache:
+            self.cache.move_to_end(r.prompt)
+            self.hits += 1
+            return None
+        self.misses += 1
+        replica = min(range(len(self.free_at)), key=lambda i: max(self.free_at[i], now))
+        start = max(self.free_at[replica], now)
+        self.free_at[replica] = start + self.seconds[replica]
+        self.waited_s += start - now
+        if r.prompt >= 0:
+            self.cache[r.prompt] = True
+            if len(self.cache) > self.cache_entries:
+                self.cache.popitem(last=False)
+        return self.free_at[replica]
+
+    def report(self, requests: int) -> dict:
+        total = self.hits + self.misses
+        return {"where": self.where, "encodes_per_request": round(self.misses / max(1, requests), 3),
+                "cache_hit_ratio": round(self.hits / total, 3) if total else None,
+                "mean_wait_s": round(self.waited_s / max(1, self.misses), 3)}
+
+
+# A 'cpu' stage's card speed for the time model: unused (encode_seconds takes CPU_FLOPS for a CPU profile).
+CPU_STAGE_SPEED = 1.0
 
 
 # -- the simulated service ---------------------------------------------------------------------------------------
@@ -256,7 +323,8 @@ class _Loads:
 class Simulation:
     def __init__(self, cards: list[SimCard], decide: Callable, config: PolicyConfig | None = None,
                  cold_start_s: float = COLD_START_S, control_period_s: float = CONTROL_PERIOD_S,
-                 queue_per_card: int = QUEUE_PER_CARD):
+                 queue_per_card: int = QUEUE_PER_CARD, text_encoder: str = "auto",
+                 cache_entries: int = STAGE_CACHE_ENTRIES):
         from deployments.router import rank_replicas
 
         self.rank_replicas = rank_replicas
@@ -268,11 +336,21 @@ class Simulation:
         self.events: list = []
         self.order = itertools.count()
         self.policy_state: dict = {}
-        # 1. Tiers from the cards (the same function `zit up` uses), with the profile each runs.
+        # 1. Tiers from the cards (the same function `zit up` uses), with the profile each runs; the text-encoder
+        #    stage placed as `zit up` places it (on the card with the most to spare: its memory leaves that card,
+        #    and every tier runs without its own encoder), or in every generator ('local').
         usable = [c for c in cards if c.tier is not None]
         configs = [t.model_copy(update={"max_queued_requests": max(32, QUEUE_PER_CARD * t.num_replicas)})
                    for t in tiers_for_cards(usable)]
+        self.stage = place_text_encoder([_snapshot(c) for c in usable if not c.failed], configs,
+                                        {t.name: tier_profile(t) for t in configs}, text_encoder)
+        configs = staged_tiers(configs, self.stage.where, list(self.stage.tiers), self.stage.reserve_bytes)
+        for card in usable:
+            if str(card.index) in self.stage.cards:
+                card.capacity -= self.stage.reserve_bytes
         self.profiles = {t.name: tier_profile(t) for t in configs}
+        self.encoder = StageQueue(self.stage, [c for c in usable if str(c.index) in self.stage.cards],
+                                  cache_entries, self.cal) if self.stage.where != "local" else None
         config = config or PolicyConfig()
         self.config = PolicyConfig(**{**config.__dict__, "priors": tuple(
             (t.name, prior_units_per_s(t.name, t.speed, t.bf16)) for t in configs)}) if not config.priors else config
@@ -294,6 +372,7 @@ class Simulation:
         self._seconds: dict = {}
         # 3. Results.
         self.latencies: list[float] = []
+        self.chunks_started = 0
         self.images = 0
         self.rejected = {"queue_full": 0, "no_tier_fits": 0}
         self.oom = 0
@@ -320,6 +399,8 @@ class Simulation:
             self._advance(t)
             if kind == "arrive":
                 self._arrive(payload)
+            elif kind == "encoded":
+                self._admit(payload)
             elif kind == "done":
                 self._done(payload)
             elif kind == "ready":
@@ -363,6 +444,17 @@ class Simulation:
         return self._peaks[key]
 
     def _arrive(self, r: Request) -> None:
+        """A request arrives: the text-encoder stage first (a cache hit passes at once), then its chunks."""
+        if self.encoder is None:
+            self._admit(r)
+            return
+        done_at = self.encoder.encode(r, self.now)
+        if done_at is None:  # a cache hit
+            self._admit(r)
+        else:
+            self._push(done_at, "encoded", r)
+
+    def _admit(self, r: Request) -> None:
         fitting = self._plan(r)
         if fitting is None:
             self.rejected["no_tier_fits"] += 1
@@ -440,6 +532,7 @@ class Simulation:
             chunk.request.chunks_left = -1
             return
         replica.chunk, replica.started = chunk, self.now
+        self.chunks_started += 1  # with every generator encoding its own chunks, each one encodes the prompt
         tier.running_units += chunk.units
         tier.busy += 1
         tier.last_work = self.now
@@ -589,6 +682,8 @@ class Simulation:
                 "idle": round((self.replica_s - self.busy_s) / 3600, 2),
                 "off": round(max(0.0, cards * span_h - self.replica_s / 3600), 2),
             },
+            "text_encoder": self.encoder.report(requests) if self.encoder is not None else {
+                "where": "local", "encodes_per_request": round(self.chunks_started / max(1, requests), 3)},
             "simulated_s": round(self.now, 1),
             "wall_s": round(wall_s, 2),
             "replicas_over_time": [[round(t, 1), reps] for t, reps in self.timeline],
@@ -600,7 +695,7 @@ class Simulation:
 
 def simulate(fleet: str | Path | FleetFile, policies: list[str], duration_s: float, workload: WorkloadSpec,
              cards: int | None = None, seed: int = 0, config: PolicyConfig | None = None,
-             cold_start_s: float = COLD_START_S) -> dict[str, dict]:
+             cold_start_s: float = COLD_START_S, text_encoder: str = "auto") -> dict[str, dict]:
     """Run each policy on the same fleet and the same requests; one report per policy."""
     fleet = fleet if isinstance(fleet, FleetFile) else load_fleet_file(fleet)
     sim_cards = build_cards(scale_fleet(fleet, cards))
@@ -609,7 +704,8 @@ def simulate(fleet: str | Path | FleetFile, policies: list[str], duration_s: flo
     for name in policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)} or 'all'")
-        sim = Simulation([*map(_copy_card, sim_cards)], POLICIES[name], config, cold_start_s)
+        sim = Simulation([*map(_copy_card, sim_cards)], POLICIES[name], config, cold_start_s,
+                         text_encoder=text_encoder)
         out[name] = sim.run(requests, duration_s)
         out[name]["cards"] = len(sim_cards)
     return out

@@ -255,13 +255,15 @@ def main() -> None:
 
     from cluster.tiers import tiers_for_cards
     from deployments.app import build_app
-    from deployments.config import ServiceConfig
-    from runtime.simfleet import fleet_cluster, kill_card_raylet
+    from deployments.config import ServiceConfig, TextEncoderSettings
+    from runtime.simfleet import active_stage, fleet_cluster, kill_card_raylet
 
     runs = []
     for i in range(args.rounds):
         with fleet_cluster(FLEET, {"ZIT_SIM_TIME_SCALE": TIME_SCALE}) as (cards, port):
-            serve.run(build_app(ServiceConfig(tiers=tiers_for_cards(cards))), name="zit", route_prefix="/")
+            config = ServiceConfig(tiers=tiers_for_cards(cards),
+                                   text_encoder=TextEncoderSettings().resolve(active_stage()))
+            serve.run(build_app(config), name="zit", route_prefix="/")
             url = f"http://127.0.0.1:{port}"
             wait_until_serving(url, len(cards))
             runs.append(run_faults(url, cards, kill_card_raylet, args.requests, args.concurrency,

@@ -18,8 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.memory import (  # noqa: E402
-    GIB, Calibration, fits, largest_batch, largest_square, load_calibration, predict_peak, predict_phases,
+    GIB, Calibration, encoder_peak, fits, largest_batch, largest_square, load_calibration, predict_peak,
+    predict_phases,
 )
+from cluster.stages import stage_profile  # noqa: E402
 from cluster.profiles import DTYPE_BYTES  # noqa: E402
 from cluster.planning import default_tiers  # noqa: E402
 from cluster.profiles import default_profile  # noqa: E402
@@ -156,6 +158,38 @@ def render(cal: Calibration) -> str:
             f"{largest_batch(1024, 1024, p, budget, cal)} | {largest_batch(1024, 1024, p, budget, cal, cfg=True)} | "
             f"{est.total / GIB:.2f} ({est.phase}) |"
         )
+    out += [
+        "",
+        "## With the text-encoder stage",
+        "",
+        "When a stage encodes for the service (deployments/encoder.py, placed by cluster/stages.py), a generator holds",
+        "no text encoder: its encode phase has nothing of Qwen3-4B on the card, and its profile says `TE stage`. The",
+        "stage itself takes the memory below on the card that hosts it (resident, or group-offloaded: the embedding and",
+        "two layers in flight), and that card's tier plans with that much less. `zit plan --fleet FILE` shows where it",
+        "goes and the tiers beside it. Peaks at 1024x1024, n=1:",
+        "",
+        "| tier | encode phase GiB, own encoder | encode phase GiB, stage | peak GiB (phase), own encoder | "
+        "peak GiB (phase), stage |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, (budget, bf16) in tiers.items():
+        own = default_profile(name, bf16)
+        staged = own.model_copy(update={"text_encoder": "stage"})
+        phases = [predict_phases(1024, 1024, 1, pr, cal)["encode"].total for pr in (own, staged)]
+        peaks = [predict_peak(1024, 1024, 1, pr, cal) for pr in (own, staged)]
+        out.append(f"| {name} | {phases[0] / GIB:.2f} | {phases[1] / GIB:.2f} | {peaks[0].total / GIB:.2f} "
+                   f"({peaks[0].phase}) | {peaks[1].total / GIB:.2f} ({peaks[1].phase}) |")
+    out += [
+        "",
+        "The stage's own peak on its card (`cluster.memory.encoder_peak`: encoder weights as placed, its activations on",
+        "the padded prompt, its process's CUDA context, the margin):",
+        "",
+        "| stage profile | technique | peak GiB |",
+        "| --- | --- | --- |",
+    ]
+    for bf16, weights in ((True, "gpu"), (True, "offload"), (False, "gpu"), (False, "offload")):
+        sp = stage_profile(bf16, weights)
+        out.append(f"| {sp.name} | {sp.technique()} | {encoder_peak(sp, cal).total / GIB:.2f} |")
     out += [
         "",
         "## The seed article's claims beside the model",

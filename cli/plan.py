@@ -10,47 +10,57 @@ import json
 from pathlib import Path
 
 from cluster.memory import Calibration, load_calibration, uses_cfg
-from cluster.planning import default_tiers, fleet_tiers, plan
+from cluster.planning import default_tiers, plan
 from cluster.profiles import Profile
+from cluster.stages import StagePlacement
 from cluster.requests import parse_size
 from cluster.tiers import vram_tiers
 
 
 def service_tiers(
-    config_path: str | Path, fleet: str | Path | None = None
-) -> tuple[dict[str, tuple[int, bool]], dict[str, Profile]]:
-    """The tiers (budget, bf16) and the profiles the service runs with this config file, as `zit up --config FILE`
-    builds them: one tier per VRAM class of the fleet file's cards (without one, every VRAM tier at its nominal size,
-    bf16 as its typical card), each with the file's settings for that tier (`tiers_for_cards`), and each profile
-    through `cluster.profiles.tier_profile`, as the ingress plans with it: the tier's `profile` overrides and the
-    adapters a LoRA folder (`lora_dir`) reserves. Raises ValueError (pydantic's, or a ProfileError / LoraError
-    naming the knob) for a file the service would refuse, OSError for one that cannot be read.
+    config_path: str | Path | None, fleet: str | Path | None = None
+) -> tuple[dict[str, tuple[int, bool]], dict[str, Profile], "StagePlacement | None"]:
+    """The tiers (budget, bf16), the profiles and the text-encoder stage's placement the service runs with this
+    config file (the defaults without one), as `zit up --config FILE --fleet FILE` builds them: one tier per VRAM
+    class of the fleet file's cards (without one, every VRAM tier at its nominal size, bf16 as its typical card, and
+    no stage: there is no card to place it on), each with the file's settings for that tier (`tiers_for_cards`),
+    the stage placed as the file's `text_encoder` asks (runtime.nodes.plan_card_nodes) and the tiers planned beside
+    it (cluster.stages.staged_tiers), and each profile through `cluster.profiles.tier_profile`, as the ingress plans
+    with it: the tier's `profile` overrides and the adapters a LoRA folder (`lora_dir`) reserves. Raises ValueError
+    (pydantic's, or a ProfileError / LoraError naming the knob, or the stage's refusal) for a file the service would
+    refuse, OSError for one that cannot be read.
     """
     from types import SimpleNamespace
 
     import yaml
 
     from cluster.profiles import tier_profile
+    from cluster.stages import staged_tiers
     from cluster.tiers import tier_budget, tiers_for_cards
-    from deployments.config import load_service_config
+    from deployments.config import ServiceConfig, load_service_config
 
     try:
-        config = load_service_config(Path(config_path), {})
+        config = load_service_config(Path(config_path), {}) if config_path else ServiceConfig()
     except yaml.YAMLError as exc:
         raise ValueError(f"{config_path} is not valid YAML: {exc}") from None
     configured = config.tiers if "tiers" in config.model_fields_set else None
+    lora = config.lora_settings()
+    reserved = lora.reserved_params if lora else 0
+    placement = None
     if fleet is not None:
         from cluster.nvml import load_fleet
+        from runtime.nodes import plan_card_nodes
 
-        cards = load_fleet(fleet)
+        stage = config.text_encoder
+        _, _, tiers, placement = plan_card_nodes(load_fleet(fleet), fleet, configured, stage.placement,
+                                                 stage.replicas, reserved)
+        tiers = staged_tiers(tiers, placement.where, list(placement.tiers), placement.reserve_bytes)
     else:
         cards = [SimpleNamespace(tier=name, bf16=bf16, memory_total=budget, slots=1, speed=None)
                  for name, (budget, bf16) in default_tiers().items()]
-    lora = config.lora_settings()
-    reserved = lora.reserved_params if lora else 0
-    tiers = tiers_for_cards(cards, configured)
+        tiers = tiers_for_cards(cards, configured)
     return ({t.name: (tier_budget(t), t.bf16) for t in tiers},
-            {t.name: tier_profile(t, reserved) for t in tiers})
+            {t.name: tier_profile(t, reserved) for t in tiers}, placement)
 
 
 def _format_table(rows: list[dict], width: int, height: int, n: int, cal: Calibration, guidance: float = 0.0) -> str:
@@ -85,15 +95,15 @@ def check_guidance(guidance: float) -> float:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    profiles = None
+    profiles, placement = None, None
     try:
         width, height = parse_size(args.size)
         guidance = check_guidance(args.guidance)
         cal = load_calibration(args.calibration)
-        if args.config:
-            tiers, profiles = service_tiers(args.config, args.fleet)
+        if args.config or args.fleet:
+            tiers, profiles, placement = service_tiers(args.config, args.fleet)
         else:
-            tiers = fleet_tiers(args.fleet) if args.fleet else None
+            tiers = None
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", flush=True)
         return 2
@@ -105,8 +115,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: no card in {where} reaches the smallest tier ({min(vram_tiers().values()):g} GB)")
         return 2
     rows = plan(width, height, args.n, args.steps, tiers, cal, uses_cfg(guidance), profiles)
-    print(json.dumps(rows, indent=2) if args.json else _format_table(rows, width, height, args.n, cal, guidance),
-          flush=True)
+    stage = placement.reason if placement else "in every generator (give --fleet to place the text-encoder stage)"
+    if args.json:
+        print(json.dumps(rows, indent=2), flush=True)
+    else:
+        print(_format_table(rows, width, height, args.n, cal, guidance) + f"\ntext encoder: {stage}", flush=True)
     return 0 if any(r["fits"] for r in rows) else 1
 
 

@@ -42,10 +42,9 @@ def discover_cards(args: argparse.Namespace):
 def cmd_up(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from cluster.tiers import tiers_for_cards
     from deployments.config import AutoscalingSettings, load_service_config
     from runtime import local
-    from runtime.nodes import apply_splits, cards_to_join, nodes_for_cards
+    from runtime.nodes import apply_splits, cards_to_join, plan_card_nodes
 
     try:
         config = load_service_config(args.config, {"model": args.model, "lora_dir": args.lora_dir})
@@ -86,18 +85,32 @@ def cmd_up(args: argparse.Namespace) -> int:
     # 1. Tiers: one per VRAM class present, one replica per card (or the configured CPU tier).
     say(f"Serving on {what}.")
     nodes = []
+    stage = config.text_encoder
     if cards:
-        nodes, skipped = nodes_for_cards(cards, fleet_file)
+        configured = config.tiers if "tiers" in config.model_fields_set else None
+        lora = config.lora_settings()
+        try:
+            nodes, skipped, tiers, placement = plan_card_nodes(
+                cards, fleet_file, configured, stage.placement, stage.replicas, lora.reserved_params if lora else 0)
+        except ValueError as exc:  # the stage was asked on a card and none has room for it
+            say(f"error: {exc}")
+            return 2
         for line in skipped:
             say(f"  skipped: {line}")
         if not nodes:
             say(f"error: no card can serve ({no_card_why()}); use --cpu")
             return 2
-        configured = config.tiers if "tiers" in config.model_fields_set else None
-        config = config.model_copy(update={"tiers": tiers_for_cards([n.card for n in nodes], configured)})
+        config = config.model_copy(update={"tiers": tiers, "text_encoder": stage.resolve(placement)})
         for node in nodes:
             slots = f" x {node.card.slots} slots" if node.card.slots > 1 else ""
-            say(f"  {node.card.name:<32} {node.card.memory_total / 2**30:5.1f} GiB  -> {node.card.tier}{slots}")
+            hosts = "  + text-encoder stage" if node.card.uuid in placement.cards else ""
+            say(f"  {node.card.name:<32} {node.card.memory_total / 2**30:5.1f} GiB  -> {node.card.tier}{slots}"
+                f"{hosts}")
+        say(f"  text encoder: {placement.reason}")
+    elif stage.placement == "cpu":  # no card: the stage only runs where it was asked to, on the head's CPU
+        from cluster.stages import place_text_encoder
+
+        config = config.model_copy(update={"text_encoder": stage.resolve(place_text_encoder([], [], {}, "cpu"))})
 
     # 2. Ray: the head here, then one node per card that is not in the cluster yet.
     mode = local.ensure_auth_mode()

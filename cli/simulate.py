@@ -25,7 +25,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     policies = list(POLICIES) if args.policy == "all" else [args.policy]
     try:
         results = simulate(args.fleet, policies, args.duration, workload, cards=args.cards, seed=args.seed,
-                           config=PolicyConfig(), cold_start_s=args.cold_start_s)
+                           config=PolicyConfig(), cold_start_s=args.cold_start_s, text_encoder=args.text_encoder)
     except (OSError, ValidationError) as exc:
         print(f"error: bad fleet file {args.fleet}: {exc}", flush=True)
         return 2
@@ -41,6 +41,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     first = next(iter(results.values()))
     print(f"{first['cards']} cards, {first['requests']} requests over {args.duration:.0f} simulated s, seed {args.seed}")
+    stage = first["text_encoder"]
+    print(f"text encoder: {stage['where']}, {stage['encodes_per_request']} encodes per request"
+          + (f", cache hits {stage['cache_hit_ratio']:.0%}" if stage.get("cache_hit_ratio") is not None else ""))
     print(table(results))
     return 0
 
@@ -59,6 +62,9 @@ def add_simulate_parser(sub) -> None:
                    help="which policy to run (default: all, on the same workload)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the workload (default %(default)s)")
     p.add_argument("--cold-start-s", type=float, default=COLD_START_S, help="model load time of a new replica")
+    p.add_argument("--text-encoder", choices=["auto", "local", "cpu"], default="auto",
+                   help="where the text encoder runs: auto (a stage on the card with the most to spare, as zit up "
+                        "places it), local (in every generator), cpu (a stage on the head's CPU)")
     p.add_argument("--plot", type=Path, help="write replicas per tier over time here (PNG, or HTML without matplotlib)")
     p.add_argument("--json", action="store_true", help="one JSON record per policy")
     p.add_argument("--timeline", action="store_true", help="with --json: include replicas over time")

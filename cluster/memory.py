@@ -187,12 +187,32 @@ def smallest_request(profile: Profile, calibration: Calibration | None = None) -
     return predict_peak(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 1, profile, calibration)
 
 
+def encoder_peak(profile: Profile, calibration: Calibration | None = None) -> MemoryEstimate:
+    """Peak bytes of the text-encoder stage's process on its card: the encoder's weights as `profile.text_encoder`
+    places them ('gpu': resident; 'offload': the embedding and one or two layers in flight), its activations on the
+    padded prompt, the process's own CUDA context and the margin. One prompt at a time (the negative prompt is a
+    second call), so the peak does not grow with requests. Raises ValueError for a profile that keeps no encoder on
+    the card ('cpu', 'stage')."""
+    if profile.text_encoder not in ("gpu", "offload"):
+        raise ValueError(f"the text-encoder stage runs its encoder on a card ('gpu' or 'offload'); "
+                         f"got text_encoder={profile.text_encoder!r}")
+    cal = calibration or load_calibration()
+    running, _ = _text_encoder_bytes(profile, cal)
+    activations = int(cal.text_encoder_activation_bytes * DTYPE_BYTES[profile.compute_dtype] / REFERENCE_DTYPE_BYTES)
+    context = int(cal.context_bytes)
+    margin = int(max(cal.margin_min_bytes, cal.margin_fraction * (running + activations + context)))
+    return MemoryEstimate(0, 0, 0, running + activations, context, margin, "encode")
+
+
 def resident_bytes(profile: Profile, calibration: Calibration | None = None) -> int:
-    """What a loaded replica holds on its card between jobs under `profile`: the weights it keeps there and the CUDA
-    context (the smallest request's weights and context terms). Placement, simulated cards and the fleet simulator
-    use it."""
-    idle = smallest_request(profile, calibration)
-    return idle.weights + idle.context
+    """What a loaded replica holds on its card between jobs under `profile`: the weights that stay there at rest
+    (the transformer when resident, the VAE unless everything is offloaded, the text encoder when resident) and the
+    CUDA context. Placement, simulated cards and the fleet simulator use it."""
+    cal = calibration or load_calibration()
+    phases = predict_phases(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 1, profile, cal)
+    # At rest: the transformer's weights outside its own phase (encode), the VAE's and the encoder's outside
+    # theirs (denoise).
+    return phases["encode"].weights + phases["denoise"].vae + phases["denoise"].text_encoder + int(cal.context_bytes)
 
 
 def predict_phases(
@@ -211,7 +231,7 @@ def predict_phases(
     # Text encoder weights and activations: while encoding and at rest.
     te_act = int(cal.text_encoder_activation_bytes * scale)
     te_running, te_rest = _text_encoder_bytes(profile, cal)
-    if profile.text_encoder != "cpu":
+    if profile.text_encoder not in ("cpu", "stage"):
         te_running += te_act
     # VAE: weights (at rest unless everything is offloaded) and the decode peak.
     vae_w = cal.vae_params * c
@@ -261,7 +281,7 @@ def _text_encoder_bytes(profile: Profile, cal: Calibration) -> tuple[int, int]:
     """(bytes while encoding, bytes at rest) of the text encoder's weights on the card."""
     s = DTYPE_BYTES[profile.text_encoder_storage]
     c = DTYPE_BYTES[profile.compute_dtype]
-    if profile.text_encoder == "cpu":
+    if profile.text_encoder in ("cpu", "stage"):
         return 0, 0
     upcast = cal.text_encoder_leaf_params * c if s != c else 0  # one Linear at a time in the compute dtype
     embedding = cal.text_encoder_embedding_params * c  # never cast: stays in the compute dtype

@@ -69,12 +69,27 @@ def resolve_model(spec: str) -> Path:
     raise ModelNotFound(f"model {spec!r} not found: use 'tiny', a local folder, or {REAL_MODEL_ID!r}")
 
 
-def load_pipeline(folder: Path, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "ZImagePipeline":
-    """Load a diffusers-format folder onto `device` in `dtype` (float32 when None)."""
+def load_pipeline(folder: Path, device: str = "cpu", dtype: "torch.dtype | None" = None,
+                  text_encoder: bool = True) -> "ZImagePipeline":
+    """Load a diffusers-format folder onto `device` in `dtype` (float32 when None). Without `text_encoder` the
+    pipeline has neither encoder nor tokenizer (the text-encoder stage encodes for it): they are not even read."""
     import torch
     from diffusers import ZImagePipeline
 
-    pipe = ZImagePipeline.from_pretrained(folder, dtype=dtype or torch.float32)
+    without = {} if text_encoder else {"text_encoder": None, "tokenizer": None}
+    pipe = ZImagePipeline.from_pretrained(folder, dtype=dtype or torch.float32, **without)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_text_encoder(folder: Path, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "ZImagePipeline":
+    """The text-encoder stage's pipeline: the folder's tokenizer and text encoder only (no transformer, no VAE), on
+    `device` in `dtype` (float32 when None); it encodes with the pipeline's own `encode_prompt`."""
+    import torch
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(folder, dtype=dtype or torch.float32, transformer=None, vae=None)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -112,10 +127,15 @@ def run_job(
             on_step(step + 1, job.steps)
         return kwargs
 
+    if job.encoded is not None:  # the stage encoded the request: no prompt, its embeddings
+        # In the pipeline's compute dtype, which its VAE keeps (the transformer may be stored in fp8).
+        prompt_embeds, negative_embeds = job.encoded.for_pipeline(pipe.vae.dtype, pipe._execution_device)
+        text = {"prompt": None, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
+    else:
+        text = {"prompt": job.prompt, "negative_prompt": job.negative_prompt if job.guidance_scale > 0 else None}
     started = time.perf_counter()
     output = pipe(
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt if job.guidance_scale > 0 else None,
+        **text,
         height=job.height,
         width=job.width,
         num_inference_steps=job.steps,

@@ -114,6 +114,7 @@ def plan(
             "terms": estimate.terms(),
             "chunks": tier_plan.chunks,
             "reason": tier_plan.reason,
+            "text_encoder": profile.text_encoder,  # 'stage': the text-encoder stage encodes for this tier
         })
     return rows
 

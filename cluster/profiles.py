@@ -94,9 +94,11 @@ class Profile(BaseModel):
         "upcasts each layer to compute_dtype for its forward. None: float8_e4m3fn for fp8_layerwise, else "
         "compute_dtype (no casting).",
     )
-    text_encoder: Literal["gpu", "offload", "cpu"] = Field(
+    text_encoder: Literal["gpu", "offload", "cpu", "stage"] = Field(
         description="Where Qwen3-4B (about 8 GB in bf16) runs: 'gpu' resident on the pipeline's device, 'offload' "
-        "group-offloaded layer by layer onto it for each prompt, 'cpu' kept and run on the CPU."
+        "group-offloaded layer by layer onto it for each prompt, 'cpu' kept and run on the CPU, 'stage' not in this "
+        "pipeline at all: the text-encoder stage (deployments/encoder.py) encodes each request once and the pipeline "
+        "takes the embeddings."
     )
     offload_stream: bool = Field(
         True,
@@ -143,10 +145,10 @@ class Profile(BaseModel):
                 f"weights='fp8_layerwise' stores in float8_e4m3fn; got storage_dtype={self.storage_dtype!r} "
                 "(use weights='resident' with that storage_dtype instead)"
             )
-        if self.weights in ACCELERATOR_ONLY_PLACEMENTS and self.text_encoder != "offload":
+        if self.weights in ACCELERATOR_ONLY_PLACEMENTS and self.text_encoder not in ("offload", "stage"):
             raise ValueError(
                 f"weights={self.weights!r} offloads every component, the text encoder included; "
-                f"text_encoder={self.text_encoder!r} contradicts it (use text_encoder='offload')"
+                f"text_encoder={self.text_encoder!r} contradicts it (use text_encoder='offload', or 'stage')"
             )
         return self
 
@@ -323,7 +325,7 @@ def apply_profile(pipe: "ZImagePipeline", profile: Profile, device: str) -> None
         pipe.transformer.enable_layerwise_casting(
             storage_dtype=getattr(torch, profile.transformer_storage), compute_dtype=compute
         )
-    if profile.text_encoder_storage != profile.compute_dtype:
+    if profile.text_encoder_storage != profile.compute_dtype and pipe.text_encoder is not None:
         from diffusers.hooks import apply_layerwise_casting
 
         # The token embedding is skipped and stays in the compute dtype: an upcast copy of it (151936 x 2560) would
@@ -338,6 +340,28 @@ def apply_profile(pipe: "ZImagePipeline", profile: Profile, device: str) -> None
     apply_vae(pipe, profile)
     # 6. Attention backend.
     _apply_attention(pipe, profile)
+
+
+def apply_text_encoder_profile(pipe: "ZImagePipeline", profile: Profile, device: str) -> None:
+    """Load the text-encoder stage's `profile` (cluster/stages.py stage_profile) into `pipe`, a pipeline of only a
+    tokenizer and a text encoder loaded on the CPU, for encoding on `device`: the allocator, the compute dtype,
+    bf16 storage cast layer by layer when computing in float32 (the embedding stays in the compute dtype), and the
+    encoder resident, offloaded or on the CPU. The same steps as `apply_profile`'s for a generator's encoder."""
+    import torch
+
+    on_cuda = torch.device(device).type == "cuda"
+    _apply_allocator(profile, device, on_cuda)
+    compute = getattr(torch, profile.compute_dtype)
+    pipe.text_encoder.to(dtype=compute)
+    if profile.text_encoder_storage != profile.compute_dtype:
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(
+            pipe.text_encoder, storage_dtype=getattr(torch, profile.text_encoder_storage), compute_dtype=compute,
+            skip_modules_pattern="auto", skip_modules_classes=(torch.nn.Embedding,),
+        )
+    if profile.text_encoder != "cpu":
+        _place_text_encoder(pipe.text_encoder, profile, torch.device(device), profile.offload_stream and on_cuda)
 
 
 def apply_vae(pipe: "ZImagePipeline", profile: Profile) -> None:
@@ -395,7 +419,6 @@ def _apply_allocator(profile: Profile, device: str, on_cuda: bool) -> None:
 
 def _place(pipe, profile: Profile, device, use_stream: bool) -> None:
     import torch
-    from diffusers.hooks import apply_group_offloading
 
     cpu = torch.device("cpu")
     if profile.weights == "model_cpu_offload":
@@ -413,18 +436,29 @@ def _place(pipe, profile: Profile, device, use_stream: bool) -> None:
             onload_device=device, offload_device=cpu, offload_type=level,
             num_blocks_per_group=1 if level == "block_level" else None, use_stream=use_stream,
         )
+    if pipe.text_encoder is not None:  # none in a pipeline whose encoder is the stage (text_encoder='stage')
+        _place_text_encoder(pipe.text_encoder, profile, device, use_stream)
+
+
+def _place_text_encoder(text_encoder, profile: Profile, device, use_stream: bool) -> None:
+    """The text encoder resident on `device` ('gpu'), group-offloaded onto it block by block ('offload'), or kept on
+    the CPU with accelerate moving its inputs and outputs ('cpu')."""
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    cpu = torch.device("cpu")
     if profile.text_encoder == "gpu":
-        pipe.text_encoder.to(device)
+        text_encoder.to(device)
     elif profile.text_encoder == "offload":
         apply_group_offloading(
-            pipe.text_encoder, onload_device=device, offload_device=cpu, offload_type="block_level",
+            text_encoder, onload_device=device, offload_device=cpu, offload_type="block_level",
             num_blocks_per_group=1, use_stream=use_stream,
         )
     else:  # cpu: accelerate moves the prompt to the CPU and the embeddings back to the pipeline's device
         from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-        pipe.text_encoder.to(cpu)
-        add_hook_to_module(pipe.text_encoder, AlignDevicesHook(execution_device=cpu, io_same_device=True))
+        text_encoder.to(cpu)
+        add_hook_to_module(text_encoder, AlignDevicesHook(execution_device=cpu, io_same_device=True))
 
 
 def _apply_attention(pipe, profile: Profile) -> None:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.encoding import EncodedPrompt
 from cluster.memory import image_tokens, transformer_batch
 from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 
@@ -46,10 +47,13 @@ def work_units(width: int, height: int, n: int, steps: int, cfg: bool = False) -
 class GenerationJob(BaseModel):
     """One chunk of a request as a Generator replica runs it: images for seeds[0], seeds[1], ... in one call."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     prompt: str
     negative_prompt: str | None = None
+    encoded: EncodedPrompt | None = Field(
+        None, description="The request's embeddings from the text-encoder stage; the replica then runs no encoder "
+        "(None: it encodes the prompt itself).")
     width: int
     height: int
     steps: int

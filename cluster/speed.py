@@ -8,7 +8,8 @@ clock of simulated cards. An ESTIMATE, not a measurement:
   relative `speed`; tokens = image tokens + the 512 prompt tokens, per image;
 - weights streamed over PCIe while denoising (group offload, sequential offload): the transformer's stored bytes
   every step at PCIE_BYTES_S, overlapped with compute when a prefetch stream is used (max), added otherwise;
-- prompt encoding: the text encoder's arithmetic over 512 tokens, plus its stored bytes streamed when offloaded;
+- prompt encoding (`encode_seconds`): the text encoder's arithmetic over 512 tokens, plus its stored bytes streamed
+  when offloaded; nothing in a generator whose encoder is the stage (the stage pays it once per request);
 - decode: VAE_SECONDS_PER_MEGAPIXEL per megapixel per image on an RTX 4090, divided by speed.
 Classifier-free guidance (`cfg`) runs the transformer on 2n latents each step, doubling the step's arithmetic (the
 streamed weights still cross once per step), and the text encoder twice (prompt, then negative prompt), streaming
@@ -32,6 +33,9 @@ EFFECTIVE_FLOPS = 150e12
 # Host-to-device copy rate a consumer board sustains with pinned memory (PCIe 4.0 x16 peaks at 32 GB/s; PCIe 3.0
 # boards and x8 slots are common in mixed fleets).
 PCIE_BYTES_S = 12e9
+# Dense bf16 throughput of a desktop CPU on the text encoder (AVX-512 or AMX cores do more, older ones less): a
+# real prompt takes the 4B-parameter encoder about 14 s there.
+CPU_FLOPS = 3e11
 # Flux-VAE decode of one megapixel on an RTX 4090 in bf16, tiled: about a quarter second.
 VAE_SECONDS_PER_MEGAPIXEL = 0.25
 # Transformer shape (Z-Image-Turbo): layers and width for the attention term.
@@ -71,14 +75,29 @@ def predict_seconds(
     streamed = profile.weights in ("group_offload_block", "group_offload_leaf", "sequential_cpu_offload")
     copy_s = cal.transformer_params * DTYPE_BYTES[profile.transformer_storage] / PCIE_BYTES_S if streamed else 0.0
     step_s = max(compute_s, copy_s) if profile.offload_stream else compute_s + copy_s
-    passes = 2 if cfg else 1  # text-encoder calls: the prompt, and with guidance the negative prompt
-    encode_s = passes * 2 * cal.text_encoder_params * cal.prompt_tokens / (EFFECTIVE_FLOPS * speed)
-    if profile.text_encoder != "gpu":
-        # Model CPU offload moves the encoder on once for both calls; group offload streams it per call.
-        streams = 1 if profile.weights == "model_cpu_offload" else passes
-        encode_s += streams * cal.text_encoder_params * DTYPE_BYTES[profile.text_encoder_storage] / PCIE_BYTES_S
     decode_s = n * VAE_SECONDS_PER_MEGAPIXEL * width * height / 1e6 / speed
-    return Timing(encode_s, steps * step_s, decode_s)
+    return Timing(encode_seconds(profile, speed, cal, cfg), steps * step_s, decode_s)
+
+
+def encode_seconds(profile: Profile, speed: float = 1.0, calibration: Calibration | None = None,
+                   cfg: bool = False) -> float:
+    """Seconds the text encoder takes for one request where `profile` runs it: its arithmetic over the padded prompt
+    (twice with guidance: the prompt, then the negative prompt) on a card of `speed`, or at CPU_FLOPS on the CPU,
+    plus, when group-offloaded, its stored bytes streamed for each call (model CPU offload moves it on once). 0 for a
+    profile whose encoder is the stage (text_encoder='stage'): the stage pays it, once per request, or not at all
+    when its cache has the prompt."""
+    if profile.text_encoder == "stage":
+        return 0.0
+    cal = calibration or load_calibration()
+    passes = 2 if cfg else 1  # text-encoder calls: the prompt, and with guidance the negative prompt
+    flops = passes * 2 * cal.text_encoder_params * cal.prompt_tokens
+    if profile.text_encoder == "cpu":
+        return flops / CPU_FLOPS
+    seconds = flops / (EFFECTIVE_FLOPS * speed)
+    if profile.text_encoder == "offload":
+        streams = 1 if profile.weights == "model_cpu_offload" else passes
+        seconds += streams * cal.text_encoder_params * DTYPE_BYTES[profile.text_encoder_storage] / PCIE_BYTES_S
+    return seconds
 
 
 def prior_units_per_s(tier: str, speed: float | None = None, bf16: bool | None = None) -> float:

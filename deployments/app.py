@@ -9,10 +9,13 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from cluster.stages import staged_tiers
 from deployments.config import ServiceConfig
+from deployments.encoder import TextEncoder
 from deployments.generator import Generator
 from deployments.ingress import HttpIngress
 from deployments.router import ZIT_ROUTING_STATS_PERIOD_S, VramAwareRouter
+from runtime.nodes import TEXT_ENCODER_RESOURCE
 
 # Seconds Serve waits for a replica to finish its requests when it is scaled down or redeployed.
 GRACEFUL_SHUTDOWN_S = 30.0
@@ -22,6 +25,9 @@ APP_IMPORT_PATH = "deployments.app:build_app"
 # The application-level autoscaling policy (autoscaling/serve_policy.py FleetAutoscaler) as serve_config.yaml, the
 # Helm chart and `zit up` name it (`autoscaling_policy`): by import path, so this layer imports nothing of it.
 APPLICATION_POLICY = {"policy_function": "autoscaling.serve_policy:FleetAutoscaler"}
+
+
+TEXT_ENCODER_DEPLOYMENT = "TextEncoder"
 
 
 def generator_deployment_name(tier: str) -> str:
@@ -47,7 +53,19 @@ def build_app(config: ServiceConfig) -> Application:
         # every replica plan with the same number.
         config = config.model_copy(update={"lora_dir": str(lora_folder(config.lora_dir))})
         config = config.model_copy(update={"lora_reserve_params": config.lora_settings().reserve_params})
+    # The text-encoder stage, when resolved to a card or the CPU: every tier's profile without its own encoder, and
+    # the tiers of the cards that host it planned with its memory taken (cluster/stages.py staged_tiers).
+    stage = config.text_encoder
+    if stage.where == "card" and stage.profile is None:  # the chart names the hosting tiers; the memory model the rest
+        from cluster.profiles import tier_profile
+        from cluster.stages import place_on_tiers
+
+        stage = stage.resolve(place_on_tiers(config.tiers, {t.name: tier_profile(t) for t in config.tiers},
+                                             stage.tiers, stage.replicas))
+    config = config.model_copy(update={"text_encoder": stage, "tiers": staged_tiers(
+        config.tiers, stage.where, stage.tiers, stage.reserve_bytes)})
     lora = config.lora_settings()
+    encoder = text_encoder_deployment(config).bind(stage, config.model) if stage.enabled else None
     generators = {}
     for tier in config.tiers:
         # Autoscaled: between the policy's minimum and one replica per card (the tier's configured count).
@@ -79,7 +97,25 @@ def build_app(config: ServiceConfig) -> Application:
                            "resources": {config.ingress_resource: 0.01} if config.ingress_resource else {}},
         max_ongoing_requests=256,
     )
-    return ingress.bind(config, generators)
+    return ingress.bind(config, generators, encoder)
+
+
+def text_encoder_deployment(config: ServiceConfig):
+    """The text-encoder stage as a deployment: one replica per card that hosts it (each offers the stage's
+    resource once) or `replicas` on the head's CPU; autoscaled with the service (within those bounds, by the
+    requests it holds) when the service is."""
+    stage = config.text_encoder
+    if stage.where == "card":  # one per card zit up chose, or `replicas` on the pods of the chart's worker group
+        replicas, resources = len(stage.cards) or stage.replicas, {TEXT_ENCODER_RESOURCE: 1.0}
+    else:  # the head's CPU
+        replicas = stage.replicas
+        resources = {config.ingress_resource: 0.01} if config.ingress_resource else {}
+    scaling = ({"autoscaling_config": config.autoscaling.stage_autoscaling_config(replicas)}
+               if config.autoscaling is not None else {"num_replicas": replicas})
+    return serve.deployment(TextEncoder).options(
+        name=TEXT_ENCODER_DEPLOYMENT, **scaling, max_ongoing_requests=64, graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+        ray_actor_options={"num_cpus": 1, "num_gpus": 0, "resources": resources},
+    )
 
 
 def deploy_schema(config: ServiceConfig, name: str, host: str, port: int) -> "ServeDeploySchema":

@@ -53,6 +53,59 @@ class AutoscalingSettings(BaseModel):
                                          "prior_units_per_s": prior_units_per_s, "vram_bytes": vram_bytes}},
         }
 
+    def stage_autoscaling_config(self, most: int) -> dict:
+        """The text-encoder stage's `autoscaling_config`: between one replica and `most` (the cards that host it),
+        by the requests its replicas hold (autoscaling/policy.py stage_replicas)."""
+        return {
+            "min_replicas": 1,
+            "max_replicas": max(1, most),
+            "initial_replicas": 1,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": 2 * self.metrics_interval_s,
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": self.downscale_delay_s,
+            "policy": {"policy_function": "autoscaling.serve_policy:StageAutoscaler",
+                       "policy_kwargs": {"stage": "text_encoder"}},
+        }
+
+
+class TextEncoderSettings(BaseModel):
+    """`text_encoder` in the service config: where the text-encoder stage runs (cluster/stages.py) and its cache.
+
+    `placement` is what the operator asks; `where`, `cards`, `tier`, `profile` and `reserve_bytes` are what `zit up`
+    (or the Helm chart) resolved it to for the fleet at hand (`resolve`). Unresolved ('auto' or 'card' with no
+    `where`), the stage is off and every generator keeps its own encoder, as the pipeline has it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    placement: Literal["auto", "card", "cpu", "local"] = Field(
+        "auto", description="'auto': on the card with the most VRAM to spare, else in every generator; 'card': on a "
+        "card or refuse to start; 'cpu': on the head's CPU; 'local': in every generator.")
+    replicas: int = Field(1, ge=1, le=16, description="Stage replicas: one per card that hosts one ('card'), or on "
+                          "the head ('cpu').")
+    cache_mb: int = Field(256, ge=0, description="Prompt embeddings each stage replica keeps (least recently used go "
+                          "first); 0 turns the cache off. A real prompt's embeddings are about 0.3 MB in bf16.")
+    wait_s: float = Field(120.0, gt=0, description="Longest a request waits for the stage to answer before it gets "
+                          "503 with Retry-After (a cold encode of the real model on a card takes about a second).")
+    where: Literal["card", "cpu", "local"] | None = Field(None, description="Resolved: where the stage runs.")
+    cards: list[str] = Field(default_factory=list, description="Resolved: NVML uuids of the cards hosting it.")
+    tiers: list[str] = Field(default_factory=list, description="Resolved: the tiers of those cards; each plans with "
+                             "`reserve_bytes` less memory.")
+    profile: dict | None = Field(None, description="Resolved: the stage's profile (cluster/stages.py stage_profile).")
+    reserve_bytes: int = Field(0, ge=0, description="Resolved: the stage's predicted peak on each of its cards.")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a stage encodes for the generators (resolved to a card or the CPU)."""
+        return self.where in ("card", "cpu")
+
+    def resolve(self, placement) -> "TextEncoderSettings":
+        """These settings with a cluster.stages.StagePlacement filled in."""
+        return self.model_copy(update={
+            "where": placement.where, "cards": list(placement.cards), "tiers": list(placement.tiers),
+            "reserve_bytes": placement.reserve_bytes,
+            "profile": placement.profile.model_dump() if placement.profile else None})
+
 
 class ServiceConfig(BaseModel):
     """Everything the Serve application needs; `build_app` takes exactly this."""
@@ -138,6 +191,11 @@ class ServiceConfig(BaseModel):
     )
     in_tier_router: Literal["vram_aware", "ray_default"] = Field(
         "vram_aware", description="Replica choice within a tier: VramAwareRouter, or Ray's PowerOfTwoChoices."
+    )
+    text_encoder: TextEncoderSettings = Field(
+        default_factory=TextEncoderSettings,
+        description="The text-encoder stage: encodes each request once (cached) for every tier that runs it "
+        "(deployments/encoder.py); resolved by `zit up` for the fleet.",
     )
 
     def lora_settings(self) -> "LoraSettings | None":

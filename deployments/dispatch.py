@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from cluster.memory import predict_peak, uses_cfg
 from cluster.requests import GenerationJob, GenerationResult, work_units
+from cluster.stages import STAGE
 from cluster.speed import predict_seconds
 from cluster.tiers import tier_budget
 from deployments.config import COLD_START_OVERHEAD_S
@@ -31,12 +32,15 @@ from deployments.metrics import ServiceMetrics
 from deployments.routing import NoTierFits, fitting_plans, no_tier_fits, tier_plans
 from deployments.scheduler import SpeedBook, TierQueue, TiersFull, choose_chunk_tier
 from deployments.schemas import ImageGenerationRequest
-from runtime.nodes import LABEL_CARD, LABEL_POD, LABEL_TIER
+from runtime.nodes import LABEL_CARD, LABEL_POD, LABEL_TEXT_ENCODER, LABEL_TIER
 
 logger = logging.getLogger("ray.serve")
 
 # Attempts per chunk, the first included: one retry for a transient fault and one more after moving tier.
 MAX_ATTEMPTS = 3
+# Attempts of the text-encoder stage per request: a replica that dies is replaced by Serve, and one more try covers
+# an unlucky second death.
+ENCODE_ATTEMPTS = 3
 # What a client is told to wait when the only tiers that hold its request are lost: long enough for a pod to be
 # replaced or a card node to rejoin, short enough that a client retrying finds the tier soon after it is back.
 LOST_TIER_RETRY_AFTER_S = 30.0
@@ -101,11 +105,26 @@ class Retry:
 class Outcome:
     results: list[GenerationResult]
     retries: list[Retry] = field(default_factory=list)
+    encode: dict | None = None  # the text-encoder stage's answer for the request (None: the generators encoded)
+
+
+def stage_lost(settings, reports: list[dict], nodes: list[dict]) -> str | None:
+    """Why the text-encoder stage cannot answer now, or None: it runs on cards (`settings.where` 'card'), none of
+    its replicas reports from a live node, and every card node that offers its resource is dead. Pure, as
+    `lost_tiers`: the stage's own reports and Ray's card nodes."""
+    if settings.where != "card" or reports:
+        return None
+    hosts = [node for node in nodes if node["labels"].get(LABEL_TEXT_ENCODER) == "true"]
+    if not hosts or any(node["alive"] for node in hosts):
+        return None
+    return (f"the node of every card that hosts it is dead ({', '.join(sorted(n['labels'].get(LABEL_CARD, '?') for n in hosts))}); "
+            "back when one joins again")
 
 
 class Dispatcher:
     def __init__(self, tiers, profiles, generators, calibration, policy: str = "tier_aware",
-                 metrics: ServiceMetrics | None = None, autoscaling=None):
+                 metrics: ServiceMetrics | None = None, autoscaling=None, encoder=None,
+                 encoder_wait_s: float = 120.0):
         self.policy = policy
         self.max_attempts = MAX_ATTEMPTS if policy == "tier_aware" else 1
         self._rotation = 0
@@ -124,6 +143,11 @@ class Dispatcher:
                        for t in tiers}
         self.arrivals = arrivals
         self._wakes: dict[str, asyncio.Future] = {}
+        # The text-encoder stage's handle (None: every generator encodes its own chunks), how long a request waits
+        # for it, and why it cannot answer now (its card nodes are dead), if so.
+        self.encoder = encoder
+        self.encoder_wait_s = encoder_wait_s
+        self.encoder_lost: str | None = None
         # Lost tiers (`lost_tiers`) and, per tier, the event that tells its waiting and running chunks to move.
         self.lost: dict[str, str] = {}
         self._lost_events = {t.name: asyncio.Event() for t in tiers}
@@ -267,11 +291,42 @@ class Dispatcher:
             chunks, fitting = self.assign_baseline(width, height, body.steps, body.n, first_seed, cfg)
         self.metrics.fitting_tiers(plan.tier for plan in fitting)
         outcome = Outcome([])
-        parts = await gather_or_cancel(*(self._chunk(body, width, height, tier, seeds, fitting, outcome)
-                                         for tier, seeds in chunks))
+        encoded = None
+        if self.encoder is not None:  # once for the whole request: every chunk, tier and retry takes these
+            encoded, attempts = await self._encode(body, cfg)
+            outcome.encode = {"replica": encoded.replica, "cached": encoded.cached, "attempts": attempts,
+                              "seconds": round(encoded.seconds, 4), "tokens": encoded.embeddings.tokens}
+        parts = await gather_or_cancel(*(self._chunk(body, width, height, tier, seeds, fitting, outcome,
+                                                     encoded=encoded) for tier, seeds in chunks))
         outcome.results = [result for part in parts for result in part]
         self.metrics.served(outcome.results)
         return outcome
+
+    async def _encode(self, body: ImageGenerationRequest, cfg: bool):
+        """(the request's embeddings from the text-encoder stage (deployments/encoder.py), the calls it took),
+        retried when its replica dies (Serve starts another); TiersFull (503 + Retry-After) when the stage is lost or
+        does not answer within `encoder_wait_s`, ChunkExhausted when it fails ENCODE_ATTEMPTS times."""
+        from ray.exceptions import RayActorError
+
+        for attempt in range(1, ENCODE_ATTEMPTS + 1):
+            if self.encoder_lost:
+                self.metrics.encoded(None, "lost")
+                raise TiersFull(LOST_TIER_RETRY_AFTER_S, [STAGE], f"the text-encoder stage is unavailable now "
+                                                                  f"({self.encoder_lost})")
+            try:
+                call = asyncio.ensure_future(self.encoder.encode.remote(body.prompt, body.negative_prompt, cfg))
+                encoded = await asyncio.wait_for(call, timeout=self.encoder_wait_s)
+            except RayActorError as exc:
+                self.metrics.encoded(None, "replica_died")
+                logger.warning("text-encoder stage replica died (attempt %d): %s", attempt, str(exc).splitlines()[0])
+                continue
+            except asyncio.TimeoutError:
+                self.metrics.encoded(None, "timeout")
+                raise TiersFull(LOST_TIER_RETRY_AFTER_S, [STAGE], f"the text-encoder stage did not answer within "
+                                                                  f"{self.encoder_wait_s:.0f} s") from None
+            self.metrics.encoded(encoded, "hit" if encoded.cached else "miss")
+            return encoded, attempt
+        raise ChunkExhausted(f"the text-encoder stage failed {ENCODE_ATTEMPTS} times for this request")
 
     def _wake(self, tier: str, queued: int, queued_units: float) -> None:
         """Work waits for a tier at zero replicas: call it (Serve holds the call until a replica runs, and counts
@@ -291,12 +346,12 @@ class Dispatcher:
     # -- one chunk, with retries ---------------------------------------------------------------------------------
 
     async def _chunk(self, body, width, height, tier, seeds, fitting, outcome, attempt=1, tried=(),
-                     arrival=None) -> list:
+                     arrival=None, encoded=None) -> list:
         tried = (*tried, tier)
         if arrival is None:  # the chunk's place in line, kept wherever it moves
             arrival = next(self.arrivals)
         try:
-            return [await self._attempt(body, width, height, tier, seeds, arrival)]
+            return [await self._attempt(body, width, height, tier, seeds, arrival, encoded)]
         except Exception as exc:
             reason = _failure_reason(exc)
             self.metrics.chunk_failed(tier, reason)
@@ -317,7 +372,7 @@ class Dispatcher:
             size = max(target.chunks)
             parts = [seeds[i:i + size] for i in range(0, len(seeds), size)]
             done = await gather_or_cancel(*(self._chunk(body, width, height, target.tier, part, fitting, outcome,
-                                                        attempt + counts, tried, arrival) for part in parts))
+                                                        attempt + counts, tried, arrival, encoded) for part in parts))
             return [result for part in done for result in part]
 
     def _fallback(self, reason: str, tier: str, fitting, tried):
@@ -340,12 +395,12 @@ class Dispatcher:
                 return plan
         return None
 
-    async def _attempt(self, body, width, height, tier, seeds, arrival=None) -> GenerationResult:
+    async def _attempt(self, body, width, height, tier, seeds, arrival=None, encoded=None) -> GenerationResult:
         """Run the chunk on `tier`, unless the tier is lost before it has finished there: then TierLost, at once,
         whether the chunk waited in the tier's queue or ran (its handle call is cancelled)."""
         if tier in self.lost:
             raise TierLost(tier, self.lost[tier])
-        work = asyncio.ensure_future(self._run_on(body, width, height, tier, seeds, arrival))
+        work = asyncio.ensure_future(self._run_on(body, width, height, tier, seeds, arrival, encoded))
         lost = asyncio.ensure_future(self._lost_events[tier].wait())
         try:
             await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
@@ -363,13 +418,14 @@ class Dispatcher:
             pass
         raise TierLost(tier, self.lost.get(tier, "its card nodes are dead"))
 
-    async def _run_on(self, body, width, height, tier, seeds, arrival=None) -> GenerationResult:
+    async def _run_on(self, body, width, height, tier, seeds, arrival=None, encoded=None) -> GenerationResult:
         n = len(seeds)
         cfg = uses_cfg(body.guidance_scale)
         units = work_units(width, height, n, body.steps, cfg)
         profile = self.profiles[tier]
         job = GenerationJob(
-            prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
+            prompt=body.prompt, negative_prompt=body.negative_prompt,
+            encoded=encoded.embeddings if encoded is not None else None, width=width, height=height, steps=body.steps,
             guidance_scale=body.guidance_scale, seeds=list(seeds), output_format=body.output_format,
             quality=body.output_compression,
             predicted_peak=predict_peak(width, height, n, profile, self.calibration, cfg).total,

@@ -23,36 +23,15 @@ from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.hostmem import trim_host_memory
 from deployments.lora import LoraSettings, adapter_to_dtype
 from deployments.progress import ReplicaProgress
+from deployments.reporting import node_id, replica_name, say_goodbye, start_reporting
 
 logger = logging.getLogger("ray.serve")
 
 
 # How long a replica reports the ingress's queue it last heard of (record_autoscaling_stats).
 QUEUE_SEEN_TTL_S = 10.0
-# How long a stopping replica waits for the fleet registry to take its goodbye.
-GOODBYE_WAIT_S = 2.0
-
-
 class JobCancelled(RuntimeError):
     """The caller went away; the pipeline stopped early."""
-
-
-def _replica_name() -> str:
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # outside a Serve replica (unit tests, benchmarks)
-        return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def _in_ray() -> bool:
-    try:
-        import ray
-
-        return ray.is_initialized()
-    except ImportError:
-        return False
 
 
 class LoadedAdapter:
@@ -87,7 +66,7 @@ class Generator:
 
         started = time.perf_counter()
         self.tier = tier
-        self.replica = _replica_name()
+        self.replica = replica_name()
         # 1. Which card: the one of this Ray node (none on the CPU tier).
         self.card = self._find_card() if tier.device == "cuda" else None
         snapshot = self.card.read() if self.card else None
@@ -109,7 +88,10 @@ class Generator:
 
         self.model_path = resolve_model(model)
         dtype = getattr(torch, self.profile.compute_dtype) if real_gpu else torch.float32
-        self.pipe = load_pipeline(self.model_path, "cpu" if real_gpu else self.device, dtype)
+        # With the text-encoder stage the pipeline has no encoder: it is neither read nor held (host RAM, VRAM).
+        self.own_encoder = self.profile.text_encoder != "stage"
+        self.pipe = load_pipeline(self.model_path, "cpu" if real_gpu else self.device, dtype,
+                                  text_encoder=self.own_encoder)
         if real_gpu:
             from cluster.profiles import apply_profile
 
@@ -147,7 +129,7 @@ class Generator:
         self._jobs = 0
         self._stop = threading.Event()
         self.progress = ReplicaProgress()  # per-step reports for progress bars
-        self._start_reporting()
+        start_reporting(self.describe, self._stop)
         logger.info(
             "Generator %s (tier %s, profile %s) on %s loaded %s on %s/%s in %.2fs",
             self.replica, tier.name, self.profile.name,
@@ -173,6 +155,9 @@ class Generator:
         """
         import torch
 
+        if job.encoded is None and not self.own_encoder:
+            raise ValueError(f"replica {self.replica} has no text encoder (the service's text-encoder stage encodes "
+                             "for it): send the job with the stage's embeddings in `encoded`")
         if job.steps > self.profile.max_steps or len(job.seeds) > self.profile.max_n:
             raise ValueError(f"profile {self.profile.name} takes at most {self.profile.max_n} images and "
                              f"{self.profile.max_steps} steps per call; got {len(job.seeds)} and {job.steps}")
@@ -431,7 +416,7 @@ class Generator:
             "dtype": str(self.dtype).removeprefix("torch."),
             "model": str(self.model_path),
             "host": socket.gethostname(),
-            "node_id": self._node_id(),
+            "node_id": node_id(),
             "pid": os.getpid(),
             "card": card,
             "simulated": self.sim is not None,
@@ -443,45 +428,6 @@ class Generator:
             "loras": sorted(self._adapters),
             "fused_lora": self._fused[0] if self._fused else None,
         }
-
-    def _start_reporting(self) -> None:
-        """Report to the fleet registry every few seconds from a daemon thread (never from the request path)."""
-        if not _in_ray():
-            return
-        from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S, get_registry
-
-        registry = get_registry()
-
-        def loop() -> None:
-            while True:
-                try:
-                    registry.report.remote(self.describe())
-                except Exception:
-                    logger.exception("fleet report failed")
-                if self._stop.wait(ZIT_FLEET_REPORT_PERIOD_S):
-                    break  # stopping: __del__ has said goodbye to the registry
-
-        threading.Thread(target=loop, name="zit-fleet-report", daemon=True).start()
-
-    def _say_goodbye(self) -> None:
-        if not _in_ray():
-            return
-        import ray
-
-        from deployments.registry import get_registry
-
-        try:  # waited for (briefly): the process ends soon after, and a lost goodbye would look like a failed card
-            ray.wait([get_registry().forget.remote(self.replica)], timeout=GOODBYE_WAIT_S)
-        except Exception:
-            logger.warning("could not tell the fleet registry that replica %s stops", self.replica, exc_info=True)
-
-    @staticmethod
-    def _node_id() -> str | None:
-        if not _in_ray():
-            return None
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
 
     @staticmethod
     def _torch_threads() -> int:
@@ -499,7 +445,7 @@ class Generator:
         registry before it goes, so its card's silence is not read as a card that stopped reporting."""
         if getattr(self, "_stop", None) is not None and not self._stop.is_set():
             self._stop.set()
-            self._say_goodbye()
+            say_goodbye(self.replica)
         if getattr(self, "monitor", None) is not None:
             self.monitor.close()
         if getattr(self, "sim", None) is not None:

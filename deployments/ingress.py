@@ -50,9 +50,10 @@ FIRST_POLL_WAIT_S = 5.0
 class Ingress(A1111Api, ProgressApi, WebUi):
     """Validates requests, picks a tier, splits n into chunks, runs them in parallel and assembles the response."""
 
-    def __init__(self, config: ServiceConfig, generators: dict):
+    def __init__(self, config: ServiceConfig, generators: dict, encoder=None):
         self.config = config
         self.generators = generators  # tier name -> DeploymentHandle of that tier's Generator
+        self.encoder = encoder  # the text-encoder stage's handle, or None (every generator encodes)
         self.images = ImageStore(config.image_store_mb << 20, config.image_ttl_s)
         self.model_names = {config.model_name, config.model}
         if config.api_keys_file:
@@ -64,12 +65,17 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         self.profiles = {tier.name: tier_profile(tier, self.lora.reserved_params if self.lora else 0)
                          for tier in config.tiers}
         self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration(), config.tier_policy,
-                                     autoscaling=config.autoscaling)
+                                     autoscaling=config.autoscaling, encoder=encoder,
+                                     encoder_wait_s=config.text_encoder.wait_s)
         self.metrics = self.dispatcher.metrics  # served at GET /metrics (deployments/metrics.py)
+        if encoder is not None:
+            stage = config.text_encoder
+            self.metrics.fleet.stage_expected = len(stage.cards) or stage.replicas
         install_metrics(self.metrics)
         self._poller: asyncio.Future | None = None
         self._registry = None
         self._fleet_state: tuple[list[dict], list[dict]] | None = None  # (replica reports, card nodes), last poll
+        self._stage_state: list[dict] = []  # the text-encoder stage's replica reports, last poll
 
     # -- API -------------------------------------------------------------------------------------------------
 
@@ -104,6 +110,8 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                     for r in outcome.results
                 ],
                 "retries": [retry.as_dict() for retry in outcome.retries],
+                # The text-encoder stage's one encode of the request (None: each chunk's generator encoded).
+                "text_encoder": outcome.encode,
             },
         )
 
@@ -240,7 +248,20 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 "lost": self.dispatcher.lost.get(tier.name),
             })
         routing = {"tier_policy": self.config.tier_policy, "in_tier_router": self.config.in_tier_router}
-        return {"cards": cards, "tiers": tiers, "replicas": replicas, "routing": routing}
+        return {"cards": cards, "tiers": tiers, "replicas": replicas, "routing": routing,
+                "text_encoder": self._text_encoder_view()}
+
+    def _text_encoder_view(self) -> dict:
+        """Where the text-encoder stage runs, as configured and as its replicas report, with their caches."""
+        stage = self.config.text_encoder
+        view = {"placement": stage.placement, "where": stage.where or "local", "cards": stage.cards,
+                "tiers": stage.tiers, "reserve_gib": round(stage.reserve_bytes / 2**30, 3),
+                "profile": (stage.profile or {}).get("name"), "lost": self.dispatcher.encoder_lost, "replicas": []}
+        for report in self._stage_state:
+            view["replicas"].append({key: report.get(key) for key in (
+                "replica", "where", "stage_card", "technique", "device", "dtype", "host", "busy", "encodes", "cache",
+                "last_report_s")})
+        return view
 
     @api.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(self) -> Response:
@@ -298,7 +319,8 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         """Every ZIT_FLEET_REPORT_PERIOD_S: the replicas' reports and Ray's card nodes, into routing (live replicas
         and budgets per tier, lost tiers) and the metrics. A report from a node Ray reports dead is no live
         replica, however fresh."""
-        from deployments.dispatch import lost_tiers
+        from deployments.dispatch import lost_tiers, stage_lost
+        from deployments.encoder import KIND as ENCODER_KIND
         from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S, card_nodes, get_registry
 
         while True:
@@ -309,13 +331,18 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                                                       asyncio.to_thread(card_nodes))
                 dead = {node["node_id"] for node in nodes if not node["alive"]}
                 reports = [report for report in reports if report.get("node_id") not in dead]
+                stage = [report for report in reports if report.get("kind") == ENCODER_KIND]
+                reports = [report for report in reports if report.get("kind") != ENCODER_KIND]
                 retired = await self._retired_cards()
                 self.dispatcher.update_from_reports(reports)
                 self.dispatcher.update_lost(lost_tiers(self.config.tiers, reports, nodes, retired))
+                self.dispatcher.encoder_lost = stage_lost(self.config.text_encoder, stage, nodes)
                 self._polled.set()
                 self.metrics.fleet.observe_reports(reports, retired)
                 self.metrics.fleet.observe_card_nodes(nodes)
+                self.metrics.fleet.observe_stage(stage)
                 self._fleet_state = (reports, nodes)
+                self._stage_state = stage
             except Exception:
                 logger.exception("reading the fleet registry failed; keeping the last known state")
             # The encoded images of finished requests go back to the host (deployments/hostmem.py).

@@ -52,6 +52,9 @@ REJECTION_REASONS = (*((str(status), reason) for status, reason in REJECTION_STA
 # reason; deployments/dispatch.py _failure_reason).
 RETRY_REASONS = ("out_of_memory", "bad_image", "replica_died", "node_lost")
 CHUNK_OUTCOMES = ("ok", *RETRY_REASONS, "error")
+# How a request's call to the text-encoder stage ended: from its cache, encoded, or not (deployments/dispatch.py).
+ENCODE_OUTCOMES = ("hit", "miss", "replica_died", "timeout", "lost")
+ENCODE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
 # Buckets in seconds. Generation spans 0.05 s (tiny model, small image) to minutes (1024x1024 on a 4 GB card with
 # offload); the latency objective (docs/observability.md) sits on the 60 s bucket.
@@ -119,6 +122,12 @@ class ServiceMetrics:
                                ["reason", "tier", "to_tier"], registry=r)
         self.demand = Counter("zit_tier_demand", "Requests the memory model says this tier can hold (whether or not "
                               "it ran them).", ["tier"], registry=r)
+        self.encodes = Counter("zit_text_encoder_requests", "Requests sent to the text-encoder stage, by outcome: hit "
+                               "(its cache had the prompt), miss (encoded), replica_died, timeout, lost.", ["outcome"],
+                               registry=r)
+        self.encode_seconds = Histogram("zit_text_encoder_seconds", "Time the text-encoder stage took for a request "
+                                        "on its replica (a cache hit: about nothing).", ["outcome"],
+                                        buckets=ENCODE_BUCKETS, registry=r)
         self._start_at_zero(tier_names)
         # 3. State at scrape time.
         self.fleet = FleetCollector(tiers)
@@ -126,6 +135,10 @@ class ServiceMetrics:
 
     def _start_at_zero(self, tier_names: list[str]) -> None:
         """Create every series whose labels are known now, at 0 (the module docstring says why)."""
+        for outcome in ENCODE_OUTCOMES:
+            self.encodes.labels(outcome=outcome)
+        for outcome in ("hit", "miss"):
+            self.encode_seconds.labels(outcome=outcome)
         for name in tier_names:
             for per_tier in (self.images, self.oom, self.degraded, self.demand, self.queue_wait, self.generation,
                              self.step_seconds):
@@ -176,6 +189,13 @@ class ServiceMetrics:
         if reason == "out_of_memory":
             self.oom.labels(tier=tier).inc()
 
+    def encoded(self, result, outcome: str) -> None:
+        """A request's call to the text-encoder stage ended with `outcome`; `result` (deployments.encoder.Encoded)
+        when it answered."""
+        self.encodes.labels(outcome=outcome).inc()
+        if result is not None:
+            self.encode_seconds.labels(outcome=outcome).observe(result.seconds)
+
     def retried(self, reason: str, from_tier: str, to_tier: str) -> None:
         self.retries.labels(reason=reason, tier=from_tier, to_tier=to_tier).inc()
 
@@ -206,6 +226,8 @@ class FleetCollector(Collector):
         self.queues: dict = {}
         self.min_replicas = 0
         self.lost = dict
+        self.stage_reports: list[dict] = []
+        self.stage_expected = 0  # stage replicas configured (0: no stage, every generator encodes)
         self.reports: list[dict] = []
         self.reported_at: float | None = None
         self.cards: dict[str, dict[str, str]] = {}  # uuid -> card labels, for every card ever seen
@@ -220,6 +242,10 @@ class FleetCollector(Collector):
         self.queues = queues
         self.min_replicas = min_replicas
         self.lost = lost
+
+    def observe_stage(self, reports: list[dict]) -> None:
+        """The text-encoder stage's replica reports (deployments/encoder.py describe): its replicas and caches."""
+        self.stage_reports = reports
 
     def observe_reports(self, reports: list[dict], retired: list[str] = ()) -> None:
         """`retired`: cards whose replica stopped on purpose (FleetRegistry.retired_cards): no zit_card_up for them
@@ -257,6 +283,22 @@ class FleetCollector(Collector):
         yield from self._queues()
         yield from self._replicas()
         yield from self._cards()
+        yield from self._stage()
+
+    def _stage(self):
+        replicas = GaugeMetricFamily("zit_text_encoder_replicas", "Text-encoder stage replicas reporting.")
+        configured = GaugeMetricFamily("zit_text_encoder_replicas_target", "Text-encoder stage replicas configured "
+                                       "(0: no stage, every generator encodes its own chunks).")
+        cache_bytes = GaugeMetricFamily("zit_text_encoder_cache_bytes", "Bytes of prompt embeddings the stage's "
+                                        "caches hold, all replicas.")
+        entries = GaugeMetricFamily("zit_text_encoder_cache_entries", "Prompts whose embeddings the stage's caches "
+                                    "hold, all replicas.")
+        replicas.add_metric([], len(self.stage_reports))
+        configured.add_metric([], self.stage_expected)
+        caches = [r.get("cache") or {} for r in self.stage_reports]
+        cache_bytes.add_metric([], sum(c.get("bytes", 0) for c in caches))
+        entries.add_metric([], sum(c.get("entries", 0) for c in caches))
+        return replicas, configured, cache_bytes, entries
 
     def _queues(self):
         running = GaugeMetricFamily("zit_queue_running", "Chunks of this ingress running on the tier.", labels=["tier"])

@@ -247,6 +247,26 @@ def fleet_overview() -> dash.Dashboard:
             query(f'sum by (tier) (zit_replicas{{{tier_filter()}}})', "{{tier}} live"),
             query(f'sum by (tier) (zit_replicas_busy{{{tier_filter()}}})', "{{tier}} busy", "B"),
             query(f'sum by (tier) (zit_replicas_target{{{tier_filter()}}})', "{{tier}} target", "C"), span=8))
+        .with_row(dash.Row("Is the text encoder keeping up?"))
+        .with_panel(graph(
+            "Text encoder requests by outcome", "Requests the text-encoder stage answered per second: from its "
+            "cache (hit), encoded (miss), or not (replica_died, timeout, lost: those requests got 503). Without the "
+            "stage (0 target replicas) every generator encodes its own chunks and this stays at 0.", "reqps",
+            query(f"sum by (outcome) (rate(zit_text_encoder_requests_total[{RATE}]))", "{{outcome}}"), span=8))
+        .with_panel(graph(
+            "Text encoder time per request", "Time the stage took for a request on its replica (p50, p95): a miss "
+            "encodes the prompt (about a second on a card, much more on a CPU), a hit takes about nothing.", "s",
+            *(query(f'histogram_quantile({q}, sum by (le) (rate(zit_text_encoder_seconds_bucket{{outcome="miss"}}'
+                    f'[{RATE}])))', f"miss p{pct}", ref) for q, pct, ref in ((0.5, 50, "A"), (0.95, 95, "B"))),
+            span=8))
+        .with_panel(stat_panel(
+            "Text encoder replicas live / target", "Stage replicas reporting, of those configured; fewer live than "
+            "configured makes requests wait for the stage (or get 503 when it is lost).", "short",
+            query("sum(zit_text_encoder_replicas)", "live"),
+            query("sum(zit_text_encoder_replicas_target)", "target", "B")))
+        .with_panel(stat_panel(
+            "Text encoder cache", "Prompt embeddings the stage's caches hold (repeated prompts cost no encode).",
+            "bytes", query("sum(zit_text_encoder_cache_bytes)", "bytes")))
     )
 
 

@@ -32,6 +32,10 @@ LABEL_BF16 = "zit/bf16"
 LABEL_SIMULATED = "zit/simulated"
 LABEL_HOST = "zit/host"
 LABEL_SLOTS = "zit/slots"
+# The card nodes that host a text-encoder stage replica (cluster/stages.py) offer this resource, once; the stage's
+# deployment asks for it, so Serve places it there and nowhere else.
+TEXT_ENCODER_RESOURCE = "zit_text_encoder"
+LABEL_TEXT_ENCODER = "zit/text-encoder"
 # Set on card nodes that are Kubernetes pods (the chart's files/card-labels.py): KubeRay removes an idle one, so its
 # dead node after a scale-down is no missing card.
 LABEL_POD = "zit/pod"
@@ -60,8 +64,9 @@ class CardNode:
         return CARD_NODE_CPUS - 1 + self.card.slots
 
 
-def card_node(card: GpuSnapshot, fleet_file: str | Path | None = None) -> CardNode:
-    """Settings for a card of a known tier (`card.tier` must not be None)."""
+def card_node(card: GpuSnapshot, fleet_file: str | Path | None = None, text_encoder: bool = False) -> CardNode:
+    """Settings for a card of a known tier (`card.tier` must not be None); with `text_encoder`, the card also hosts
+    a replica of the text-encoder stage."""
     if card.tier is None:
         raise ValueError(f"{card.name} ({card.memory_total / 2**30:.1f} GiB) is below the smallest tier")
     labels = {
@@ -82,7 +87,11 @@ def card_node(card: GpuSnapshot, fleet_file: str | Path | None = None) -> CardNo
         env = {ZIT_FLEET_FILE_ENV: str(Path(fleet_file).resolve())}
     else:
         env = {"CUDA_VISIBLE_DEVICES": card.uuid}
-    return CardNode(card, {card.tier: float(card.slots)}, labels, env)
+    resources = {card.tier: float(card.slots)}
+    if text_encoder:
+        resources[TEXT_ENCODER_RESOURCE] = 1.0
+        labels[LABEL_TEXT_ENCODER] = "true"
+    return CardNode(card, resources, labels, env)
 
 
 def with_default_port(address: str, port: int = RAY_HEAD_PORT) -> str:
@@ -112,6 +121,11 @@ def cards_to_join(nodes: list[CardNode], present: dict[str, dict[str, str]]
             warnings.append(f"warning: {node.card.name} [{node.card.uuid}] joined earlier as {joined.get(LABEL_TIER)} "
                             f"x {joined.get(LABEL_SLOTS, '1')}; `zit down` first to serve it as {node.card.tier} x "
                             f"{node.card.slots}")
+        elif joined.get(LABEL_TEXT_ENCODER, "false") != node.labels.get(LABEL_TEXT_ENCODER, "false"):
+            hosts = node.labels.get(LABEL_TEXT_ENCODER) == "true"
+            warnings.append(f"warning: {node.card.name} [{node.card.uuid}] joined earlier "
+                            f"{'without' if hosts else 'with'} the text-encoder stage; `zit down` first to "
+                            f"{'host' if hosts else 'drop'} it there")
         else:
             already.append(f"{node.card.name} [{node.card.uuid}] is already in the cluster as a {node.card.tier} node")
     return missing, already, warnings
@@ -235,18 +249,38 @@ def apply_splits(cards: list[GpuSnapshot], specs: list[str] | None) -> list[GpuS
     return cards
 
 
-def nodes_for_cards(cards: list[GpuSnapshot], fleet_file: str | Path | None) -> tuple[list[CardNode], list[str]]:
+def nodes_for_cards(cards: list[GpuSnapshot], fleet_file: str | Path | None,
+                    text_encoder_cards: tuple[str, ...] = ()) -> tuple[list[CardNode], list[str]]:
     """Card nodes for every card that can host its replicas (one of its tier, or its slots when split), and a
     warning line for each that cannot (failed in NVML, too small, or too much of it held by other processes: a
-    replica there would fail to load)."""
+    replica there would fail to load). The cards named in `text_encoder_cards` (uuids) also host the stage."""
     nodes, skipped = [], []
     for card in cards:
         problem = room_problem(card)
         if problem:
             skipped.append(f"{card.name} [{card.uuid or f'index {card.index}'}] {problem}: not joined")
         else:
-            nodes.append(card_node(card, fleet_file))
+            nodes.append(card_node(card, fleet_file, text_encoder=card.uuid in text_encoder_cards))
     return nodes, skipped
+
+
+def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, configured: list | None = None,
+                    stage: str = "auto", stage_replicas: int = 1, lora_params: int = 0):
+    """What `zit up` (and an in-process simulated fleet) starts for `cards`: (card nodes, a line for each card that
+    cannot serve, the tiers with their settings from `configured`, the text-encoder stage's placement). The cards
+    that host the stage (cluster/stages.py place_text_encoder, as `stage` asks) offer its resource."""
+    from cluster.profiles import tier_profile
+    from cluster.stages import place_text_encoder
+    from cluster.tiers import tiers_for_cards
+
+    nodes, skipped = nodes_for_cards(cards, fleet_file)
+    usable = [node.card for node in nodes]
+    tiers = tiers_for_cards(usable, configured)
+    placement = place_text_encoder(usable, tiers, {t.name: tier_profile(t, lora_params) for t in tiers}, stage,
+                                   stage_replicas)
+    if placement.cards:
+        nodes, skipped = nodes_for_cards(cards, fleet_file, text_encoder_cards=placement.cards)
+    return nodes, skipped, tiers, placement
 
 
 # -- inside a replica ---------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from runtime.local import HEAD_RESOURCES, ensure_ray_process_env, free_port
 # The in-process fleet clusters running now (Cluster, card uuid -> CardNode, node env): fault tests remove a card's
 # node and add it back through these.
 ACTIVE_FLEET_CLUSTERS: list = []
+# Their text-encoder stage placements (cluster.stages.StagePlacement), in the same order.
+STAGE_PLACEMENTS: list = []
 
 
 def remove_card_node(card_uuid: str) -> None:
@@ -44,14 +46,22 @@ def add_card_node(card_uuid: str) -> None:
                      env_vars={**node.env, **env})
 
 
+def active_stage():
+    """Where the running in-process fleet cluster placed the text-encoder stage (cluster.stages.StagePlacement):
+    the service deployed on it must be configured with this placement (its card nodes offer its resource)."""
+    return STAGE_PLACEMENTS[-1]
+
+
 @contextmanager
-def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: list[str] | None = None):
+def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: list[str] | None = None,
+                  text_encoder: str = "auto"):
     """Yield (cards, port) with Ray and Serve running in this process on one node per card of `fleet_file`.
 
     Each card node gets what `zit up --fleet` gives it (runtime.nodes.card_node: num_gpus=1, its vram_<tier>
     resource, labels, ZIT_FLEET_FILE), through ray.cluster_utils.Cluster instead of `ray start`, so tests and
     benchmarks start and stop it without ending other Ray processes. `env` is set on every node; `splits` are
-    `zit up --split` specs (CARD=TIER).
+    `zit up --split` specs (CARD=TIER); `text_encoder` is the stage's placement as `zit up` resolves it (the card
+    nodes that host it offer its resource; `active_stage()` says where it went).
     """
     import tempfile
 
@@ -60,7 +70,7 @@ def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: l
     from ray.cluster_utils import Cluster
 
     from cluster.nvml import ZIT_SIM_STATE_DIR_ENV, load_fleet
-    from runtime.nodes import apply_splits, nodes_for_cards
+    from runtime.nodes import apply_splits, plan_card_nodes
 
     ensure_ray_process_env()
     # A private driver-state folder: simulated memory held by earlier runs must not leak into this one.
@@ -68,7 +78,8 @@ def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: l
     os.environ[ZIT_SIM_STATE_DIR_ENV] = state
     env = {**(env or {}), ZIT_SIM_STATE_DIR_ENV: state}
     cards = apply_splits(load_fleet(fleet_file), splits)
-    nodes, _ = nodes_for_cards(cards, fleet_file)
+    nodes, _, _, placement = plan_card_nodes(cards, fleet_file, stage=text_encoder)
+    STAGE_PLACEMENTS.append(placement)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "env_vars": env,
                                                            "resources": HEAD_RESOURCES})
     for node in nodes:
@@ -82,6 +93,7 @@ def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: l
         yield [node.card for node in nodes], port
     finally:
         ACTIVE_FLEET_CLUSTERS.pop()
+        STAGE_PLACEMENTS.pop()
         # No serve.shutdown(): the whole cluster ends here, and Serve's graceful shutdown of every replica first took
         # 5 s. Serve drops a client left from an ended Ray session on the next serve.start().
         ray.shutdown()

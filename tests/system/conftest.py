@@ -9,19 +9,21 @@ import httpx
 import pytest
 
 from cluster.tiers import tiers_for_cards
-from deployments.config import ServiceConfig
-from runtime.simfleet import fleet_cluster
+from deployments.config import ServiceConfig, TextEncoderSettings
+from runtime.simfleet import active_stage, fleet_cluster
 
 FLEETS = Path(__file__).resolve().parents[2] / "cluster" / "fleets"
 TEST_FLEETS = Path(__file__).resolve().parent / "fleets"
 
 
 def deploy(cards, port: int, configured=None, **settings) -> str:
-    """Deploy the service for these cards (replacing any running one) and return its URL."""
+    """Deploy the service for these cards (replacing any running one) and return its URL; the text-encoder stage
+    where the fleet cluster placed it (as `zit up` does), unless `settings` say otherwise."""
     from ray import serve
 
     from deployments.app import build_app
 
+    settings.setdefault("text_encoder", TextEncoderSettings().resolve(active_stage()))
     config = ServiceConfig(tiers=tiers_for_cards(cards, configured), **settings)
     serve.run(build_app(config), name="zit", route_prefix="/")
     return f"http://127.0.0.1:{port}"

@@ -84,9 +84,11 @@ def test_default_up_serves_the_simulated_mixed_fleet_one_replica_per_card(stop_a
     #    the 4 GB card fails with CUDA's out-of-memory message (after the replica's own degraded retry), the same
     #    size on the 24 GB card succeeds.
     code = (
-        "import ray; from ray import serve; from deployments.schemas import GenerationJob\n"
+        "import ray; from ray import serve; from cluster.requests import GenerationJob\n"
         "ray.init(address='auto', logging_level='ERROR')\n"
         "job = GenerationJob(prompt='x', width=1536, height=1536, steps=2, guidance_scale=0, seeds=[1, 2])\n"
+        "encoded = serve.get_deployment_handle('TextEncoder', 'zit').encode.remote('x', None, False).result()\n"
+        "job = job.model_copy(update={'encoded': encoded.embeddings})\n"
         "print('24GB', len(serve.get_deployment_handle('Generator_vram_24', 'zit').generate.remote(job)"
         ".result().images))\n"
         "try:\n"

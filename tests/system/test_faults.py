@@ -23,7 +23,7 @@ def fault_run():
     with fleet_cluster(FLEET, {"ZIT_SIM_TIME_SCALE": TIME_SCALE}) as (cards, port):
         url = deploy(cards, port)
         wait_until_serving(url, len(cards))
-        yield run_faults(url, cards, kill_card_raylet, requests=36, concurrency=6, say=print), cards
+        yield run_faults(url, cards, kill_card_raylet, requests=24, concurrency=6, say=print), cards
 
 
 def test_every_request_ends_with_its_images_or_503_with_retry_after(fault_run):

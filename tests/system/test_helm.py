@@ -307,7 +307,11 @@ def test_every_enabled_class_renders_one_worker_group_on_its_cards(rendered, com
         assert gpu_request == gpu_limit == 1, f"{name}: nvidia.com/gpu request {gpu_request}, limit {gpu_limit}"
         assert group["rayStartParams"]["num-gpus"] == "1"
         # KubeRay pastes rayStartParams into a shell line; the JSON must survive it (quotes stripped like KubeRay).
-        assert json.loads(group["rayStartParams"]["resources"].strip("'")) == {name: slots}
+        # The group that hosts the text-encoder stage also offers it one slot per pod.
+        stage = chart_values["textEncoder"]
+        hosts = stage["placement"] == "workerGroup" and stage["workerGroup"] == name
+        assert json.loads(group["rayStartParams"]["resources"].strip("'")) == \
+            {name: slots, **({"zit_text_encoder": 1} if hosts else {})}
         assert tier.resources == {name: 1} and tier.num_gpus == pytest.approx(1 / slots, abs=1e-4)
         assert tier.num_gpus * slots <= 1
         assert group["labels"]["zit/tier"] == name and group["template"]["metadata"]["labels"][
@@ -417,6 +421,8 @@ K8S_DIFFERENT_ARGS = {
     "model": "the weights folder on the models volume; serve_config.yaml serves the tiny model (no download)",
     "tiers": "one tier per enabled GPU class, generated from workerGroups; serve_config.yaml has one CPU tier",
     "autoscaling": "on by default: KubeRay adds and removes GPU pods with demand; on one machine the cards are fixed",
+    "text_encoder": "the chart's textEncoder values resolved (where the stage runs); serve_config.yaml leaves it to "
+                    "zit up's placement, which on its one CPU tier keeps the encoder in the generator",
 }
 
 
@@ -771,3 +777,30 @@ def test_gpu_dockerfile_lints_clean():
     proc = subprocess.run([hadolint, "--failure-threshold", "info", str(REPO / "Dockerfile.gpu")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_text_encoder_stage_goes_where_the_values_place_it(tmp_path):
+    """textEncoder.placement: workerGroup puts the stage's slot on that group's pods and its label in their env;
+    head runs it on the head's CPU; local keeps it in the generators; a group that is not enabled is refused."""
+    from deployments.config import ServiceConfig
+
+    def render(*sets):
+        out = subprocess.run([str(HELM), "template", "z", str(CHART), *[x for kv in sets for x in ("--set", kv)]],
+                             capture_output=True, text=True)
+        return out
+
+    on_group = render("textEncoder.placement=workerGroup", "textEncoder.workerGroup=vram_24")
+    assert on_group.returncode == 0, on_group.stderr
+    objects = [o for o in yaml.safe_load_all(on_group.stdout) if o]
+    stage = ServiceConfig.model_validate(serve_config(objects)["applications"][0]["args"]).text_encoder
+    assert (stage.where, stage.tiers, stage.enabled) == ("card", ["vram_24"], True)
+    [group] = only(objects, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+    assert env["ZIT_TEXT_ENCODER"] == "true"
+    assert json.loads(group["rayStartParams"]["resources"].strip("'")) == {"vram_24": 1, "zit_text_encoder": 1}
+    head = render("textEncoder.placement=head")
+    stage = ServiceConfig.model_validate(serve_config([o for o in yaml.safe_load_all(head.stdout) if o])[
+        "applications"][0]["args"]).text_encoder
+    assert stage.where == "cpu" and stage.enabled
+    refused = render("textEncoder.placement=workerGroup", "textEncoder.workerGroup=vram_4")
+    assert refused.returncode != 0 and "not an enabled worker group" in refused.stderr

@@ -70,6 +70,9 @@ def test_replica_degrades_on_its_own_card_before_giving_up(faulty):
     from cluster.requests import GenerationJob
 
     job = GenerationJob(prompt="x", width=2048, height=2048, steps=1, guidance_scale=0.0, seeds=[1, 2])
+    # The generators hold no text encoder: the stage encodes the prompt, as the ingress has it do.
+    encoded = serve.get_deployment_handle("TextEncoder", "zit").encode.remote("x", None, False).result()
+    job = job.model_copy(update={"encoded": encoded.embeddings})
     result = serve.get_deployment_handle("Generator_vram_24", "zit").generate.remote(job).result()
     assert result.degraded and len(result.images) == 2
 
@@ -104,6 +107,25 @@ def test_a_replica_killed_mid_request_has_its_chunk_retried(faulty):
             break
         time.sleep(2)
     assert tiers["vram_8"]["replicas_running"] == 2
+
+
+def test_a_text_encoder_stage_replica_killed_under_requests_is_retried(faulty):
+    """Six requests with new prompts queue at the stage (one encode at a time); its replica is killed among them:
+    every request still ends with its images, the ones whose encode died retried on the replica Serve starts."""
+    import ray
+
+    _, url = faulty
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(generate, url, prompt=f"a stage that dies, take {i}", guidance_scale=2.0,
+                               size="256x256", n=1, seed=400 + i) for i in range(6)]
+        time.sleep(0.3)
+        stage = [a for a in ray.util.list_named_actors(all_namespaces=True) if "TextEncoder" in a["name"]]
+        assert len(stage) == 1, stage
+        ray.kill(ray.get_actor(stage[0]["name"], namespace=stage[0]["namespace"]), no_restart=False)
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 6, [r.text[:300] for r in responses]
+    attempts = [r.json()["metadata"]["text_encoder"]["attempts"] for r in responses]
+    assert max(attempts) >= 2, attempts  # some encode was lost with the replica and retried
 
 
 def test_every_accepted_request_completes_under_faults(faulty):

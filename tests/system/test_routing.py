@@ -85,6 +85,29 @@ def test_a_split_image_equals_the_same_seed_alone(tier_aware):
     assert np.abs(fourth - single).max() <= 1
 
 
+def test_a_request_split_over_tiers_is_encoded_once_by_the_stage_and_a_repeat_not_at_all(tier_aware):
+    """The text-encoder stage runs where `zit up` puts it on this fleet (the RTX 4090, group-offloaded): an n=8
+    request cut into chunks on several tiers is encoded once, the same prompt again not at all (the stage's cache),
+    and the fleet view says where the stage runs and what its cache holds."""
+    cards, _, url = tier_aware
+    body = {"prompt": "one encode for all of these", "size": "1024x1024", "n": 8, "seed": 5, "steps": STEPS}
+    first = httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
+    assert first.status_code == 200, first.text
+    meta = first.json()["metadata"]
+    assert len({c["tier"] for c in meta["chunks"]}) >= 2, meta["chunks"]
+    assert meta["text_encoder"]["cached"] is False and meta["text_encoder"]["attempts"] == 1
+    again = httpx.post(f"{url}/v1/images/generations", json={**body, "n": 2, "seed": 50}, timeout=600)
+    assert again.status_code == 200 and again.json()["metadata"]["text_encoder"]["cached"] is True
+    stage = httpx.get(f"{url}/v1/fleet", timeout=30).json()["text_encoder"]
+    rtx4090 = next(c for c in cards if "4090" in c.name)
+    assert (stage["where"], stage["cards"], stage["tiers"]) == ("card", [rtx4090.uuid], ["vram_24"])
+    assert stage["replicas"] and stage["replicas"][0]["stage_card"]["uuid"] == rtx4090.uuid
+    assert stage["replicas"][0]["cache"]["entries"] >= 1 and stage["replicas"][0]["cache"]["hits"] >= 1
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    hits = re.search(r'^zit_text_encoder_requests_total\{outcome="hit"\} (\S+)$', metrics, re.M)
+    assert hits and float(hits.group(1)) >= 1
+
+
 def wait_for_policy(url: str, tier_policy: str, in_tier_router: str, reads: int = 3, timeout_s: float = 60) -> None:
     """GET /v1/fleet until `reads` answers in a row come from an ingress with this routing: after a redeploy the
     proxy may still hand a request or two to the ingress being replaced."""

@@ -23,7 +23,9 @@ if len(cards) != 1:
 if cards[0].error:
     sys.exit(f"card-labels: NVML cannot read this pod's card ({cards[0].error}); the pod cannot serve")
 card = dataclasses.replace(cards[0], tier=os.environ["ZIT_TIER"], host=os.environ.get("ZIT_NODE_NAME") or None)
-labels = {**card_node(card, fleet_file).labels, LABEL_POD: "true"}
+# ZIT_TEXT_ENCODER: the chart's textEncoder.workerGroup is this pod's group (it offers the stage a slot).
+labels = {**card_node(card, fleet_file, text_encoder=os.environ.get("ZIT_TEXT_ENCODER") == "true").labels,
+          LABEL_POD: "true"}
 with open(sys.argv[1], "w") as out:
     yaml.safe_dump(labels, out, default_flow_style=False)
 print(f"card-labels: {card.name} [{card.uuid}] as {card.tier}: {labels}")

@@ -217,6 +217,34 @@ them fit one GPU), and its CUDA allocator is capped at the slot's budget, which 
 {{- end -}}
 
 {{/*
+The text-encoder stage's settings (deployments/config.py TextEncoderSettings) from `textEncoder`: where it runs and
+which tier hosts it; the memory model works out the rest when the application is built.
+*/}}
+{{- define "zit.textEncoder" -}}
+{{- $te := .Values.textEncoder -}}
+{{- $settings := dict "replicas" (int $te.replicas) "cache_mb" (int $te.cacheMiB) -}}
+{{- if eq $te.placement "workerGroup" -}}
+{{- $group := $te.workerGroup -}}
+{{- if not $group -}}
+{{- fail "textEncoder.placement is workerGroup: set textEncoder.workerGroup to the GPU class whose pods host it (e.g. vram_24)" -}}
+{{- end -}}
+{{- if not (has $group (fromJsonArray (include "zit.enabledTiers" .))) -}}
+{{- fail (printf "textEncoder.workerGroup %s is not an enabled worker group; enable it or name another" $group) -}}
+{{- end -}}
+{{- $_ := set $settings "placement" "card" -}}
+{{- $_ := set $settings "where" "card" -}}
+{{- $_ := set $settings "tiers" (list $group) -}}
+{{- else if eq $te.placement "head" -}}
+{{- $_ := set $settings "placement" "cpu" -}}
+{{- $_ := set $settings "where" "cpu" -}}
+{{- else -}}
+{{- $_ := set $settings "placement" "local" -}}
+{{- $_ := set $settings "where" "local" -}}
+{{- end -}}
+{{- toJson $settings -}}
+{{- end -}}
+
+{{/*
 The Serve config (the shape of serve_config.yaml): the `service` values are ServiceConfig fields, tiers come from
 the enabled GPU classes. Rendered into the RayService's serveConfigV2. (The tiers are handed back in a dict, not as
 JSON text: a JSON round trip would turn vram_bytes into a float.)
@@ -234,6 +262,7 @@ JSON text: a JSON round trip would turn vram_bytes into a float.)
 {{- fail "apiKeys.ratePerMinute limits each API key: set apiKeys.existingSecret to the Secret that holds the keys" -}}
 {{- end -}}
 {{- $_ := include "zit.tiers" (dict "root" . "out" $args) -}}
+{{- $_ := set $args "text_encoder" (include "zit.textEncoder" . | fromJson) -}}
 {{- $app := dict "name" "zit" "route_prefix" "/" "import_path" "deployments.app:build_app" "args" $args -}}
 {{- /* Autoscaled tiers (service.autoscaling) are sized together by the application-level policy. */ -}}
 {{- $_ := set $app "autoscaling_policy" (dict "policy_function" "autoscaling.serve_policy:FleetAutoscaler") -}}

@@ -31,3 +31,40 @@ def test_split_tier_deployments_ask_for_a_share_of_the_gpu_and_one_slot(repo_roo
     assert eight.num_replicas == 4  # the RTX 3070 and three slots of the RTX 4090
     assert eight.ray_actor_options["num_gpus"] == 0.3333 and eight.ray_actor_options["resources"] == {"vram_8": 1.0}
     assert built["Generator_vram_4"].ray_actor_options["num_gpus"] == 1
+
+
+def built_for(repo_root, fleet: str, placement: str = "auto"):
+    """The deployments `zit up --fleet FLEET` builds (the stage placed as zit up places it), by name."""
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from deployments.config import TextEncoderSettings
+    from runtime.nodes import plan_card_nodes
+
+    path = repo_root / "cluster" / "fleets" / f"{fleet}.yaml"
+    nodes, _, tiers, stage = plan_card_nodes(load_fleet(path), path, stage=placement)
+    config = ServiceConfig(tiers=tiers, text_encoder=TextEncoderSettings(placement=placement).resolve(stage))
+    return {d.name: d for d in serve_build(build_app(config), name="zit").deployments}, nodes, stage
+
+
+def test_the_mixed_fleet_gets_a_stage_on_its_roomiest_card_and_generators_without_encoders(repo_root):
+    from runtime.nodes import TEXT_ENCODER_RESOURCE
+
+    built, nodes, stage = built_for(repo_root, "mixed")
+    encoder = built["TextEncoder"]
+    assert encoder.num_replicas == 1 and encoder.ray_actor_options["resources"] == {TEXT_ENCODER_RESOURCE: 1.0}
+    assert [n.card.name for n in nodes if TEXT_ENCODER_RESOURCE in n.resources] == ["NVIDIA GeForce RTX 4090"]
+    for name, deployment in built.items():
+        if name.startswith("Generator_"):
+            tier = deployment.init_args[0]
+            assert tier.profile["text_encoder"] == "stage"
+            if tier.name == "vram_24":  # planned with the stage's memory taken
+                assert tier.vram_bytes == next(n.card for n in nodes if TEXT_ENCODER_RESOURCE in n.resources
+                                               ).memory_total - stage.reserve_bytes
+
+
+def test_a_single_small_card_keeps_its_own_encoder_and_no_stage_is_deployed(repo_root):
+    built, nodes, stage = built_for(repo_root, "single-4gb")
+    assert stage.where == "local" and "TextEncoder" not in built
+    assert all("text_encoder" not in d.init_args[0].profile for n, d in built.items() if n.startswith("Generator_"))
+    built, _, _ = built_for(repo_root, "mixed", placement="local")
+    assert "TextEncoder" not in built

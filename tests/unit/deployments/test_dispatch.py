@@ -496,3 +496,94 @@ def test_a_replica_that_died_on_a_lost_tier_goes_elsewhere_at_once():
     d.update_lost({"vram_8": "its card node is dead"})
     assert d._fallback("replica_died", "vram_8", fitting, ("vram_8",)).tier == "vram_24"
     assert d._fallback("node_lost", "vram_8", fitting, ("vram_8", "vram_24")) is None
+
+
+# -- the text-encoder stage: one encode per request ----------------------------------------------------------------
+
+
+class FakeStage:
+    """The stage's handle: answers each encode with fixed embeddings, after `fail` replica deaths; counts calls."""
+
+    def __init__(self, fail: int = 0, hang: bool = False):
+        from types import SimpleNamespace
+
+        self.calls, self.fail, self.hang = [], fail, hang
+        self.encode = SimpleNamespace(remote=self._encode)
+
+    async def _encode(self, prompt, negative, cfg):
+        import torch
+
+        from cluster.encoding import EncodedPrompt
+        from deployments.encoder import Encoded
+
+        self.calls.append((prompt, negative, cfg))
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.fail:
+            self.fail -= 1
+            raise ActorDiedError()
+        return Encoded(EncodedPrompt(torch.zeros(5, 16)), cached=len(self.calls) > 1, seconds=0.01, replica="stage-1")
+
+
+class FailingOnce(RecordingGenerator):
+    """A generator whose first job runs out of memory (the chunk moves to a larger tier)."""
+
+    async def _generate(self, job):
+        if not self.jobs:
+            self.jobs.append((self.tier, job))
+            raise ChunkOutOfMemory("CUDA out of memory")
+        return await super()._generate(job)
+
+
+def staged_fleet(stage):
+    jobs = []
+    tiers = [card_tier("vram_8", 1, bf16=True, vram_bytes=8 * GIB, speed=0.45),
+             card_tier("vram_12", 1, bf16=True, vram_bytes=12 * GIB, speed=0.35),
+             card_tier("vram_24", 1, bf16=True, vram_bytes=24 * GIB, speed=1.0)]
+    generators = {"vram_8": FailingOnce("vram_8", jobs), "vram_12": RecordingGenerator("vram_12", jobs),
+                  "vram_24": RecordingGenerator("vram_24", jobs)}
+    d = Dispatcher(tiers, {t.name: tier_profile(t) for t in tiers}, generators, load_calibration(), encoder=stage,
+                   encoder_wait_s=0.5)
+    return d, jobs
+
+
+def test_a_request_split_over_tiers_and_retried_is_encoded_once_and_every_chunk_gets_the_embeddings():
+    stage = FakeStage()
+    d, jobs = staged_fleet(stage)
+    body = request(n=8, size="1024x1024")
+    outcome = asyncio.run(asyncio.wait_for(d.run(body, 1024, 1024, first_seed=1), timeout=10))
+    assert len(stage.calls) == 1 and stage.calls[0] == ("a fox", None, False)
+    assert len({tier for tier, _ in jobs}) >= 2  # split over tiers
+    assert [r.reason for r in outcome.retries] == ["out_of_memory"]  # and one chunk retried elsewhere
+    assert all(job.encoded is not None and job.encoded.prompt.shape == (5, 16) for _, job in jobs)
+    assert outcome.encode == {"replica": "stage-1", "cached": False, "attempts": 1, "seconds": 0.01, "tokens": 5}
+    assert sorted(s for r in outcome.results for s in r.seeds) == list(range(1, 9))
+
+
+def test_a_dead_stage_replica_is_retried_and_a_silent_or_lost_stage_is_a_503():
+    stage = FakeStage(fail=1)
+    d, _ = staged_fleet(stage)
+    outcome = asyncio.run(asyncio.wait_for(d.run(request(), 512, 512, first_seed=1), timeout=10))
+    assert len(stage.calls) == 2 and outcome.encode["attempts"] == 2
+    assert d.metrics.encodes.labels(outcome="replica_died")._value.get() == 1
+    d, _ = staged_fleet(FakeStage(hang=True))
+    with pytest.raises(TiersFull, match="did not answer"):
+        asyncio.run(asyncio.wait_for(d.run(request(), 512, 512, first_seed=1), timeout=10))
+    d, _ = staged_fleet(FakeStage())
+    d.encoder_lost = "its card node is dead"
+    with pytest.raises(TiersFull, match="text-encoder stage is unavailable"):
+        asyncio.run(d.run(request(), 512, 512, first_seed=1))
+
+
+def test_the_stage_is_lost_only_when_its_card_nodes_are_dead_and_it_reports_nowhere():
+    from deployments.config import TextEncoderSettings
+    from deployments.dispatch import stage_lost
+    from runtime.nodes import LABEL_TEXT_ENCODER
+
+    on_card = TextEncoderSettings(where="card", cards=["GPU-24"])
+    host = node("vram_24", "GPU-24", alive=False)
+    host["labels"][LABEL_TEXT_ENCODER] = "true"
+    assert "GPU-24" in stage_lost(on_card, [], [host])
+    assert stage_lost(on_card, [{"kind": "text_encoder"}], [host]) is None
+    assert stage_lost(on_card, [], [{**host, "alive": True}]) is None  # restarting where its card still is
+    assert stage_lost(TextEncoderSettings(where="cpu"), [], [host]) is None

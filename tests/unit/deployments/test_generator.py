@@ -75,8 +75,8 @@ def test_a_replica_serve_stops_says_goodbye_to_the_fleet_registry_once(on_gtx_16
     silence is no fault: deployments/registry.py), once, and waits for the registry to have it."""
     import ray
 
-    import deployments.generator as generator_module
     import deployments.registry as registry_module
+    import deployments.reporting as reporting_module
 
     forgotten, waited = [], []
 
@@ -87,11 +87,11 @@ def test_a_replica_serve_stops_says_goodbye_to_the_fleet_registry_once(on_gtx_16
                 forgotten.append(replica)
                 return f"ref-{replica}"
 
-    monkeypatch.setattr(generator_module, "_in_ray", lambda: True)
+    monkeypatch.setattr(reporting_module, "in_ray", lambda: True)
     monkeypatch.setattr(registry_module, "get_registry", lambda: Registry)
     monkeypatch.setattr(ray, "wait", lambda refs, timeout: waited.append((refs, timeout)) or (refs, []))
     generator = on_gtx_1650
     generator.__del__()
     generator.__del__()  # Serve's own call, then the garbage collector's
     assert forgotten == [generator.replica]
-    assert waited == [([f"ref-{generator.replica}"], generator_module.GOODBYE_WAIT_S)]
+    assert waited == [([f"ref-{generator.replica}"], reporting_module.GOODBYE_WAIT_S)]

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: run test unit dashboards lock bench clean
+.PHONY: run test unit dashboards chart-memory lock bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; set PYTHON=python3.11")'
@@ -35,6 +35,10 @@ unit: $(STAMP)
 # The chart's Grafana dashboards are built by k8s/dashboards.py (Grafana's SDK); commit what this writes.
 dashboards: $(STAMP)
 	$(BIN)/python k8s/dashboards.py
+
+# Worker pod memory of the chart, from the host-memory model (cluster/host_memory.py); commit what this writes.
+chart-memory: $(STAMP)
+	$(BIN)/python k8s/pod_memory.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.serve_overhead

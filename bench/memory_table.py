@@ -190,8 +190,8 @@ def render(cal: Calibration) -> str:
     for bf16, weights in ((True, "gpu"), (True, "offload"), (False, "gpu"), (False, "offload")):
         sp = stage_profile(bf16, weights)
         out.append(f"| {sp.name} | {sp.technique()} | {encoder_peak(sp, cal).total / GIB:.2f} |")
+    out += [""] + host_memory_section(cal)
     out += [
-        "",
         "## The seed article's claims beside the model",
         "",
         "The seed article (a community build) claims the peaks below. A 6.15 B-parameter transformer is 12.3 GB in",
@@ -217,6 +217,109 @@ def render(cal: Calibration) -> str:
         "",
     ]
     return "\n".join(line for line in out if line is not None) + "\n"
+
+
+def host_memory_section(cal: Calibration) -> list[str]:
+    """The host-memory model (cluster/host_memory.py): per profile, and per host of the shipped fleets as `zit plan
+    --fleet` plans them."""
+    from cluster.host_memory import encoder_host, replica_host
+    from cluster.nvml import load_fleet
+    from runtime.nodes import host_ram_of, plan_card_nodes
+
+    out = [
+        '## Host memory',
+        '',
+        "The cards' host must hold, for every replica on it, the process and whatever the profile keeps off the card. The",
+        'host-memory model (cluster/host_memory.py) counts it for the load path the replicas run:',
+        '',
+        '- **one stored copy per host** (cluster/weights.py): every component is loaded as views of a memory-mapped',
+        '  safetensors copy in exactly the dtypes it runs in (layerwise-cast leaves in the storage dtype, what casting',
+        '  skips in the compute dtype), written once per host from the model folder (tensor by tensor: at most one 2 GiB',
+        '  shard in memory) into `ZIT_WEIGHTS_DIR` (default `~/.cache/zit/weights`; the chart mounts a hostPath). The',
+        "  kernel's page cache holds one copy of each file for every process that maps it, so four GTX 1650s in one box",
+        '  map one bf16 transformer, not four. A component already stored in its dtypes (the bf16 text encoder under a bf16',
+        '  profile) is mapped from the model folder itself;',
+        '- **no float32 copies**: a card without bf16 runs float32 compute from bf16-stored weights that are loaded as bf16',
+        '  (the old path loaded the whole pipeline in float32 first: a 16 GB float32 text encoder);',
+        "- **no pinned private copies**: group offload with streams keeps the mapped weights (diffusers'",
+        "  `low_cpu_mem_usage=True`) and pins each group as it is sent, so a process privately holds only PyTorch's pinned",
+        "  staging blocks for the groups in flight (rounded up to a power of two: x1.508 for the transformer's parameter",
+        "  shapes, x1.41 for Qwen3-4B's, computed from the shapes). The price: each group is copied into pinned memory on",
+        '  every transfer (one extra host-side copy per step);',
+        '- **one load at a time per host** (a lock in the weights dir), so load peaks never add up.',
+        '',
+        'Terms per replica: the process (Python, torch, diffusers, the Ray worker: 0.5 GiB, measured here on the CPU with',
+        "the pipeline loaded; plus the CUDA runtime's host side on a card: 1.0 GiB, an **estimate** until measured on a",
+        "card's host), its pinned staging (computed), the weight sets it maps (computed: parameter counts x dtype bytes),",
+        "and at load the cache writer's shard (2 GiB, when its stored copy is missing). Per host: each shared set once, the",
+        "largest load transient, 0.25 GiB per Ray node (raylet and agents, measured here) and 2.0 GiB for the head's",
+        "processes on the head's host (GCS, dashboard, Serve controller, proxy, ingress: measured here, rounded up). The",
+        "figures below are per replica beside the text-encoder stage (`TE stage`), and the stage's own:",
+        "| profile | technique | own GiB (runtime + pinned staging) | maps (shared set: GiB) | load peak GiB |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+
+    def row(name, technique, e):
+        maps = ", ".join(f"{k}: {v / GIB:.2f}" for k, v in e.shared.items()) or "-"
+        return f"| {name} | {technique} | {(e.runtime + e.private) / GIB:.2f} | {maps} | {e.load_peak / GIB:.2f} |"
+
+    for tier in ("vram_4", "vram_6", "vram_8", "vram_12", "vram_24"):
+        for bf16 in (True, False):
+            p = default_profile(tier, bf16).model_copy(update={"text_encoder": "stage"})
+            out.append(row(p.name, p.technique(), replica_host(p, cal)))
+    for bf16 in (True, False):
+        for weights in ("gpu", "offload"):
+            sp = stage_profile(bf16, weights)
+            out.append(row(f"{sp.name} ({weights})", "text-encoder stage", encoder_host(sp, cal)))
+    out += [
+        "",
+        'A resident replica keeps nothing of its weights on the host once they are on the card (its mapped pages become',
+        'page cache the kernel may drop). Without the stage each generator also maps the encoder (7.49 GiB in bf16, 8.22',
+        'GiB with a float32 embedding) and pins its staging (about 1.5 GiB).',
+        '',
+        "Per host, `zit plan --fleet FILE` (and `zit up`, which starts what it plans): the stage's card first, then the",
+        'fastest cards; a card whose replicas would take the host past its RAM is left out, with the numbers. On the',
+        'shipped fleets:',
+        "| fleet, host | cards kept | RAM GiB | need GiB | left out (need with it, GiB) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    fleets = REPO / "cluster" / "fleets"
+    unbounded = {}
+    for name in ("one-box.yaml", "mixed.yaml", "large.yaml"):
+        cards = load_fleet(fleets / name)
+        ram, head = host_ram_of(cards, fleets / name)
+        hosts = plan_card_nodes(cards, fleets / name, host_ram=ram, head_host=head).hosts
+        unbounded[name] = plan_card_nodes(cards, fleets / name, head_host=head).hosts
+        for host in hosts.values():
+            kept = ", ".join(what.split(" on ")[-1].removeprefix("NVIDIA GeForce ") for what, _ in host.replicas)
+            left = "; ".join(f"{card.split(' [')[0].removeprefix('NVIDIA GeForce ')} ({why.rsplit(' ', 2)[-2]})"
+                             for card, why in host.left_out) or "-"
+            ram_gib = f"{host.ram_bytes / GIB:g}" if host.ram_bytes is not None else "-"
+            out.append(f"| {name}, {host.host}{' (head)' if host.head else ''} | {kept} | {ram_gib} | "
+                       f"{host.need / GIB:.1f} | {left} |")
+    box = unbounded["one-box.yaml"]["box"]
+    big = ", ".join(f"`{k}` {v / GIB:.1f}" for k, v in box.shared.items() if v >= GIB / 2)
+    out += [
+        "",
+        f"All five of one-box.yaml's cards would need {box.need / GIB:.1f} GiB by the model. Their replicas map "
+        f"{sum(box.shared.values()) / GIB:.1f} GiB of weights once:",
+        f"{big} GiB (the bf16 transformer for the cards that offload it, the fp8 one for the RTX 3070, the stage's",
+        f"encoder); {len(box.replicas)} processes, their Ray nodes and the head come on top. The old load path (a "
+        "private copy per",
+        "replica, float32 copies on cards without bf16, pinned copies rounded up) needed about 100 GB for it.",
+        "",
+        'Simulated hosts enforce this: a replica on a simulated card holds its host bytes by the model',
+        '(cluster/simcard.py `SimulatedHost`, each shared set once per host) and one that would not fit fails to start with',
+        '"Cannot allocate memory", as a real host\'s kernel refuses it. The Helm chart sizes each worker pod\'s memory request',
+        'and limit from the same model (k8s/pod_memory.py writes `files/pod-memory.json`; the shared sets count whole in each',
+        'pod, since the kernel charges a shared page to the pod that read it first).',
+        '',
+        "What is not measured yet: the CUDA runtime's host side, the pinned staging on a real card, and the full-size",
+        "replicas' PSS through this load path on this machine (`bench/host_memory.py` is the issue's benchmark; see",
+        'docs/benchmarks.md for what has been run).',
+        '',
+    ]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,8 @@ def no_card_why() -> str:
     from cluster.tiers import vram_tiers
 
     smallest = min(vram_tiers().values())
-    return f"each is failed, below the smallest tier ({smallest:g} GB), or too full; see the skipped lines above"
+    return (f"each is failed, below the smallest tier ({smallest:g} GB), too full, or more than its host's RAM "
+            "holds; see the skipped lines above")
 
 
 def add_split_argument(parser: argparse.ArgumentParser) -> None:

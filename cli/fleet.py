@@ -36,8 +36,9 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     except ValueError as exc:
         say(f"error: {exc}")
         return 2
+    ram = _host_ram(cards, args.fleet)
     if args.json:
-        print(json.dumps([c.to_dict() for c in cards], indent=2))
+        print(json.dumps([{**c.to_dict(), "host_ram_gib": ram.get(c.host or "localhost")} for c in cards], indent=2))
         return 0
     header = f"{'#':>3}  {'card':<34} {'tier':<10} {'total':>7} {'free':>7}  {'cc':<4} {'bf16':<4} {'util':>5}  host"
     say(header)
@@ -60,9 +61,32 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         tiers[kind] = tiers.get(kind, 0) + c.slots
     # Smallest tier first; cards that serve no tier last.
     order = sorted(tiers, key=lambda t: (0, tier_gib(t)) if t.startswith("vram_") else (1, t))
+    if args.fleet:
+        given = ", ".join(f"{host} {gib:g} GiB" for host, gib in ram.items() if gib is not None)
+        say(f"host RAM (fleet file): {given or 'not given (host_ram_gb)'}")
+    else:
+        from runtime.nodes import cgroup_memory_limit, local_host_ram
+
+        here = local_host_ram()
+        limit = " (the cgroup's limit)" if cgroup_memory_limit() == here["total"] else ""
+        say(f"host RAM ({socket_host()}): {here['total'] / 2**30:.1f} GiB{limit}, {here['available'] / 2**30:.1f} "
+             "GiB available")
     say(f"{len(cards)} card(s): " + ", ".join(f"{tiers[t]} x {t}" for t in order)
          + (" (split cards count once per slot)" if any(c.slots > 1 for c in cards) else ""))
     return 0
+
+
+def _host_ram(cards: list, fleet_file) -> dict[str, float | None]:
+    """Each host's RAM in GiB: a fleet file's `host_ram_gb` (None for a host it does not give), else this host's
+    total (the cgroup's limit inside a container)."""
+    if fleet_file:
+        from cluster.nvml import load_fleet_file
+
+        given = load_fleet_file(fleet_file).host_ram_gb
+        return {c.host: given.get(c.host) for c in cards if c.host}
+    from runtime.nodes import local_host_ram
+
+    return {"localhost": round(local_host_ram()["total"] / 2**30, 2)}
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -89,7 +113,8 @@ def cmd_node(args: argparse.Namespace) -> int:
             say(f"error: no card of {args.fleet} is on host {args.host!r}")
             return 2
     nodes, skipped = nodes_for_cards(cards, args.fleet)
-    for line in skipped:
+    nodes, refused = _within_host_ram(nodes, args.fleet)
+    for line in skipped + refused:
         say(f"skipped: {line}")
     if not nodes:
         say(f"error: no card here can serve ({no_card_why()})")
@@ -112,3 +137,23 @@ def cmd_node(args: argparse.Namespace) -> int:
         say(f"error: {exc}")
         return 1
     return 0
+
+
+def _within_host_ram(nodes: list, fleet_file) -> tuple[list, list[str]]:
+    """The card nodes whose replicas this host's RAM holds (cluster/host_memory.py plan_hosts), and a line for each
+    card left out. Which cards the cluster's text-encoder stage uses is the head's choice (`zit up`), so each
+    generator is counted with its own encoder here: the need is never under-counted."""
+    from cluster.host_memory import plan_hosts
+    from cluster.profiles import tier_profile
+    from cluster.tiers import tiers_for_cards
+    from runtime.nodes import host_ram_of
+
+    cards = [node.card for node in nodes]
+    host_ram, _ = host_ram_of(cards, fleet_file, running=False)
+    profiles = {t.name: tier_profile(t) for t in tiers_for_cards(cards)}
+    hosts, refused = plan_hosts(cards, profiles, host_ram=host_ram)
+    for need in hosts.values():
+        had = f"{need.ram_bytes / 2**30:.1f} GiB" if need.ram_bytes is not None else "not checked"
+        say(f"host {need.host}: its replicas need {need.need / 2**30:.1f} GiB of RAM ({had})")
+    lines = [f"{n.card.name} [{n.card.uuid}] {refused[n.card.uuid]}: not joined" for n in nodes if n.card.uuid in refused]
+    return [n for n in nodes if n.card.uuid not in refused], lines

@@ -1,6 +1,10 @@
 """`zit plan`: which tier can hold a request, by the memory model (cluster/planning.py), printed for people or JSON.
 
   zit plan --size 1024x1024 --n 4 [--steps 9] [--guidance G] [--fleet FILE] [--config FILE] [--json]
+
+With --fleet it also says what each host's replicas need in host RAM against what it has (cluster/host_memory.py);
+cards their host cannot hold are planned without, as `zit up` starts them. --json prints {"tiers": [one object per
+tier], "text_encoder": where it runs, "hosts": [one object per host]}.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from cluster.tiers import vram_tiers
 
 def service_tiers(
     config_path: str | Path | None, fleet: str | Path | None = None
-) -> tuple[dict[str, tuple[int, bool]], dict[str, Profile], "StagePlacement | None"]:
-    """The tiers (budget, bf16), the profiles and the text-encoder stage's placement the service runs with this
-    config file (the defaults without one), as `zit up --config FILE --fleet FILE` builds them: one tier per VRAM
+) -> tuple[dict[str, tuple[int, bool]], dict[str, Profile], "StagePlacement | None", dict]:
+    """The tiers (budget, bf16), the profiles, the text-encoder stage's placement and each host's need in host RAM
+    (cluster.host_memory.HostNeed by host; none without a fleet file) the service runs with this config file (the
+    defaults without one), as `zit up --config FILE --fleet FILE` builds them: one tier per VRAM
     class of the fleet file's cards (without one, every VRAM tier at its nominal size, bf16 as its typical card, and
     no stage: there is no card to place it on), each with the file's settings for that tier (`tiers_for_cards`),
     the stage placed as the file's `text_encoder` asks (runtime.nodes.plan_card_nodes) and the tiers planned beside
@@ -46,21 +51,23 @@ def service_tiers(
     configured = config.tiers if "tiers" in config.model_fields_set else None
     lora = config.lora_settings()
     reserved = lora.reserved_params if lora else 0
-    placement = None
+    placement, hosts = None, {}
     if fleet is not None:
         from cluster.nvml import load_fleet
-        from runtime.nodes import plan_card_nodes
+        from runtime.nodes import host_ram_of, plan_card_nodes
 
         stage = config.text_encoder
-        _, _, tiers, placement = plan_card_nodes(load_fleet(fleet), fleet, configured, stage.placement,
-                                                 stage.replicas, reserved)
+        cards = load_fleet(fleet)
+        host_ram, head_host = host_ram_of(cards, fleet)
+        _, _, tiers, placement, hosts = plan_card_nodes(cards, fleet, configured, stage.placement, stage.replicas,
+                                                        reserved, host_ram, head_host)
         tiers = staged_tiers(tiers, placement.where, list(placement.tiers), placement.reserve_bytes)
     else:
         cards = [SimpleNamespace(tier=name, bf16=bf16, memory_total=budget, slots=1, speed=None)
                  for name, (budget, bf16) in default_tiers().items()]
         tiers = tiers_for_cards(cards, configured)
     return ({t.name: (tier_budget(t), t.bf16) for t in tiers},
-            {t.name: tier_profile(t, reserved) for t in tiers}, placement)
+            {t.name: tier_profile(t, reserved) for t in tiers}, placement, hosts)
 
 
 def _format_table(rows: list[dict], width: int, height: int, n: int, cal: Calibration, guidance: float = 0.0) -> str:
@@ -81,6 +88,27 @@ def _format_table(rows: list[dict], width: int, height: int, n: int, cal: Calibr
     return "\n".join(lines)
 
 
+def _format_hosts(hosts: dict) -> str:
+    """Each host's RAM need against what it has (cluster/host_memory.py), a line per replica under it."""
+    if not hosts:
+        return ""
+    lines = ["", "host RAM (steady + the largest load transient; replicas start one at a time):"]
+    for need in hosts.values():
+        had = f"{need.ram_bytes / 2**30:.1f} GiB" if need.ram_bytes is not None else "not given"
+        verdict = "" if need.ram_bytes is None else ("  ok" if need.need <= need.ram_bytes else "  TOO SMALL")
+        lines.append(f"  {need.host}: needs {need.need / 2**30:.1f} GiB, has {had}{verdict} "
+                     f"({need.ray_nodes} Ray node(s){', the head' if need.head else ''}: "
+                     f"{need.fixed / 2**30:.1f} GiB)")
+        for what, e in need.replicas:
+            lines.append(f"    {what:<40} keeps {(e.runtime + e.private) / 2**30:5.1f} GiB of its own"
+                         + (f" + maps {', '.join(e.shared)}" if e.shared else ""))
+        for name, size in need.shared.items():
+            lines.append(f"    shared once: {name:<28} {size / 2**30:5.1f} GiB")
+        for card, why in need.left_out:
+            lines.append(f"    left out: {card}: {why}")
+    return "\n".join(lines)
+
+
 def check_guidance(guidance: float) -> float:
     """`guidance` if a request may carry it as guidance_scale (the API's own bounds), else ValueError saying so."""
     from pydantic import ValidationError
@@ -95,13 +123,13 @@ def check_guidance(guidance: float) -> float:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    profiles, placement = None, None
+    profiles, placement, hosts = None, None, {}
     try:
         width, height = parse_size(args.size)
         guidance = check_guidance(args.guidance)
         cal = load_calibration(args.calibration)
         if args.config or args.fleet:
-            tiers, profiles, placement = service_tiers(args.config, args.fleet)
+            tiers, profiles, placement, hosts = service_tiers(args.config, args.fleet)
         else:
             tiers = None
     except (ValueError, OSError) as exc:
@@ -117,9 +145,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rows = plan(width, height, args.n, args.steps, tiers, cal, uses_cfg(guidance), profiles)
     stage = placement.reason if placement else "in every generator (give --fleet to place the text-encoder stage)"
     if args.json:
-        print(json.dumps(rows, indent=2), flush=True)
+        print(json.dumps({"tiers": rows, "text_encoder": stage, "hosts": [h.to_dict() for h in hosts.values()]},
+                         indent=2), flush=True)
     else:
-        print(_format_table(rows, width, height, args.n, cal, guidance) + f"\ntext encoder: {stage}", flush=True)
+        print(_format_table(rows, width, height, args.n, cal, guidance) + f"\ntext encoder: {stage}"
+              + _format_hosts(hosts), flush=True)
     return 0 if any(r["fits"] for r in rows) else 1
 
 
@@ -136,5 +166,5 @@ def add_plan_parser(sub) -> None:
                    help="the service's config (serve_config.yaml or a YAML of service settings, as `zit up --config` "
                         "reads): plan with its tier profile overrides and LoRA reserve, as the service does")
     p.add_argument("--calibration", type=Path, help="calibration JSON (default: $ZIT_CALIBRATION_FILE or shipped)")
-    p.add_argument("--json", action="store_true", help="print a JSON list, one object per tier")
+    p.add_argument("--json", action="store_true", help="print JSON: {\"tiers\": [one object per tier], \"text_encoder\": ..., \"hosts\": [one per host]}")
     p.set_defaults(func=cmd_plan)

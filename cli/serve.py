@@ -44,7 +44,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from deployments.config import AutoscalingSettings, load_service_config
     from runtime import local
-    from runtime.nodes import apply_splits, cards_to_join, plan_card_nodes
+    from runtime.nodes import apply_splits, cards_to_join, host_ram_of, plan_card_nodes
 
     try:
         config = load_service_config(args.config, {"model": args.model, "lora_dir": args.lora_dir})
@@ -90,8 +90,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         configured = config.tiers if "tiers" in config.model_fields_set else None
         lora = config.lora_settings()
         try:
-            nodes, skipped, tiers, placement = plan_card_nodes(
-                cards, fleet_file, configured, stage.placement, stage.replicas, lora.reserved_params if lora else 0)
+            host_ram, head_host = host_ram_of(cards, fleet_file, running=local.is_running())
+            nodes, skipped, tiers, placement, hosts = plan_card_nodes(
+                cards, fleet_file, configured, stage.placement, stage.replicas, lora.reserved_params if lora else 0,
+                host_ram, head_host)
         except ValueError as exc:  # the stage was asked on a card and none has room for it
             say(f"error: {exc}")
             return 2
@@ -107,6 +109,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             say(f"  {node.card.name:<32} {node.card.memory_total / 2**30:5.1f} GiB  -> {node.card.tier}{slots}"
                 f"{hosts}")
         say(f"  text encoder: {placement.reason}")
+        for need in hosts.values():
+            had = f"{need.ram_bytes / 2**30:.1f} GiB" if need.ram_bytes is not None else "not checked"
+            say(f"  host {need.host}: its replicas need {need.need / 2**30:.1f} GiB of RAM ({had})")
     elif stage.placement == "cpu":  # no card: the stage only runs where it was asked to, on the head's CPU
         from cluster.stages import place_text_encoder
 

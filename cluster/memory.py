@@ -99,6 +99,30 @@ class Calibration(BaseModel):
     context_bytes: float = Field(ge=0, description="CUDA context, cuBLAS workspace and kernels outside PyTorch's pool.")
     margin_fraction: float = Field(ge=0, le=1, description="Safety margin as a fraction of the predicted peak.")
     margin_min_bytes: float = Field(ge=0, description="Smallest safety margin (allocator rounding, fragmentation).")
+    # Host memory (cluster/host_memory.py). Defaults: the shipped estimate's, so older calibration files still load.
+    transformer_skipped_params: int = Field(
+        10_900_992, ge=0, description="Transformer parameters layerwise casting skips (norms, embedders): stored in "
+        "the compute dtype (cluster/weights.py parts).")
+    text_encoder_skipped_params: int = Field(
+        389_152_256, ge=0, description="Text-encoder parameters layerwise casting skips (the token embedding, the "
+        "norms): stored in the compute dtype.")
+    transformer_pinned_rounding: float = Field(
+        1.508, ge=1, description="Pinned host bytes per byte of transformer weights: PyTorch's pinned allocator "
+        "rounds each parameter's block up to a power of two (computed from the parameter shapes).")
+    text_encoder_pinned_rounding: float = Field(
+        1.41, ge=1, description="The same for the text encoder (Qwen3-4B's parameter shapes).")
+    host_runtime_bytes: float = Field(
+        0.5 * GIB, ge=0, description="Host RAM of a replica process without weights: Python, torch, diffusers, the "
+        "Ray worker (measured on the CPU).")
+    host_cuda_bytes: float = Field(
+        1.0 * GIB, ge=0, description="Host RAM the CUDA runtime adds to a process on a card (driver, cuBLAS and "
+        "cuDNN kernel images).")
+    host_ray_node_bytes: float = Field(
+        0.25 * GIB, ge=0, description="Host RAM of one Ray node's own processes (raylet, dashboard and runtime-env "
+        "agents); a node per card.")
+    host_head_bytes: float = Field(
+        2.0 * GIB, ge=0, description="Host RAM of the head's processes: GCS, dashboard, Serve controller, proxy, "
+        "ingress, registry.")
     fit: dict = Field(default_factory=dict, description="Fit residuals and point counts when source is 'measured'.")
 
 

@@ -315,6 +315,25 @@ class FleetFile(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,63}$", description="Fleet name (seeds the cards' UUIDs).")
     description: str = Field("", description="What this fleet is for.")
     cards: list[CardSpec] = Field(min_length=1, description="The cards; `count` repeats one.")
+    host_ram_gb: dict[str, float] = Field(
+        default_factory=dict, description="Each host's RAM in GB (as `free -g` counts it), by the host names the "
+        "cards give; a host not listed is not checked. The host-memory model (cluster/host_memory.py) places by it, "
+        "and a simulated host refuses a replica that would not fit.")
+
+    @model_validator(mode="after")
+    def _hosts_have_cards(self) -> "FleetFile":
+        hosts = {card.host for card in self.cards}
+        unknown = sorted(set(self.host_ram_gb) - hosts)
+        if unknown:
+            raise ValueError(f"host_ram_gb names {', '.join(unknown)}, which no card sits in (hosts: "
+                             f"{', '.join(sorted(hosts))})")
+        small = {h: gb for h, gb in self.host_ram_gb.items() if gb <= 0}
+        if small:
+            raise ValueError(f"host_ram_gb must be above 0; got {small}")
+        return self
+
+    def host_ram_bytes(self) -> dict[str, int]:
+        return {host: int(gb * GIB) for host, gb in self.host_ram_gb.items()}
 
 
 @dataclass

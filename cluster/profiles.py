@@ -300,8 +300,9 @@ def apply_profile(pipe: "ZImagePipeline", profile: Profile, device: str) -> None
     On a device without streams, offload_stream is ignored and logged; on a CPU device the CUDA-only allocator knobs
     are skipped and logged; model_cpu_offload and sequential_cpu_offload raise ProfileError (their hooks need an
     accelerator to move weights to, and pretending would make the memory model's prediction wrong). An attention
-    backend that is not installed falls back to sdpa with a warning. Step 2 casts the whole pipeline to the compute
-    dtype first, so loading real weights in bf16 for a float32 profile briefly holds float32 copies in CPU memory.
+    backend that is not installed falls back to sdpa with a warning. Components loaded from the weights cache in the
+    profile's dtypes (`cluster.pipeline.load_pipeline` with the profile) are not cast again, so no float32 copy of a
+    bf16-stored component is ever made; others are cast whole to the compute dtype first.
     """
     import torch
 
@@ -317,23 +318,11 @@ def apply_profile(pipe: "ZImagePipeline", profile: Profile, device: str) -> None
     if profile.offload_stream and not on_cuda and _offloads(profile):
         logger.info("profile %s: offload_stream ignored on %s (streams need a CUDA device)", profile.name, device)
 
-    compute = getattr(torch, profile.compute_dtype)
-    # 2. Every component computes in one dtype; the storage casting below overrides it per layer.
-    pipe.to(dtype=compute)
-    # 3. Layerwise casting: weights stored small, each layer upcast for its own forward (diffusers hooks).
-    if profile.transformer_storage != profile.compute_dtype:
-        pipe.transformer.enable_layerwise_casting(
-            storage_dtype=getattr(torch, profile.transformer_storage), compute_dtype=compute
-        )
-    if profile.text_encoder_storage != profile.compute_dtype and pipe.text_encoder is not None:
-        from diffusers.hooks import apply_layerwise_casting
-
-        # The token embedding is skipped and stays in the compute dtype: an upcast copy of it (151936 x 2560) would
-        # be the text encoder's largest transient, and a bf16 lookup would round layer 0's norm on float32 cards.
-        apply_layerwise_casting(
-            pipe.text_encoder, storage_dtype=getattr(torch, profile.text_encoder_storage), compute_dtype=compute,
-            skip_modules_pattern="auto", skip_modules_classes=(torch.nn.Embedding,),
-        )
+    # 2 and 3. Every component computes in one dtype, and layerwise casting stores the transformer's and the text
+    #    encoder's leaves small, each upcast for its own forward (diffusers hooks).
+    _cast(pipe.transformer, "transformer", profile.transformer_storage, profile.compute_dtype)
+    _cast(pipe.text_encoder, "text_encoder", profile.text_encoder_storage, profile.compute_dtype)
+    _cast(pipe.vae, "vae", profile.compute_dtype, profile.compute_dtype)
     # 4. Placement.
     _place(pipe, profile, torch.device(device), use_stream)
     # 5. VAE tiling and slicing.
@@ -351,17 +340,26 @@ def apply_text_encoder_profile(pipe: "ZImagePipeline", profile: Profile, device:
 
     on_cuda = torch.device(device).type == "cuda"
     _apply_allocator(profile, device, on_cuda)
-    compute = getattr(torch, profile.compute_dtype)
-    pipe.text_encoder.to(dtype=compute)
-    if profile.text_encoder_storage != profile.compute_dtype:
-        from diffusers.hooks import apply_layerwise_casting
-
-        apply_layerwise_casting(
-            pipe.text_encoder, storage_dtype=getattr(torch, profile.text_encoder_storage), compute_dtype=compute,
-            skip_modules_pattern="auto", skip_modules_classes=(torch.nn.Embedding,),
-        )
+    _cast(pipe.text_encoder, "text_encoder", profile.text_encoder_storage, profile.compute_dtype)
     if profile.text_encoder != "cpu":
         _place_text_encoder(pipe.text_encoder, profile, torch.device(device), profile.offload_stream and on_cuda)
+
+
+def _cast(module, component: str, storage: str, compute: str) -> None:
+    """`module` computing in `compute`, its leaves stored in `storage` (cluster.weights.layerwise_cast). A component
+    loaded from the weights cache in exactly these dtypes (`cluster.weights.load_component`) is not cast again: its
+    tensors stay views of the host's one stored copy; only the hooks are attached (diffusers finds the leaves in
+    the storage dtype already). Any other is cast whole to `compute` first, then stored small leaf by leaf."""
+    import torch
+
+    from cluster.weights import layerwise_cast
+
+    if module is None:  # no encoder in a pipeline whose encoder is the stage
+        return
+    if getattr(module, "_zit_stored", None) != (storage, compute):
+        module.to(dtype=getattr(torch, compute))
+    if storage != compute:
+        layerwise_cast(component, module, getattr(torch, storage), getattr(torch, compute))
 
 
 def apply_vae(pipe: "ZImagePipeline", profile: Profile) -> None:
@@ -435,6 +433,7 @@ def _place(pipe, profile: Profile, device, use_stream: bool) -> None:
         pipe.transformer.enable_group_offload(
             onload_device=device, offload_device=cpu, offload_type=level,
             num_blocks_per_group=1 if level == "block_level" else None, use_stream=use_stream,
+            low_cpu_mem_usage=True,  # no pinned private copy: see _place_text_encoder
         )
     if pipe.text_encoder is not None:  # none in a pipeline whose encoder is the stage (text_encoder='stage')
         _place_text_encoder(pipe.text_encoder, profile, device, use_stream)
@@ -450,9 +449,12 @@ def _place_text_encoder(text_encoder, profile: Profile, device, use_stream: bool
     if profile.text_encoder == "gpu":
         text_encoder.to(device)
     elif profile.text_encoder == "offload":
+        # low_cpu_mem_usage: the offloaded weights stay where they were loaded, views of the host's one stored copy
+        # (cluster/weights.py), and each group is pinned as it is sent; the default pins a private copy of every
+        # weight up front, rounded up to a power of two by PyTorch's pinned allocator (x1.4-1.5 here), per replica.
         apply_group_offloading(
             text_encoder, onload_device=device, offload_device=cpu, offload_type="block_level",
-            num_blocks_per_group=1, use_stream=use_stream,
+            num_blocks_per_group=1, use_stream=use_stream, low_cpu_mem_usage=True,
         )
     else:  # cpu: accelerate moves the prompt to the CPU and the embeddings back to the pipeline's device
         from accelerate.hooks import AlignDevicesHook, add_hook_to_module

@@ -100,3 +100,66 @@ def _pid() -> int:
     import os
 
     return os.getpid()
+
+
+class SimulatedHost:
+    """A simulated card's host as the replicas on it see it: the RAM each holds by the host-memory model
+    (cluster/host_memory.py), its shared weight sets counted once, and a replica refused when the host would not
+    hold it, as the kernel refuses a real one (MemoryError, "Cannot allocate memory"). A host the fleet file gives
+    no RAM (`host_ram_gb`) is not checked. The state is a file per host beside the cards' (several replicas write
+    it: a lock keeps their updates whole); a process that has exited no longer counts."""
+
+    def __init__(self, nvml: FakeNvml, host: str):
+        self.nvml = nvml
+        self.host = host
+        self.ram_bytes = nvml.fleet.host_ram_bytes().get(host)
+        self.path = nvml.state_dir / f"host-{host}.json"
+
+    def _read(self) -> dict[int, dict]:
+        import json
+
+        try:
+            raw = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        from cluster.nvml import _alive
+
+        return {int(pid): entry for pid, entry in raw.items() if _alive(int(pid))}
+
+    def used(self, without: int | None = None) -> int:
+        """Bytes the host's live replicas hold (each shared set once), leaving out process `without`."""
+        private, shared = 0, {}
+        for pid, entry in self._read().items():
+            if pid != without:
+                private += entry["private"]
+                shared.update(entry["shared"])
+        return private + sum(shared.values())
+
+    def hold(self, private: int, shared: dict[str, int], what: str) -> None:
+        """This process holds `private` bytes and maps the `shared` sets from now on; raises MemoryError when the
+        host's other replicas leave too little."""
+        import fcntl
+        import json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = self._read()
+            pid = _pid()
+            others = {p: e for p, e in entries.items() if p != pid}
+            have = {}
+            for entry in others.values():
+                have.update(entry["shared"])
+            used = sum(e["private"] for e in others.values()) + sum(have.values())
+            more = private + sum(size for name, size in shared.items() if name not in have)
+            if self.ram_bytes is not None and used + more > self.ram_bytes:
+                raise MemoryError(
+                    f"Cannot allocate memory: simulated host {self.host} has {self.ram_bytes / GIB:.1f} GiB of RAM, "
+                    f"its other replicas hold {used / GIB:.1f} GiB and {what} needs {more / GIB:.1f} GiB more")
+            entries = {**others, pid: {"private": int(private), "shared": {k: int(v) for k, v in shared.items()}}}
+            tmp = self.path.with_suffix(f".{pid}.tmp")
+            tmp.write_text(json.dumps({str(p): e for p, e in entries.items()}))
+            os.replace(tmp, self.path)
+
+    def release(self) -> None:
+        self.hold(0, {}, "nothing")

@@ -20,11 +20,14 @@ import time
 from dataclasses import dataclass
 
 from cluster.encoding import EmbeddingCache, EncodedPrompt, cache_key, encode_prompt
+from cluster.host_memory import encoder_host
 from cluster.memory import encoder_peak
 from cluster.pipeline import load_text_encoder, resolve_model
 from cluster.profiles import Profile, apply_text_encoder_profile
 from cluster.speed import encode_seconds
+from cluster.weights import host_load_lock
 from deployments.config import TextEncoderSettings
+from deployments.hostmem import host_of
 from deployments.reporting import node_id, replica_name, say_goodbye, start_reporting
 
 logger = logging.getLogger("ray.serve")
@@ -64,9 +67,15 @@ class TextEncoder:
         self.model_path = resolve_model(model)
         self.dtype = getattr(torch, self.profile.compute_dtype) if real_gpu or settings.where == "cpu" \
             else torch.float32
-        self.pipe = load_text_encoder(self.model_path, "cpu", self.dtype)
-        if real_gpu:
-            apply_text_encoder_profile(self.pipe, self.profile, "cuda")
+        # One replica of a host loads at a time; a simulated host holds the real encoder's host RAM.
+        self.host = host_of(self.card, self.card.read() if self.card else None)
+        with host_load_lock(self.host.lock_name):
+            self.host.hold_loading(encoder_host(self.profile, cuda=self.card is not None), "the text-encoder stage")
+            self.pipe = load_text_encoder(self.model_path, "cpu", self.dtype,
+                                          profile=self.profile if real_gpu or settings.where == "cpu" else None)
+            if real_gpu:
+                apply_text_encoder_profile(self.pipe, self.profile, "cuda")
+            self.host.hold_loaded()
         # 3. A simulated card holds the real stage's peak from now on (what its tier was planned without: the stage
         #    may encode at any moment), and takes the real encoder's time.
         self.sim = None
@@ -152,6 +161,7 @@ class TextEncoder:
             "host": socket.gethostname(),
             "node_id": node_id(),
             "pid": os.getpid(),
+            "host_memory": self.host.describe(),
             "load_seconds": round(self.load_seconds, 3),
             "busy": self._busy,
             "encodes": self._encodes,
@@ -169,3 +179,5 @@ class TextEncoder:
             say_goodbye(self.replica)
         if getattr(self, "sim", None) is not None:
             self.sim.release()
+        if getattr(self, "host", None) is not None:
+            self.host.release()

@@ -13,14 +13,16 @@ import sys
 import threading
 import time
 
+from cluster.host_memory import replica_host
 from cluster.memory import effective_budget, predict_peak, resident_bytes, smallest_request, uses_cfg
 from cluster.nvml import NvmlMonitor
 from cluster.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from cluster.profiles import apply_vae, degraded_profile
 from cluster.requests import GenerationJob, GenerationResult, work_units
 from cluster.tiers import TierConfig
+from cluster.weights import host_load_lock
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
-from deployments.hostmem import trim_host_memory
+from deployments.hostmem import host_of, trim_host_memory
 from deployments.lora import LoraSettings, adapter_to_dtype
 from deployments.progress import ReplicaProgress
 from deployments.reporting import node_id, replica_name, say_goodbye, start_reporting
@@ -90,12 +92,20 @@ class Generator:
         dtype = getattr(torch, self.profile.compute_dtype) if real_gpu else torch.float32
         # With the text-encoder stage the pipeline has no encoder: it is neither read nor held (host RAM, VRAM).
         self.own_encoder = self.profile.text_encoder != "stage"
-        self.pipe = load_pipeline(self.model_path, "cpu" if real_gpu else self.device, dtype,
-                                  text_encoder=self.own_encoder)
-        if real_gpu:
-            from cluster.profiles import apply_profile
+        # The host's replicas load one at a time (their load peaks must not add up); a simulated host holds the real
+        # model's host RAM by the host-memory model, and refuses a replica it cannot hold.
+        self.host = host_of(self.card, snapshot)
+        with host_load_lock(self.host.lock_name):
+            self.host.hold_loading(replica_host(self.profile, cuda=self.card is not None), f"a {tier.name} replica")
+            # On a card: each component in the profile's dtypes, a view of the host's one stored copy
+            # (cluster/weights.py).
+            self.pipe = load_pipeline(self.model_path, "cpu" if real_gpu else self.device, dtype,
+                                      text_encoder=self.own_encoder, profile=self.profile if real_gpu else None)
+            if real_gpu:
+                from cluster.profiles import apply_profile
 
-            apply_profile(self.pipe, self.profile, "cuda")
+                apply_profile(self.pipe, self.profile, "cuda")
+            self.host.hold_loaded()
         self.dtype = dtype
         # 5. A simulated card holds the real model's resident memory under this profile from now on.
         self.sim = None
@@ -419,6 +429,7 @@ class Generator:
             "node_id": node_id(),
             "pid": os.getpid(),
             "card": card,
+            "host_memory": self.host.describe(),
             "simulated": self.sim is not None,
             "load_seconds": round(self.load_seconds, 3),
             "busy": self._busy_since is not None,
@@ -450,3 +461,5 @@ class Generator:
             self.monitor.close()
         if getattr(self, "sim", None) is not None:
             self.sim.release()
+        if getattr(self, "host", None) is not None:
+            self.host.release()

@@ -248,8 +248,10 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 "lost": self.dispatcher.lost.get(tier.name),
             })
         routing = {"tier_policy": self.config.tier_policy, "in_tier_router": self.config.in_tier_router}
+        from deployments.hostmem import hosts_view
+
         return {"cards": cards, "tiers": tiers, "replicas": replicas, "routing": routing,
-                "text_encoder": self._text_encoder_view()}
+                "text_encoder": self._text_encoder_view(), "hosts": hosts_view(replicas + self._stage_state)}
 
     def _text_encoder_view(self) -> dict:
         """Where the text-encoder stage runs, as configured and as its replicas report, with their caches."""

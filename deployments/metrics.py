@@ -284,6 +284,22 @@ class FleetCollector(Collector):
         yield from self._replicas()
         yield from self._cards()
         yield from self._stage()
+        yield from self._hosts()
+
+    def _hosts(self):
+        from deployments.hostmem import hosts_view
+
+        total = GaugeMetricFamily("zit_host_memory_total_bytes", "Host RAM in total (the cgroup's limit in a "
+                                  "container; a simulated host's from its fleet file).", labels=["host"])
+        used = GaugeMetricFamily("zit_host_memory_used_bytes", "Host RAM in use, all processes (the kernel's "
+                                 "reading; a simulated host's accounting of its replicas).", labels=["host"])
+        need = GaugeMetricFamily("zit_host_memory_need_bytes", "Host RAM the host's replicas need by the host-memory "
+                                 "model (cluster/host_memory.py; each shared weight set once).", labels=["host"])
+        for host in hosts_view(self.reports + self.stage_reports):
+            for family, key in ((total, "ram_bytes"), (used, "used_bytes"), (need, "need_bytes")):
+                if host[key] is not None:
+                    family.add_metric([host["host"]], host[key])
+        return total, used, need
 
     def _stage(self):
         replicas = GaugeMetricFamily("zit_text_encoder_replicas", "Text-encoder stage replicas reporting.")

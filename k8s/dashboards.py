@@ -311,6 +311,25 @@ def cards() -> dash.Dashboard:
         .with_panel(graph(
             "VRAM used over time", "Memory in use on each card over time, all processes.", "bytes",
             query(f"zit_card_memory_used_bytes{{{CARD_FILTER}}}", CARD_LEGEND), span=24))
+        .with_row(dash.Row("Does each host have the RAM its replicas need?"))
+        .with_panel(
+            bargauge.Panel().title("Host RAM needed per host").description(
+                "What the host's replicas need in host RAM by the host-memory model (each shared weight set once), "
+                "as a share of the RAM it has. Above 100 % the kernel or Ray's memory monitor kills replicas: `zit "
+                "up` and `zit plan --fleet` say which cards to leave out.").unit("percentunit").min(0).max(1.2)
+            .datasource(DATASOURCE).span(12).height(8)
+            .thresholds(steps((None, "green"), (0.9, "orange"), (1, "red")))
+            .orientation(common.VizOrientation.HORIZONTAL).display_mode(common.BarGaugeDisplayMode.GRADIENT)
+            .show_unfilled(True).reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"])
+                                                .values(False))
+            .with_target(query('zit_host_memory_need_bytes{host=~"$host"} / zit_host_memory_total_bytes{host=~"$host"}',
+                               "{{host}}")))
+        .with_panel(graph(
+            "Host RAM used, needed and total", "Per host: RAM in use (the kernel's reading), what its replicas need "
+            "by the model, and its total (the cgroup's limit in a pod).", "bytes",
+            query('zit_host_memory_used_bytes{host=~"$host"}', "{{host}} used"),
+            query('zit_host_memory_need_bytes{host=~"$host"}', "{{host}} needed", "B"),
+            query('zit_host_memory_total_bytes{host=~"$host"}', "{{host}} total", "C"), span=12))
         .with_row(dash.Row("How hard does each card work?"))
         .with_panel(graph(
             "GPU utilisation", "Share of NVML's last sample period in which the card computed.", "percentunit",

@@ -18,10 +18,14 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from cluster.nvml import ZIT_FLEET_FILE_ENV, FakeNvml, GpuSnapshot, LocalCard
 from cluster.tiers import CLASSIFY_MARGIN, classify, tier_gib, tier_vram_bytes, vram_tiers
 from runtime.local import RAY_HEAD_PORT
+
+if TYPE_CHECKING:
+    from cluster.stages import StagePlacement
 
 LABEL_CARD = "zit/card"
 LABEL_TIER = "zit/tier"
@@ -264,23 +268,99 @@ def nodes_for_cards(cards: list[GpuSnapshot], fleet_file: str | Path | None,
     return nodes, skipped
 
 
+def cgroup_memory_limit() -> int | None:
+    """This process's cgroup memory limit in bytes (cgroup v2 `memory.max`, else v1 `memory.limit_in_bytes`), or None
+    without one: inside a container (a Kubernetes pod) it, not the machine, is the RAM there is."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 says "no limit" with a huge number
+            return int(text)
+        return None
+    return None
+
+
+def local_host_ram() -> dict[str, int]:
+    """This host's RAM: 'total' (the machine's, or the cgroup's limit when lower) and 'available' (what the kernel
+    could give now without swapping, within the cgroup's limit)."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    total, available = memory.total, memory.available
+    limit = cgroup_memory_limit()
+    if limit is not None and limit < total:
+        used = 0
+        try:
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        except (OSError, ValueError):
+            pass
+        total, available = limit, min(available, max(0, limit - used))
+    return {"total": total, "available": available}
+
+
+def host_ram_of(cards: list[GpuSnapshot], fleet_file: str | Path | None, running: bool = False
+                ) -> tuple[dict[str, int | None], str]:
+    """(host RAM by host name, the head's host) for planning `cards`: a fleet file's `host_ram_gb` (hosts it does not
+    list are not checked) with the head on its first card's host; for real cards this host's RAM available now, or
+    its total when a cluster already `running` here holds part of it."""
+    if fleet_file is not None:
+        from cluster.nvml import load_fleet_file
+
+        return dict(load_fleet_file(fleet_file).host_ram_bytes()), (cards[0].host if cards else None) or "localhost"
+    ram = local_host_ram()
+    return {"localhost": ram["total"] if running else ram["available"]}, "localhost"
+
+
+class CardPlan(NamedTuple):
+    """What `zit up` starts for a set of cards (`plan_card_nodes`)."""
+
+    nodes: list[CardNode]  # the card nodes to start
+    skipped: list[str]  # a line for each card that cannot serve, and why
+    tiers: list  # the tiers (TierConfig) with their settings
+    placement: "StagePlacement"  # the text-encoder stage's
+    hosts: dict  # host name -> cluster.host_memory.HostNeed: what its replicas need in host RAM, and what it has
+
+
 def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, configured: list | None = None,
-                    stage: str = "auto", stage_replicas: int = 1, lora_params: int = 0):
-    """What `zit up` (and an in-process simulated fleet) starts for `cards`: (card nodes, a line for each card that
-    cannot serve, the tiers with their settings from `configured`, the text-encoder stage's placement). The cards
-    that host the stage (cluster/stages.py place_text_encoder, as `stage` asks) offer its resource."""
+                    stage: str = "auto", stage_replicas: int = 1, lora_params: int = 0,
+                    host_ram: dict[str, int | None] | None = None, head_host: str | None = None) -> CardPlan:
+    """What `zit up` (and an in-process simulated fleet) starts for `cards`: the card nodes, a line for each card
+    that cannot serve, the tiers with their settings from `configured`, the text-encoder stage's placement (the cards
+    that host it offer its resource) and each host's need in host RAM. A card whose host's RAM (`host_ram`, by host
+    name; a fleet file's `host_ram_gb`) would not hold its replicas beside those placed before it is not joined, and
+    its line says why (cluster/host_memory.py plan_hosts); the tiers and the stage are then planned without it.
+    The head's processes count on `head_host`."""
+    from cluster.host_memory import HostNeed, plan_hosts
     from cluster.profiles import tier_profile
-    from cluster.stages import place_text_encoder
+    from cluster.stages import place_text_encoder, staged_tiers
     from cluster.tiers import tiers_for_cards
 
     nodes, skipped = nodes_for_cards(cards, fleet_file)
     usable = [node.card for node in nodes]
-    tiers = tiers_for_cards(usable, configured)
-    placement = place_text_encoder(usable, tiers, {t.name: tier_profile(t, lora_params) for t in tiers}, stage,
-                                   stage_replicas)
-    if placement.cards:
-        nodes, skipped = nodes_for_cards(cards, fleet_file, text_encoder_cards=placement.cards)
-    return nodes, skipped, tiers, placement
+
+    def place(usable: list[GpuSnapshot]):
+        tiers = tiers_for_cards(usable, configured)
+        placement = place_text_encoder(usable, tiers, {t.name: tier_profile(t, lora_params) for t in tiers}, stage,
+                                       stage_replicas)
+        staged = staged_tiers(tiers, placement.where, list(placement.tiers), placement.reserve_bytes)
+        hosts, refused = plan_hosts(usable, {t.name: tier_profile(t, lora_params) for t in staged},
+                                    placement.cards, placement.profile, host_ram, head_host)
+        return tiers, placement, hosts, refused
+
+    tiers, placement, hosts, refused = place(usable)
+    if refused:
+        skipped += [f"{c.name} [{c.uuid}] {refused[c.uuid]}: not joined" for c in usable if c.uuid in refused]
+        usable = [c for c in usable if c.uuid not in refused]
+        first, (tiers, placement, hosts, _) = hosts, place(usable)
+        for name, need in first.items():  # the second pass holds what is left; say what was left out, and why
+            if need.left_out:
+                hosts.setdefault(name, HostNeed(name, need.ram_bytes, head=need.head)).left_out.extend(need.left_out)
+    kept = {c.uuid for c in usable}
+    nodes = [card_node(node.card, fleet_file, text_encoder=node.card.uuid in placement.cards)
+             for node in nodes if node.card.uuid in kept]
+    return CardPlan(nodes, skipped, tiers, placement, hosts)
 
 
 # -- inside a replica ---------------------------------------------------------------------------------------------

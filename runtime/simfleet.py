@@ -70,7 +70,7 @@ def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: l
     from ray.cluster_utils import Cluster
 
     from cluster.nvml import ZIT_SIM_STATE_DIR_ENV, load_fleet
-    from runtime.nodes import apply_splits, plan_card_nodes
+    from runtime.nodes import apply_splits, host_ram_of, plan_card_nodes
 
     ensure_ray_process_env()
     # A private driver-state folder: simulated memory held by earlier runs must not leak into this one.
@@ -78,7 +78,9 @@ def fleet_cluster(fleet_file: Path, env: dict[str, str] | None = None, splits: l
     os.environ[ZIT_SIM_STATE_DIR_ENV] = state
     env = {**(env or {}), ZIT_SIM_STATE_DIR_ENV: state}
     cards = apply_splits(load_fleet(fleet_file), splits)
-    nodes, _, _, placement = plan_card_nodes(cards, fleet_file, stage=text_encoder)
+    host_ram, head_host = host_ram_of(cards, fleet_file)
+    nodes, _, _, placement, _ = plan_card_nodes(cards, fleet_file, stage=text_encoder, host_ram=host_ram,
+                                                head_host=head_host)
     STAGE_PLACEMENTS.append(placement)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "env_vars": env,
                                                            "resources": HEAD_RESOURCES})

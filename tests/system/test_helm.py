@@ -305,6 +305,11 @@ def test_every_enabled_class_renders_one_worker_group_on_its_cards(rendered, com
         gpu_request = container["resources"]["requests"].get("nvidia.com/gpu")
         gpu_limit = container["resources"]["limits"].get("nvidia.com/gpu")
         assert gpu_request == gpu_limit == 1, f"{name}: nvidia.com/gpu request {gpu_request}, limit {gpu_limit}"
+        request, limit = pod_memory_model(name, spec, chart_values["textEncoder"])
+        rendered_request = int(container["resources"]["requests"]["memory"].removesuffix("Mi"))
+        rendered_limit = int(container["resources"]["limits"]["memory"].removesuffix("Mi"))
+        assert abs(rendered_request - request) <= 8 and abs(rendered_limit - limit) <= 8, \
+            f"{name}: memory {rendered_request}/{rendered_limit} Mi, the host-memory model says {request}/{limit}"
         assert group["rayStartParams"]["num-gpus"] == "1"
         # KubeRay pastes rayStartParams into a shell line; the JSON must survive it (quotes stripped like KubeRay).
         # The group that hosts the text-encoder stage also offers it one slot per pod.
@@ -339,6 +344,51 @@ def test_every_enabled_class_renders_one_worker_group_on_its_cards(rendered, com
     offered = {name: json.loads(g["rayStartParams"]["resources"].strip("'")) for name, g in zip(classes, groups)}
     for tier in tiers:
         assert [name for name, r in offered.items() if set(tier.resources) & set(r)] == [tier.name]
+
+
+def pod_memory_model(name: str, spec: dict, stage: dict) -> tuple[float, float]:
+    """(request, limit) in MiB of a worker pod of group `name`, straight from the host-memory model: the Ray node,
+    `slots` replicas' own bytes, the stage's beside them in the group that hosts it, each weight set once; the limit
+    adds the load transient."""
+    from cluster.host_memory import CACHE_WRITE_BYTES, encoder_host, replica_host
+    from cluster.memory import load_calibration
+    from cluster.profiles import default_profile
+    from cluster.stages import stage_profile
+
+    cal = load_calibration()
+    profile = default_profile(name, spec["bf16"])
+    if stage["placement"] != "local":
+        profile = profile.model_copy(update={"text_encoder": "stage"})
+    replicas = [replica_host(profile, cal)] * spec["slots"]
+    if stage["placement"] == "workerGroup" and stage["workerGroup"] == name:
+        replicas.append(encoder_host(stage_profile(spec["bf16"], "offload"), cal))
+    shared = {k: v for r in replicas for k, v in r.shared.items()}
+    request = cal.host_ray_node_bytes + sum(r.runtime + r.private for r in replicas) + sum(shared.values())
+    return request / 2**20, (request + CACHE_WRITE_BYTES) / 2**20
+
+
+def test_pod_memory_comes_from_the_model_unless_a_group_sets_it_and_the_weights_cache_is_per_node():
+    """A group that sets its memory keeps it; every worker pod mounts the node's weights cache (a hostPath the
+    init container gives to the pods' user), or with weightsCache.hostPath null a per-pod emptyDir and no init
+    container."""
+    docs = render([], "workerGroups.vram_24.resources.requests.memory=20Gi",
+                  "workerGroups.vram_24.resources.limits.memory=30Gi")
+    [group] = only(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    [container] = group["template"]["spec"]["containers"]
+    assert container["resources"]["requests"]["memory"] == "20Gi"
+    assert container["resources"]["limits"]["memory"] == "30Gi"
+    assert {"name": "ZIT_WEIGHTS_DIR", "value": "/var/lib/zit/weights"} in container["env"]
+    assert {"name": "weights", "mountPath": "/var/lib/zit/weights"} in container["volumeMounts"]
+    pod = group["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "weights")
+    assert volume["hostPath"] == {"path": "/var/lib/zit-cluster/weights", "type": "DirectoryOrCreate"}
+    owner = next(c for c in pod["initContainers"] if c["name"] == "weights-cache-owner")
+    assert owner["securityContext"]["runAsUser"] == 0 and "chown 1000:1000 /var/lib/zit/weights" in owner["command"][2]
+    [group] = only(render([], "weightsCache.hostPath=null"), "RayService")["spec"]["rayClusterConfig"][
+        "workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "weights") == {"name": "weights", "emptyDir": {}}
+    assert all(c["name"] != "weights-cache-owner" for c in pod.get("initContainers", []))
 
 
 def test_a_node_affinity_check_can_fail():
@@ -577,8 +627,8 @@ def test_weights_volume_choices(rendered):
     for group in only(existing, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
         assert volumes["models"]["hostPath"]["path"] == "/srv/zit-models"
-        wait = group["template"]["spec"]["initContainers"][0]["args"][0]
-        assert "model_index.json" in wait
+        wait = next(c for c in group["template"]["spec"]["initContainers"] if c["name"] == "wait-for-weights")
+        assert "model_index.json" in wait["args"][0]
 
 
 def test_api_keys_come_from_a_secret_mounted_on_the_head(rendered):

@@ -180,7 +180,8 @@ def test_the_metrics_endpoint_speaks_prometheus_text(scraped):
 def test_prometheus_has_every_metric_with_its_labels(scraped):
     prometheus, _, cards, _ = scraped
     names = {row["metric"]["__name__"] for row in prometheus.query('count by (__name__) ({__name__=~"zit_.+"})')}
-    expected = EXPOSED_SERIES | {"zit_card_node_up"}
+    expected = EXPOSED_SERIES | {"zit_card_node_up", "zit_host_memory_total_bytes", "zit_host_memory_used_bytes",
+                                 "zit_host_memory_need_bytes"}
     assert expected <= names, f"missing: {sorted(expected - names)}"
     # Labels: only the low-cardinality ones, no prompt anywhere.
     for series in prometheus.series('{__name__=~"zit_.+"}'):

@@ -108,6 +108,25 @@ def test_a_request_split_over_tiers_is_encoded_once_by_the_stage_and_a_repeat_no
     assert hits and float(hits.group(1)) >= 1
 
 
+def test_the_fleet_view_shows_each_hosts_ram_and_what_its_replicas_need(tier_aware):
+    """Every simulated host of mixed.yaml reports its RAM (32 GiB, from the fleet file), what its replicas hold of it
+    by the host-memory model (the simulated host's accounting), and their need: within the RAM, as `zit plan`
+    predicted; the RTX 4090's host also maps the stage's encoder."""
+    from cluster.nvml import load_fleet_file
+
+    _, _, url = tier_aware
+    hosts = {h["host"]: h for h in httpx.get(f"{url}/v1/fleet", timeout=30).json()["hosts"]}
+    given = load_fleet_file(FLEETS / "mixed.yaml").host_ram_gb
+    assert set(hosts) == set(given)
+    for name, host in hosts.items():
+        assert host["simulated"] and host["ram_gib"] == given[name]
+        assert 0 < host["need_gib"] <= host["ram_gib"] and host["used_gib"] == pytest.approx(host["need_gib"], abs=0.01)
+    assert "text_encoder-leaves-bfloat16" in hosts["host-c"]["shared_gib"]
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    total = re.search(r'^zit_host_memory_total_bytes\{host="host-a"\} (\S+)$', metrics, re.M)
+    assert total and float(total.group(1)) == 32 * 2**30
+
+
 def wait_for_policy(url: str, tier_policy: str, in_tier_router: str, reads: int = 3, timeout_s: float = 60) -> None:
     """GET /v1/fleet until `reads` answers in a row come from an ingress with this routing: after a redeploy the
     proxy may still hand a request or two to the ingress being replaced."""

@@ -270,3 +270,36 @@ JSON text: a JSON round trip would turn vram_bytes into a float.)
 {{- $config := dict "proxy_location" "HeadOnly" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
 {{- toYaml $config -}}
 {{- end -}}
+
+{{/*
+A worker pod's memory from the host-memory model (files/pod-memory.json, written by k8s/pod_memory.py from
+cluster/host_memory.py), as JSON {"request": "<n>Mi", "limit": "<n>Mi"}. Argument: (list $ $name $group). The
+request is what the pod keeps: its Ray node's processes, `slots` replicas' own bytes, the stage's when the group
+hosts it, and each weight set they map (whole: the first pod to read a page of the shared weights cache is charged
+for it); the limit adds the load transient. A tier the file does not know must set its memory itself.
+*/}}
+{{- define "zit.podMemory" -}}
+{{- $root := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- $group := index . 2 -}}
+{{- $model := $root.Files.Get "files/pod-memory.json" | fromJson -}}
+{{- $tier := index $model.tiers $name -}}
+{{- if not $tier -}}
+{{- fail (printf "workerGroups.%s: files/pod-memory.json has no host-memory figures for tier %s; set its resources.requests.memory and resources.limits.memory" $name $name) -}}
+{{- end -}}
+{{- $dtype := ternary "bf16" "fp32" (eq (toString $group.bf16) "true") -}}
+{{- $replica := index (index $tier $dtype) (ternary "local" "stage" (eq $root.Values.textEncoder.placement "local")) -}}
+{{- $own := mul (int64 $replica.own_mib) (int64 (default 1 $group.slots)) -}}
+{{- $shared := deepCopy $replica.shared_mib -}}
+{{- if and (eq $root.Values.textEncoder.placement "workerGroup") (eq (toString $root.Values.textEncoder.workerGroup) $name) -}}
+{{- /* The stage's replica beside the generators; offloaded counts the most host memory. */ -}}
+{{- $stage := index (index $model.stage $dtype) "offload" -}}
+{{- $own = add $own (int64 $stage.own_mib) -}}
+{{- $shared = merge $shared $stage.shared_mib -}}
+{{- end -}}
+{{- $request := add (int64 $model.ray_node_mib) $own -}}
+{{- range $set, $mib := $shared -}}
+{{- $request = add $request (int64 $mib) -}}
+{{- end -}}
+{{- toJson (dict "request" (printf "%dMi" $request) "limit" (printf "%dMi" (add $request (int64 $model.load_transient_mib)))) -}}
+{{- end }}

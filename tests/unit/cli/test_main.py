@@ -111,3 +111,16 @@ def test_download_behind_a_proxy_skips_the_direct_check_and_goes_through_the_pro
     assert "download of Tongyi-MAI/Z-Image-Turbo failed" in proc.stdout
     assert f"modelscope download --model Tongyi-MAI/Z-Image-Turbo --local_dir {tmp_path / 'zit'}" in proc.stdout
     assert any(path.startswith(hub) and "Tongyi-MAI" in path for path in hits), hits
+
+
+def test_up_on_a_host_too_small_for_any_replica_refuses_with_the_reason(tmp_path, capsys):
+    """A host of 4 GiB cannot hold a replica of the real model (its process alone, plus the weights it maps): `zit
+    up --fleet` says so for each card and starts nothing (Ray is never started)."""
+    fleet = tmp_path / "small.yaml"
+    fleet.write_text("name: small\nhost_ram_gb: {tiny-box: 4}\ncards:\n"
+                     "  - {model: NVIDIA GeForce RTX 3060, vram_gb: 12, compute_capability: '8.6', host: tiny-box}\n"
+                     "  - {model: NVIDIA GeForce RTX 2060, vram_gb: 6, compute_capability: '7.5', host: tiny-box}\n")
+    assert main(["up", "--fleet", str(fleet)]) == 2
+    out = capsys.readouterr().out
+    assert out.count("host tiny-box has 4.0 GiB of RAM; with ") == 2 and "GiB of its own" in out
+    assert "not joined" in out and "error: no card can serve" in out and "Starting Ray" not in out

@@ -12,6 +12,13 @@ from deployments.config import load_service_config
 
 
 def run_json(capsys, *argv):
+    """(exit code, the tier rows) of `zit plan ARGV --json`."""
+    code, out = run_plan(capsys, *argv)
+    return code, out["tiers"]
+
+
+def run_plan(capsys, *argv):
+    """(exit code, the whole JSON object) of `zit plan ARGV --json`."""
     code = main(["plan", *argv, "--json"])
     return code, json.loads(capsys.readouterr().out)
 
@@ -142,3 +149,26 @@ def test_plan_with_a_config_the_service_would_refuse_says_why(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().out
     assert main(["plan", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().out
+
+
+def test_plan_one_box_reports_the_hosts_ram_need_and_what_it_has(repo_root, capsys):
+    """The issue's check: each host's need against its RAM, at most 32 GiB on one-box.yaml's single host, and the
+    cards its RAM cannot hold named with the reason (the tiers are planned without them, as `zit up` starts)."""
+    code, out = run_plan(capsys, "--fleet", str(repo_root / "cluster/fleets/one-box.yaml"), "--size", "1024x1024",
+                         "--n", "1")
+    assert code == 0
+    (box,) = out["hosts"]
+    assert box["host"] == "box" and box["ram_gb"] == 32.0 and box["fits"] and box["need_gb"] <= 32.0
+    assert box["head"] and box["ray_nodes"] == len(box["replicas"]) - 1  # the stage shares its card's node
+    assert {r["what"] for r in box["replicas"]} >= {"text-encoder stage", "vram_24 on NVIDIA GeForce RTX 4090"}
+    assert box["left_out"] and all("host box has 32.0 GiB" in x["why"] for x in box["left_out"])
+    planned = {r["tier"] for r in out["tiers"]}
+    assert "vram_24" in planned and len(planned) == len(box["replicas"]) - 1
+    assert main(["plan", "--fleet", str(repo_root / "cluster/fleets/one-box.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "box: needs" in text and "has 32.0 GiB  ok" in text and "left out: " in text and "shared once: " in text
+
+
+def test_plan_without_a_fleet_has_no_hosts(capsys):
+    code, out = run_plan(capsys, "--size", "512x512")
+    assert code == 0 and out["hosts"] == [] and "give --fleet" in out["text_encoder"]

@@ -41,7 +41,7 @@ def built_for(repo_root, fleet: str, placement: str = "auto"):
     from runtime.nodes import plan_card_nodes
 
     path = repo_root / "cluster" / "fleets" / f"{fleet}.yaml"
-    nodes, _, tiers, stage = plan_card_nodes(load_fleet(path), path, stage=placement)
+    nodes, _, tiers, stage, _ = plan_card_nodes(load_fleet(path), path, stage=placement)
     config = ServiceConfig(tiers=tiers, text_encoder=TextEncoderSettings(placement=placement).resolve(stage))
     return {d.name: d for d in serve_build(build_app(config), name="zit").deployments}, nodes, stage
 

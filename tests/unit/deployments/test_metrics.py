@@ -80,8 +80,11 @@ def result(tier="vram_12", images=2, degraded=False, seconds_per_step=0.05) -> G
 
 
 def report(card, tier=None, busy=False, **card_overrides) -> dict:
+    """A replica's report as a Generator on a simulated card sends it (deployments/generator.py describe)."""
+    memory = {"host": card.host or "h", "simulated": True, "ram_bytes": 32 * GIB, "used_bytes": 4 * GIB,
+              "private_bytes": 2 * GIB, "shared": {"transformer-leaves-bfloat16": 11 * GIB}}
     return {"replica": f"rep-{card.uuid[-6:]}", "tier": tier or card.tier, "busy": busy,
-            "card": {**card.to_dict(), **card_overrides}}
+            "card": {**card.to_dict(), **card_overrides}, "host_memory": memory}
 
 
 # -- names and labels --------------------------------------------------------------------------------------------
@@ -498,3 +501,18 @@ def test_every_series_a_dashboard_or_alert_reads_exists_before_the_first_request
     rejections = {(l["status"], l["reason"]) for l, _ in present["zit_rejections_total"]}
     assert {("503", "tiers_full"), ("422", "no_tier_fits"), ("429", "rate_limited")} <= rejections
 
+
+
+def test_host_memory_counts_each_hosts_shared_weights_once():
+    """Two replicas on host-a mapping the same stored transformer, one on host-b: host-a needs its two replicas' own
+    bytes and the transformer once; the totals and readings are each host's."""
+    cards = [c for c in load_fleet(FLEET) if c.host in ("host-a", "host-b")][:3]
+    m = ServiceMetrics(tiers())
+    m.fleet.observe_reports([report(card) for card in cards])
+    from collections import Counter
+
+    per_host = Counter(card.host for card in cards)
+    for host, count in per_host.items():
+        assert value(m, "zit_host_memory_need_bytes", host=host) == count * 2 * GIB + 11 * GIB
+        assert value(m, "zit_host_memory_total_bytes", host=host) == 32 * GIB
+        assert value(m, "zit_host_memory_used_bytes", host=host) == 4 * GIB

@@ -1,0 +1,291 @@
+"""One copy of each stored weight set per host: the weights cache, and loading components as views of it.
+
+A replica runs each component with its tensors in fixed dtypes: the leaves layerwise casting stores small in the
+profile's storage dtype (bf16 or fp8), the modules it skips (norms, embeddings) in the compute dtype, all of it in
+the compute dtype without casting. The weights cache holds each component in exactly those dtypes, one folder per
+(model, component, dtypes) on the host's disk (`weights_dir()`: ZIT_WEIGHTS_DIR, else the cache dir), written once
+per host, tensor by tensor from the model folder, so at most one shard is in memory however big the model.
+
+Replicas load a component as views of its memory-mapped safetensors files (built on the meta device, then
+`load_state_dict(assign=True)`): no private copy, and the kernel's page cache holds ONE copy of each file for every
+process on the host that maps it, whether they are `zit up`'s replicas on one machine, `zit node`'s on another, or
+pods on one Kubernetes node sharing the cache through a hostPath volume. When a component's files already hold
+every tensor in the dtype it runs in (Z-Image-Turbo's bf16 text encoder under a bf16 profile), they are mapped
+directly and nothing is written.
+
+Writing takes a file lock per entry, so the replicas of a host that start together write it once; an entry is
+complete when its `complete.json` exists (a crash mid-write leaves no such file, and the next writer starts over).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cluster.paths import cache_dir
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+ZIT_WEIGHTS_DIR_ENV = "ZIT_WEIGHTS_DIR"
+# Tensors per written file: small enough that writing holds little memory, few enough files for a 12 GB component.
+SHARD_BYTES = 2 << 30
+COMPLETE = "complete.json"
+
+
+def weights_dir() -> Path:
+    """Where this host keeps its weights cache."""
+    override = os.environ.get(ZIT_WEIGHTS_DIR_ENV)
+    return Path(override).expanduser() if override else cache_dir() / "weights"
+
+
+def _component_class(folder: Path, component: str):
+    """The class model_index.json names for `component` ('transformer', 'text_encoder', 'vae')."""
+    import importlib
+
+    library, name = json.loads((folder / "model_index.json").read_text())[component]
+    return getattr(importlib.import_module(library), name)
+
+
+def _empty(folder: Path, component: str, compute: "torch.dtype"):
+    """The component built from its config with parameters on the meta device (buffers real, as its __init__
+    computes them), in `compute`."""
+    import torch
+    from accelerate import init_empty_weights
+
+    cls = _component_class(folder, component)
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "load_config"):  # diffusers
+            module = cls.from_config(cls.load_config(folder / component))
+        else:  # transformers
+            from transformers import AutoConfig
+
+            module = cls._from_config(AutoConfig.from_pretrained(folder / component))
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(compute)
+    return torch.nn.Module.to(module, compute).eval()  # Module.to: diffusers' own warns about float32 modules
+
+
+def layerwise_cast(component: str, module, storage: "torch.dtype", compute: "torch.dtype") -> None:
+    """Store `module`'s leaves in `storage`, each upcast to `compute` for its own forward (diffusers' hooks), skipping
+    what is precision sensitive: the transformer's own skip list, and for the text encoder the norms and the token
+    embedding (an upcast copy of the 151936 x 2560 embedding would be its largest transient, and a bf16 lookup
+    would round layer 0's norm on float32 cards)."""
+    import torch
+
+    if component == "transformer":
+        module.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+    else:
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(module, storage_dtype=storage, compute_dtype=compute, skip_modules_pattern="auto",
+                                skip_modules_classes=(torch.nn.Embedding,))
+
+
+def _dtype_name(dtype: "torch.dtype") -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parts(folder: Path, component: str, storage: "torch.dtype", compute: "torch.dtype") -> dict[str, tuple]:
+    """`component`'s parameters in two parts, each with the dtype it runs in and the dtype it is cast through:
+    'leaves' (what layerwise casting stores small: `storage`, reached through `compute` as a loaded pipeline is
+    cast) and 'rest' (what casting skips, or everything without casting: `compute`). {part: (names, dtype, via)}.
+    Which parameters are leaves is the module's structure, the same whatever the dtypes (read from the component
+    built on the meta device and cast as the replica casts it, `layerwise_cast`), so the leaves of a bf16 store are
+    one part for bf16 and float32 compute alike."""
+    import torch
+
+    module = _empty(folder, component, compute)
+    probe = torch.float8_e5m2 if compute != torch.float8_e5m2 else torch.float8_e4m3fn
+    layerwise_cast(component, module, probe, compute)  # only to see which parameters casting stores small
+    leaves = {name for name, p in module.named_parameters() if p.dtype == probe}
+    rest = {name for name, _ in module.named_parameters()} - leaves
+    # bf16 from float32 is one rounding whatever the compute dtype; an 8-bit store goes through the compute dtype
+    # as the cast pipeline's does, so its values depend on it.
+    via = compute if DTYPE_BITS.get(_dtype_name(storage), 16) < 16 else storage
+    return {"leaves": (leaves, storage, via), "rest": (rest, compute, compute)}
+
+
+DTYPE_BITS = {"float8_e4m3fn": 8, "float8_e5m2": 8}
+
+
+def part_name(component: str, part: str, dtype: "torch.dtype", via: "torch.dtype") -> str:
+    """A stored part's name (its cache entry's folder, and the shared set the host-memory model counts)."""
+    suffix = f"-via-{_dtype_name(via)}" if via != dtype else ""
+    return f"{component}-{part}-{_dtype_name(dtype)}{suffix}"
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _model_key(folder: Path, component: str) -> str:
+    """The model folder's part of an entry's path: its name, and a digest of its path and each file's size and
+    mtime (a new download gets new entries)."""
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for file in _files(folder / component):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{folder.name}-{digest.hexdigest()[:12]}"
+
+
+def _file_dtypes(folder: Path) -> dict[str, "torch.dtype"]:
+    from safetensors import safe_open
+
+    out = {}
+    for file in _files(folder):
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                out[name] = _torch_dtype(handle.get_slice(name).get_dtype())
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3fn",
+                       "F8_E5M2": "float8_e5m2"}
+
+
+def stored_parts(folder: Path, component: str, storage: "torch.dtype", compute: "torch.dtype",
+                 progress=None) -> list[tuple[Path, set[str]]]:
+    """Where each part of `component` is stored in the dtype it runs in: [(folder, parameter names)]. A part whose
+    tensors the model's own files already hold in that dtype is read from them; any other from the host's cache
+    entry, written now if missing (tensor by tensor, at most SHARD_BYTES held; `progress(done_bytes, total_bytes)`
+    as it goes). Raises OSError when an entry cannot be written (a full disk: the message says how much it needs
+    and where)."""
+    source = folder / component
+    have = _file_dtypes(source)
+    out = []
+    for part, (names, dtype, via) in parts(folder, component, storage, compute).items():
+        if not names:
+            continue
+        if all(have.get(name) == dtype for name in names):
+            out.append((source, names))
+            continue
+        entry = weights_dir() / _model_key(folder, component) / part_name(component, part, dtype, via)
+        if not (entry / COMPLETE).is_file():
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with _locked(entry.with_suffix(".lock")):
+                if not (entry / COMPLETE).is_file():  # another replica of this host may have written it meanwhile
+                    _write(source, entry, names, dtype, via, progress)
+        out.append((entry, names))
+    return out
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write(source: Path, entry: Path, names: set[str], dtype: "torch.dtype", via: "torch.dtype",
+           progress=None) -> None:
+    """Write the `names` tensors of `source` into `entry` in `dtype`, each cast through `via` first (as casting a
+    loaded pipeline does: the model's float32 weights to the compute dtype, then leaf by leaf to the storage
+    dtype), so a stored copy gives the same images as the cast one. Written into a sibling folder and renamed when
+    complete."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.rmtree(entry, ignore_errors=True)
+    partial = entry.with_name(entry.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    sizes = {}
+    for file in _files(source):
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                if name in names:
+                    count = 1
+                    for side in handle.get_slice(name).get_shape():
+                        count *= side
+                    sizes[name] = count * dtype.itemsize
+    total = sum(sizes.values())
+    free = shutil.disk_usage(partial).free
+    if free < total:
+        raise OSError(f"the weights cache needs {total / 2**30:.1f} GiB at {partial.parent} and the disk has "
+                      f"{free / 2**30:.1f} GiB free; free some, or point {ZIT_WEIGHTS_DIR_ENV} at a larger disk")
+    logger.info("writing %s (%.1f GiB) into the weights cache", entry.name, total / 2**30)
+    done, shard, held, index = 0, {}, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, held, index
+        if shard:
+            save_file(shard, str(partial / f"weights-{index:05d}.safetensors"))
+            index += 1
+            shard, held = {}, 0
+            if progress:
+                progress(done, total)
+
+    for file in _files(source):
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                if name not in names:
+                    continue
+                tensor = handle.get_tensor(name)
+                if tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(via)
+                shard[name] = tensor.to(dtype).contiguous()
+                held += sizes[name]
+                done += sizes[name]
+                if held >= SHARD_BYTES:
+                    flush()
+    flush()
+    for config in source.glob("*.json"):
+        shutil.copy2(config, partial / config.name)
+    (partial / COMPLETE).write_text(json.dumps({"source": str(source), "bytes": total, "tensors": len(sizes)}))
+    partial.rename(entry)
+
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, _SAFETENSORS_DTYPES.get(name, name.lower()))
+
+
+def load_component(folder: Path, component: str, storage: "torch.dtype", compute: "torch.dtype", progress=None):
+    """`component` of the model `folder` with each parameter in the dtype it runs in under (storage, compute), as
+    views of the host's stored parts (`stored_parts`): built on the meta device and assigned the memory-mapped
+    tensors. Layerwise casting's hooks are not attached here (`cluster.profiles.apply_profile` does, and finds the
+    leaves already in the storage dtype)."""
+    from safetensors.torch import load_file
+
+    module = _empty(folder, component, compute)
+    state = {}
+    for where, names in stored_parts(folder, component, storage, compute, progress):
+        for file in _files(where):
+            state.update((k, v) for k, v in load_file(str(file)).items() if k in names)  # views of the pages
+    buffers = {name for name, _ in module.named_buffers()}
+    for file in _files(folder / component):  # persistent buffers saved with the model (small), in the compute dtype
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as handle:
+            for name in set(handle.keys()) & buffers:
+                tensor = handle.get_tensor(name)
+                state[name] = tensor.to(compute) if tensor.is_floating_point() else tensor
+    module.load_state_dict(state, strict=True, assign=True)
+    module._zit_stored = (_dtype_name(storage), _dtype_name(compute))
+    return module
+
+
+@contextlib.contextmanager
+def host_load_lock(name: str = "load"):
+    """Held while a replica loads, so the replicas of one host load one at a time and their load peaks never add up
+    (cluster/host_memory.py counts one). One lock file per host's weights dir; a simulated fleet, whose hosts share
+    this machine's dir, passes one `name` per simulated host."""
+    folder = weights_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder / f"{name}.lock"):
+        yield

@@ -1,0 +1,118 @@
+"""The host-memory model (cluster/host_memory.py) against hand-computed cases, and placement by host RAM."""
+
+import pytest
+
+from cluster.host_memory import CACHE_WRITE_BYTES, HostNeed, encoder_host, plan_hosts, replica_host
+from cluster.memory import GIB, load_calibration
+from cluster.nvml import load_fleet, load_fleet_file
+from cluster.profiles import default_profile
+from cluster.stages import stage_profile
+
+CAL = load_calibration()
+RUNTIME = CAL.host_runtime_bytes + CAL.host_cuda_bytes  # 0.5 + 1.0 GiB
+
+
+def staged(tier, bf16):
+    return default_profile(tier, bf16).model_copy(update={"text_encoder": "stage"})
+
+
+def test_a_resident_replica_keeps_only_its_runtime_on_the_host():
+    estimate = replica_host(staged("vram_24", True), CAL)
+    assert estimate.runtime == RUNTIME == 1.5 * GIB
+    assert estimate.private == 0 and estimate.shared == {}
+    assert estimate.load_transient == CACHE_WRITE_BYTES  # writing a missing stored copy: one 2 GiB shard
+
+
+def test_block_offload_maps_the_stored_copy_and_pins_only_the_groups_in_flight():
+    """vram_8: fp8 storage, bf16 compute, block-level group offload with streams. Shared: the fp8 leaves
+    (6,154,908,736 - 10,900,992 skipped params, 1 byte each, cast through bf16) and the skipped params in bf16.
+    Private: two blocks of 180,910,336 params x 1 byte and the skipped group x 2 bytes in pinned staging, x1.508."""
+    estimate = replica_host(staged("vram_8", True), CAL)
+    assert estimate.shared == {"transformer-leaves-float8_e4m3fn-via-bfloat16": 6_154_908_736 - 10_900_992,
+                               "transformer-rest-bfloat16": 10_900_992 * 2}
+    assert estimate.private == int((2 * 180_910_336 * 1 + 10_900_992 * 2) * 1.508)
+    assert estimate.steady == RUNTIME + estimate.private + 6_154_908_736 + 10_900_992
+
+
+def test_a_card_without_bf16_maps_bf16_weights_and_makes_no_float32_copy():
+    """vram_6-fp32 computes in float32 from bf16 storage: the shared set is the bf16 transformer (12.3 GB), never
+    the 24.6 GB float32 one, and the load adds only the cache writer's shard."""
+    estimate = replica_host(staged("vram_6", False), CAL)
+    assert estimate.shared == {"transformer-leaves-bfloat16": (6_154_908_736 - 10_900_992) * 2,
+                               "transformer-rest-float32": 10_900_992 * 4}
+    assert estimate.load_transient == CACHE_WRITE_BYTES
+    assert estimate.load_peak < 20 * GIB  # the old load path: about 40 GB (float32 copies of the encoder too)
+
+
+def test_an_encoder_in_the_generator_is_a_shared_set_with_its_embedding_in_the_compute_dtype():
+    """vram_12 without the stage: the encoder is group-offloaded from the host: its layers in bf16 (one set for
+    both cards) and what casting skips (the token embedding and norms, 389,152,256 params) in the compute dtype,
+    float32 on a card without bf16."""
+    p, e = 4_022_468_096, 389_152_256
+    bf16 = replica_host(default_profile("vram_12", True), CAL)
+    fp32 = replica_host(default_profile("vram_12", False), CAL)
+    assert bf16.shared["text_encoder-leaves-bfloat16"] == fp32.shared["text_encoder-leaves-bfloat16"] == (p - e) * 2
+    assert (bf16.shared["text_encoder-rest-bfloat16"], fp32.shared["text_encoder-rest-float32"]) == (e * 2, e * 4)
+    staging = (2 * 100_930_816 * 2 + e * 2) * 1.41  # two layers and the embedding group, pinned as they are sent
+    assert bf16.private == int(staging)
+
+
+def test_the_stage_keeps_the_encoder_and_no_transformer():
+    estimate = encoder_host(stage_profile(True, "offload"), CAL)
+    assert set(estimate.shared) == {"text_encoder-leaves-bfloat16", "text_encoder-rest-bfloat16"}
+    assert encoder_host(stage_profile(True, "gpu"), CAL).shared == {}
+
+
+def test_a_host_counts_each_shared_set_once_and_one_load_transient():
+    """Four GTX 1650s (vram_4-fp32, leaf offload from bf16 storage) on one host: one bf16 transformer for all four,
+    not four."""
+    one = replica_host(staged("vram_4", False), CAL)
+    need = HostNeed("lab-01", 32 * GIB, calibration=CAL)
+    for i in range(4):
+        need = need.with_replica(f"vram_4 #{i}", one)
+    shared = (6_154_908_736 - 10_900_992) * 2 + 10_900_992 * 4
+    assert need.shared == {"transformer-leaves-bfloat16": (6_154_908_736 - 10_900_992) * 2,
+                           "transformer-rest-float32": 10_900_992 * 4}
+    assert need.steady == 4 * (one.runtime + one.private) + shared + 4 * CAL.host_ray_node_bytes
+    assert need.need == need.steady + CACHE_WRITE_BYTES
+    assert need.need < 4 * one.steady / 2
+
+
+def test_one_box_host_holds_what_its_ram_allows_and_says_why_the_rest_is_left_out(repo_root):
+    """one-box.yaml: five cards in one 32 GiB host. The fastest cards are kept; each left out one says how much the
+    host would need with it."""
+    path = repo_root / "cluster/fleets/one-box.yaml"
+    cards = load_fleet(path)
+    profiles = {c.tier: staged(c.tier, c.bf16) for c in cards}
+    stage_card = next(c.uuid for c in cards if c.tier == "vram_24")
+    needs, refused = plan_hosts(cards, profiles, (stage_card,), stage_profile(True, "offload"),
+                                load_fleet_file(path).host_ram_bytes(), "box", CAL)
+    box = needs["box"]
+    assert box.ram_bytes == 32 * GIB and box.need <= box.ram_bytes and box.head
+    kept = {what.split(" on ")[-1] for what, _ in box.replicas}
+    assert "NVIDIA GeForce RTX 4090" in kept and "NVIDIA GeForce RTX 3070" in kept
+    assert refused and all("host box has 32.0 GiB of RAM" in why and "would need" in why for why in refused.values())
+    left = {c.name for c in cards if c.uuid in refused}
+    assert all(c.speed <= min(k.speed for k in cards if k.name in kept) for c in cards if c.name in left)
+
+
+def test_without_ram_given_nothing_is_refused(repo_root):
+    cards = load_fleet(repo_root / "cluster/fleets/one-box.yaml")
+    needs, refused = plan_hosts(cards, {c.tier: staged(c.tier, c.bf16) for c in cards}, calibration=CAL)
+    assert refused == {} and needs["box"].ram_bytes is None and needs["box"].to_dict()["fits"]
+
+
+def test_a_fleet_file_cannot_give_ram_to_a_host_without_cards(tmp_path):
+    path = tmp_path / "f.yaml"
+    path.write_text("name: f\nhost_ram_gb: {nowhere: 16}\ncards:\n"
+                    "  - {model: NVIDIA GeForce RTX 3060, vram_gb: 12, compute_capability: '8.6', host: a}\n")
+    with pytest.raises(ValueError, match="host_ram_gb names nowhere, which no card sits in"):
+        load_fleet_file(path)
+
+
+def test_a_bf16_card_and_a_float32_card_offloading_from_one_host_share_the_leaves():
+    """vram_6 (bf16) and vram_6-fp32 beside each other: one bf16 leaves set, two small rest sets."""
+    need = HostNeed("h", None, calibration=CAL)
+    need = need.with_replica("a", replica_host(staged("vram_6", True), CAL))
+    need = need.with_replica("b", replica_host(staged("vram_6", False), CAL))
+    assert set(need.shared) == {"transformer-leaves-bfloat16", "transformer-rest-bfloat16", "transformer-rest-float32"}

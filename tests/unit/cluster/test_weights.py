@@ -1,0 +1,157 @@
+"""The weights cache (cluster/weights.py): components in the dtypes they run in, loaded as views of one stored copy
+per host that every process maps, on the tiny model through the same code as the full-size path."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cluster.profiles import apply_profile, resolve_profile
+from cluster.weights import ZIT_WEIGHTS_DIR_ENV, load_component, stored_parts
+
+
+@pytest.fixture
+def weights_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(ZIT_WEIGHTS_DIR_ENV, str(tmp_path / "weights"))
+    return tmp_path / "weights"
+
+
+def mapped_ranges(path_part: str) -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if path_part in line:
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def test_a_component_already_in_its_dtypes_is_mapped_from_the_model_folder(tiny_model_dir, weights_dir):
+    """The tiny model is stored in float32: run in float32 it needs no stored copy; every parameter is a view of the
+    model's own file (no private copy)."""
+    assert {where for where, _ in stored_parts(tiny_model_dir, "transformer", torch.float32, torch.float32)} == \
+        {tiny_model_dir / "transformer"}
+    module = load_component(tiny_model_dir, "transformer", torch.float32, torch.float32)
+    ranges = mapped_ranges(str(tiny_model_dir / "transformer"))
+    params = list(module.parameters())
+    assert ranges and all(any(a <= p.data_ptr() < b for a, b in ranges) for p in params)
+    assert not weights_dir.exists() or not any(weights_dir.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("component, storage, compute", [
+    ("transformer", torch.bfloat16, torch.float32),
+    ("transformer", torch.float8_e4m3fn, torch.bfloat16),
+    ("text_encoder", torch.bfloat16, torch.float32),
+])
+def test_a_stored_copy_holds_each_tensor_in_the_dtype_it_runs_in(tiny_model_dir, weights_dir, component, storage,
+                                                                   compute):
+    """Layerwise-cast leaves in the storage dtype, what casting skips (norms, embeddings) in the compute dtype, each
+    part written once per host (a second load maps the same files), and loaded as views of them."""
+    stored = stored_parts(tiny_model_dir, component, storage, compute)
+    folders = [where for where, _ in stored]
+    # What is not in its dtype in the model's files is written to the cache (the tiny model is float32 throughout:
+    # a float32 part is read from its own folder).
+    assert all(f == tiny_model_dir / component or f.parent.parent == weights_dir and (f / "complete.json").is_file()
+               for f in folders)
+    assert any(f.name.startswith(f"{component}-leaves-") for f in folders)
+    written = {f: f.stat().st_mtime_ns for folder in folders for f in folder.glob("*.safetensors")}
+    module = load_component(tiny_model_dir, component, storage, compute)
+    assert {f: f.stat().st_mtime_ns for folder in folders for f in folder.glob("*.safetensors")} == written
+    dtypes = {p.dtype for p in module.parameters()}
+    assert dtypes == {storage, compute}
+    embedding = module.embed_tokens.weight if component == "text_encoder" else module.t_embedder.mlp[0].weight
+    assert embedding.dtype == compute  # precision-sensitive modules are never stored small
+    ranges = [r for folder in folders for r in mapped_ranges(str(folder))]
+    assert all(any(a <= p.data_ptr() < b for a, b in ranges) for p in module.parameters())
+
+
+def test_the_big_part_is_one_copy_for_every_compute_dtype(tiny_model_dir, weights_dir):
+    """bf16-stored leaves are the same bytes whether the card computes in bf16 or float32: one stored part for
+    both; only the small rest (norms, embeddings) differs. An 8-bit store is cast through the compute dtype (as the
+    cast pipeline is), so it is one part per compute dtype."""
+    bf16 = dict((w.name, n) for w, n in stored_parts(tiny_model_dir, "transformer", torch.bfloat16, torch.bfloat16))
+    fp32 = dict((w.name, n) for w, n in stored_parts(tiny_model_dir, "transformer", torch.bfloat16, torch.float32))
+    assert "transformer-leaves-bfloat16" in bf16 and "transformer-leaves-bfloat16" in fp32
+    # The rest: written in bf16; in float32 it is the tiny model's own file.
+    assert set(bf16) == {"transformer-leaves-bfloat16", "transformer-rest-bfloat16"}
+    assert set(fp32) == {"transformer-leaves-bfloat16", "transformer"}
+    fp8 = {w.name for w, _ in stored_parts(tiny_model_dir, "transformer", torch.float8_e4m3fn, torch.bfloat16)}
+    assert "transformer-leaves-float8_e4m3fn-via-bfloat16" in fp8
+
+
+CASES = {
+    "fp8 storage, bf16 compute": ("vram_12", True, {}),
+    "block offload, bf16 storage, fp32 compute": ("vram_6", False, {}),
+    "leaf offload, bf16 storage, fp32 compute": ("vram_4", False, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_pipeline_loaded_in_its_profiles_dtypes_gives_the_cast_pipelines_image(tiny_model_dir, weights_dir, case):
+    """load_pipeline(profile=...) + apply_profile (hooks only, no cast) makes the same image as loading in float32
+    and casting (the path without the cache), and the stored leaves stay views of the stored copy."""
+    from cluster.pipeline import load_pipeline, run_job
+    from cluster.requests import GenerationJob
+
+    tier, bf16, overrides = CASES[case]
+    profile = resolve_profile(tier, bf16, overrides)
+    job = GenerationJob(prompt="a fox", width=64, height=64, steps=2, guidance_scale=0.0, seeds=[3])
+    cast = load_pipeline(tiny_model_dir)
+    apply_profile(cast, profile, "cpu")
+    stored = load_pipeline(tiny_model_dir, profile=profile)
+    w1 = stored.transformer.layers[0].feed_forward.w1.weight
+    before = w1.data_ptr()
+    apply_profile(stored, profile, "cpu")
+    assert w1.dtype == getattr(torch, profile.transformer_storage) and w1.data_ptr() == before
+    assert run_job(stored, job)[0] == run_job(cast, job)[0]
+
+
+def test_replicas_of_one_host_share_the_stored_weights(tiny_model_dir, weights_dir):
+    """Three processes load the tiny pipeline as a replica does and generate an image: each has the whole
+    transformer file mapped and read (Rss), and the kernel splits its pages between them (Pss), so the host holds
+    about one copy, not three."""
+    script = textwrap.dedent(f"""
+        import json, sys, time
+        from pathlib import Path
+        from cluster.pipeline import load_pipeline
+        from cluster.pipeline import run_job
+        from cluster.requests import GenerationJob
+        pipe = load_pipeline(Path({str(tiny_model_dir)!r}))
+        run_job(pipe, GenerationJob(prompt="a fox", width=64, height=64, steps=2, guidance_scale=0.0, seeds=[1]))
+        print("loaded", flush=True)
+        sys.stdin.readline()
+        rss = pss = 0
+        current = None
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                head = line.split()
+                if not head[0].endswith(":"):  # a mapping's first line: its addresses, ..., and its path if any
+                    current = head[5] if len(head) >= 6 else None
+                elif current and current.endswith("diffusion_pytorch_model.safetensors") and "/transformer/" in current:
+                    if head[0] == "Rss:":
+                        rss += int(head[1]) * 1024
+                    elif head[0] == "Pss:":
+                        pss += int(head[1]) * 1024
+        print(json.dumps({{"rss": rss, "pss": pss}}), flush=True)
+    """)
+    env = {**os.environ, ZIT_WEIGHTS_DIR_ENV: str(weights_dir)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env) for _ in range(3)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "loaded"
+        for proc in procs:  # all three hold their mappings while each reads its own
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        readings = [json.loads(proc.stdout.readline()) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    size = (tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert all(r["rss"] >= 0.9 * size for r in readings)  # each maps the whole file
+    total_pss = sum(r["pss"] for r in readings)
+    assert total_pss <= 1.3 * size, (total_pss, size)  # one copy for the host, not three

@@ -125,19 +125,19 @@ def write_folder(folder: Path) -> None:
         out.mkdir()
         module.save_config(out) if hasattr(module, "save_config") else module.config.save_pretrained(out)
         params = list(module.named_parameters())
-        shards, shard, held = [], {}, 0
+        written, shard, held = 0, {}, 0
         for pname, p in params:
             shard[pname] = (torch.randn(p.shape, generator=generator) * 0.02).to(dtype)
             held += shard[pname].numel() * shard[pname].element_size()
-            if held >= SHARD_BYTES:
-                shards.append(shard)
-                path = out / f"{stem}-{len(shards):05d}.safetensors"
+            if held >= SHARD_BYTES:  # one shard in memory at a time
+                written += 1
+                path = out / f"{stem}-{written:05d}.safetensors"
                 save_file(shard, str(path))
                 print(f"  wrote {path.relative_to(staging)} ({held / GIB:.1f} GiB)", flush=True)
                 shard, held = {}, 0
         if shard:
-            shards.append(shard)
-            save_file(shard, str(out / f"{stem}-{len(shards):05d}.safetensors"))
+            written += 1
+            save_file(shard, str(out / f"{stem}-{written:05d}.safetensors"))
         shard = None
         print(f"  wrote {name} ({sum(p.numel() for _, p in params) / 1e9:.2f} B params in {dtype})", flush=True)
     for part in ("tokenizer", "scheduler"):

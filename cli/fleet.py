@@ -8,34 +8,37 @@ import argparse
 from cli.common import no_card_why, say, socket_host
 
 
-def _fleet_cards(args: argparse.Namespace):
-    """The cards of --fleet FILE, else the real ones (NvmlUnavailable when there is no driver), with the --split
-    specs applied (ValueError saying why when one cannot be)."""
-    from cluster.nvml import load_fleet, probe
+def _fleet_cards(args: argparse.Namespace, no_driver) -> tuple[list, int]:
+    """(the cards of --fleet FILE, else the real ones, with the --split specs applied; 0), or ([], exit code) after
+    saying what is wrong: `no_driver(exc)` says it when there is no NVIDIA driver (1); a bad fleet file or split is
+    2."""
+    from pydantic import ValidationError
+
+    from cluster.nvml import NvmlUnavailable, load_fleet, probe
     from runtime.nodes import apply_splits
 
-    return apply_splits(load_fleet(args.fleet) if args.fleet else probe(), args.split)
+    try:
+        return apply_splits(load_fleet(args.fleet) if args.fleet else probe(), args.split), 0
+    except NvmlUnavailable as exc:
+        say(no_driver(exc))
+        return [], 1
+    except (OSError, ValidationError) as exc:
+        say(f"error: bad fleet file: {exc}")
+        return [], 2
+    except ValueError as exc:
+        say(f"error: {exc}")
+        return [], 2
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
     import json
 
-    from pydantic import ValidationError
+    from cluster.nvml import DEFAULT_FLEET
 
-    from cluster.nvml import DEFAULT_FLEET, NvmlUnavailable
-
-    try:
-        cards = _fleet_cards(args)
-    except NvmlUnavailable as exc:
-        say(f"error: {str(exc).split(':')[0]}: no NVIDIA driver here. To see a simulated fleet: "
-             f"zit fleet --fleet {DEFAULT_FLEET}")
-        return 1
-    except (OSError, ValidationError) as exc:
-        say(f"error: bad fleet file: {exc}")
-        return 2
-    except ValueError as exc:
-        say(f"error: {exc}")
-        return 2
+    cards, code = _fleet_cards(args, lambda exc: f"error: {str(exc).split(':')[0]}: no NVIDIA driver here. To see a "
+                                                 f"simulated fleet: zit fleet --fleet {DEFAULT_FLEET}")
+    if code:
+        return code
     ram = _host_ram(cards, args.fleet)
     if args.json:
         print(json.dumps([{**c.to_dict(), "host_ram_gib": ram.get(c.host or "localhost")} for c in cards], indent=2))
@@ -91,22 +94,11 @@ def _host_ram(cards: list, fleet_file) -> dict[str, float | None]:
 
 def cmd_node(args: argparse.Namespace) -> int:
     """Join this host's cards (or one simulated host's cards) to a running cluster, one Ray node per card."""
-    from pydantic import ValidationError
-
-    from cluster.nvml import NvmlUnavailable
     from runtime.nodes import cards_to_join, joined_cards, nodes_for_cards, start_card_nodes, with_default_port
 
-    try:
-        cards = _fleet_cards(args)
-    except NvmlUnavailable as exc:
-        say(f"error: {exc}")
-        return 1
-    except (OSError, ValidationError) as exc:
-        say(f"error: bad fleet file: {exc}")
-        return 2
-    except ValueError as exc:
-        say(f"error: {exc}")
-        return 2
+    cards, code = _fleet_cards(args, lambda exc: f"error: {exc}")
+    if code:
+        return code
     if args.host:
         cards = [c for c in cards if c.host == args.host]
         if not cards:

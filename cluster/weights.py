@@ -228,6 +228,8 @@ def _write(source: Path, entry: Path, names: set[str], dtype: "torch.dtype", via
             shard, held = {}, 0
             if progress:
                 progress(done, total)
+            else:  # a replica's log shows how far the host's one-time write is
+                logger.info("weights cache: %s %.1f of %.1f GiB", entry.name, done / 2**30, total / 2**30)
 
     for file in _files(source):
         with safe_open(str(file), "pt") as handle:

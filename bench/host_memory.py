@@ -238,6 +238,8 @@ def measure(folder: Path, replicas: int, only: list[str] | None) -> dict:
         one = next(r for r in rows if r["name"] == name)["warm"]
         sharing = {"name": name, "replicas": replicas, "pss": [t["Pss"] for t in together],
                    "anon": [t["RssAnon"] for t in together], "one_pss": one["Pss"],
+                   "weights_rss": [t["WeightsRss"] for t in together], "weights_pss": [t["WeightsPss"] for t in together],
+                   "one_weights_rss": one["WeightsRss"],
                    "model_host": replicas * model.runtime + sum(model.shared.values())}
     return {"rows": rows, "sharing": sharing}
 
@@ -276,7 +278,16 @@ def report(result: dict, folder: Path) -> str:
                   f"{g(s['one_pss'])} GiB: {total / s['one_pss']:.2f}x (target at most 1.3x); the model's host "
                   f"figure for them (runtimes + each shared set once) {g(s['model_host'])} GiB "
                   f"({total / s['model_host'] - 1:+.0%}); private per replica "
-                  f"{', '.join(g(a) for a in s['anon'])} GiB."]
+                  f"{', '.join(g(a) for a in s['anon'])} GiB; weights resident in each replica's mappings "
+                  f"{', '.join(g(w) for w in s['weights_rss'])} GiB (alone: {g(s['one_weights_rss'])}), their PSS "
+                  f"summed {g(sum(s['weights_pss']))} GiB: one copy in the page cache for all of them."]
+    warm = max(r["warm"]["anon_peak"] / r["warm"]["RssAnon"] for r in result["rows"])
+    cold = max(result["rows"], key=lambda r: r["cold"]["anon_peak"] / r["cold"]["RssAnon"])
+    lines += ["", f"Private memory while loading against steady private: at most {warm:.2f}x once the host has its "
+                  f"stored copy (target at most 1.3x); the load that writes it (once per host and stored part) peaks "
+                  f"at {g(cold['cold']['anon_peak'])} GiB ({cold['name']}: "
+                  f"{cold['cold']['anon_peak'] / cold['cold']['RssAnon']:.1f}x, one 1 GiB shard and the tensor being "
+                  "cast)."]
     lines += ["", "Measured against the model (own bytes, weights mapped, PSS alone): " + "; ".join(
         f"{name} {a - 1:+.0%}, {b - 1:+.0%}, {c - 1:+.0%}" for name, a, b, c in worst) + "."]
     return "\n".join(lines)

@@ -29,14 +29,17 @@ docs/memory.md has the figures.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 
 from cluster.memory import GIB, Calibration, load_calibration
 from cluster.profiles import DTYPE_BYTES, Profile
 
 GROUP_OFFLOAD = ("group_offload_block", "group_offload_leaf")
-# What the cache writer holds at most: one shard (cluster/weights.py SHARD_BYTES) and the tensor being cast.
-CACHE_WRITE_BYTES = 2 << 30
+# What the cache writer holds at most: one shard (cluster/weights.py SHARD_BYTES, 1 GiB) or the largest tensor (the
+# text encoder's embedding in float32, 1.45 GiB), with the cast's temporary; measured up to 1.45 GiB over the
+# replica's own (bench/host_memory.py, docs/benchmarks.md).
+CACHE_WRITE_BYTES = 3 << 29  # 1.5 GiB
 
 
 @dataclass(frozen=True)
@@ -249,3 +252,24 @@ def plan_hosts(cards: list, profiles: dict, stage_cards: tuple[str, ...] = (), s
         else:
             needs[host] = trial
     return needs, refused
+
+
+_malloc_trim = None
+
+
+def trim_host_memory() -> None:
+    """Hand the process's free heap memory back to the host (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps freed blocks in its arenas, and after a large block is freed it raises its mmap threshold, so later
+    large blocks (encoded images, decoded latents, the weights cache's shards) come from the arenas too. A replica's
+    resident memory then stays at its largest transient, which hides a real leak and holds host RAM that the
+    host's other replicas need.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)

@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.host_memory import trim_host_memory
 from cluster.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 ZIT_WEIGHTS_DIR_ENV = "ZIT_WEIGHTS_DIR"
 # Tensors per written file: small enough that writing holds little memory, few enough files for a 12 GB component.
-SHARD_BYTES = 2 << 30
+# cluster/host_memory.py CACHE_WRITE_BYTES counts it, with the tensor being cast.
+SHARD_BYTES = 1 << 30
 COMPLETE = "complete.json"
 
 
@@ -226,6 +228,7 @@ def _write(source: Path, entry: Path, names: set[str], dtype: "torch.dtype", via
             save_file(shard, str(partial / f"weights-{index:05d}.safetensors"))
             index += 1
             shard, held = {}, 0
+            trim_host_memory()  # the shard goes back to the host, not to this process's heap
             if progress:
                 progress(done, total)
             else:  # a replica's log shows how far the host's one-time write is
@@ -240,6 +243,9 @@ def _write(source: Path, entry: Path, names: set[str], dtype: "torch.dtype", via
                 if tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(via)
                 shard[name] = tensor.to(dtype).contiguous()
+                if tensor.dtype != dtype:  # the cast's temporary goes back now, not at the next shard
+                    del tensor
+                    trim_host_memory()
                 held += sizes[name]
                 done += sizes[name]
                 if held >= SHARD_BYTES:

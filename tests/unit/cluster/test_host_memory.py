@@ -20,7 +20,7 @@ def test_a_resident_replica_keeps_only_its_runtime_on_the_host():
     estimate = replica_host(staged("vram_24", True), CAL)
     assert estimate.runtime == RUNTIME == 1.5 * GIB
     assert estimate.private == 0 and estimate.shared == {}
-    assert estimate.load_transient == CACHE_WRITE_BYTES  # writing a missing stored copy: one 2 GiB shard
+    assert estimate.load_transient == CACHE_WRITE_BYTES == 1.5 * GIB  # writing a missing stored copy: a shard and a cast
 
 
 def test_block_offload_maps_the_stored_copy_and_pins_only_the_groups_in_flight():

@@ -105,9 +105,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"tiers": tiers, "text_encoder": stage.resolve(placement)})
         for node in nodes:
             slots = f" x {node.card.slots} slots" if node.card.slots > 1 else ""
-            hosts = "  + text-encoder stage" if node.card.uuid in placement.cards else ""
+            stage_note = "  + text-encoder stage" if node.card.uuid in placement.cards else ""
             say(f"  {node.card.name:<32} {node.card.memory_total / 2**30:5.1f} GiB  -> {node.card.tier}{slots}"
-                f"{hosts}")
+                f"{stage_note}")
         say(f"  text encoder: {placement.reason}")
         for need in hosts.values():
             had = f"{need.ram_bytes / 2**30:.1f} GiB" if need.ram_bytes is not None else "not checked"

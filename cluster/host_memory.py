@@ -10,7 +10,8 @@ load path the replicas run (cluster/pipeline.py load_pipeline, cluster/profiles.
   views (diffusers' `low_cpu_mem_usage`) and pins each group as it is sent, so the process privately holds only
   PyTorch's pinned staging blocks (the groups in flight, rounded up to a power of two: `*_pinned_rounding`);
   group offload without streams and model CPU offload move weights back as fresh private copies; sequential
-  offload and an encoder on the CPU keep the views;
+  offload and a component computing on the CPU in its stored dtype keep the views (one computing in a wider dtype
+  than it is stored in holds private copies: layerwise casting on the CPU swaps each leaf for a copy);
 - the load: a replica whose stored copy is missing writes it, tensor by tensor, holding one shard
   (cluster/weights.py SHARD_BYTES) and one tensor; replicas of one host load one at a time (a host-wide lock), so
   load peaks never add up.
@@ -91,7 +92,11 @@ def _component_host(component: str, where: str, params: int, skipped: int, stora
         return int(staging), sets
     if where in ("group", "model"):  # offloaded back as fresh private copies
         return sum(sets.values()), {}
-    return 0, sets  # sequential offload, or computing on the CPU: the views themselves
+    if where == "cpu" and storage != compute:
+        # Layerwise casting on the CPU swaps each leaf for an upcast copy and back (diffusers' hooks call
+        # module.to): after the first forward every leaf is a private copy, not a view.
+        return sum(sets.values()), {}
+    return 0, sets  # sequential offload, or computing on the CPU in the stored dtype: the views themselves
 
 
 def replica_host(profile: Profile, calibration: Calibration | None = None, cuda: bool = True) -> HostEstimate:
@@ -213,19 +218,26 @@ class HostNeed:
 
 def plan_hosts(cards: list, profiles: dict, stage_cards: tuple[str, ...] = (), stage: Profile | None = None,
                host_ram: dict[str, int | None] | None = None, head_host: str | None = None,
-               calibration: Calibration | None = None) -> tuple[dict[str, HostNeed], dict[str, str]]:
+               calibration: Calibration | None = None, head_stage_replicas: int = 0
+               ) -> tuple[dict[str, HostNeed], dict[str, str]]:
     """Each host's need for `cards` (GpuSnapshots of known tiers; `profiles` by tier, as the tiers run them), and the
     cards whose replicas their host cannot hold: ({host: HostNeed}, {card uuid: why}).
 
     Algorithm: the text-encoder stage's cards first (it serves every tier), then the fastest cards (`speed`), then
     the largest; each card's replicas (one per slot) on its own Ray node, the stage's beside them; a card whose
     replicas would take the host's need above its RAM (`host_ram`, None or absent: not checked) is refused and the
-    next card is tried. The head's processes count on `head_host` (where `zit up` runs).
+    next card is tried. The head's processes count on `head_host` (where `zit up` runs), and so do
+    `head_stage_replicas` replicas of a stage on the head's CPU (`stage` their profile), before any card.
     """
     cal = calibration or load_calibration()
     host_ram = host_ram or {}
     needs: dict[str, HostNeed] = {}
     refused: dict[str, str] = {}
+    if head_host is not None:
+        needs[head_host] = HostNeed(head_host, host_ram.get(head_host), head=True, calibration=cal)
+        for i in range(head_stage_replicas if stage is not None else 0):
+            needs[head_host] = needs[head_host].with_replica(f"text-encoder stage on the CPU #{i + 1}",
+                                                             encoder_host(stage, cal, cuda=False), ray_node=False)
     # The stage's cards first (it serves every tier), then the fastest cards, then the largest: when RAM runs out,
     # the cards left out are those that serve the least.
     ordered = sorted(cards, key=lambda c: (c.uuid not in stage_cards, -(c.speed or 0), -c.memory_total))

@@ -141,43 +141,61 @@ def _model_key(folder: Path, component: str) -> str:
     return f"{folder.name}-{digest.hexdigest()[:12]}"
 
 
-def _file_dtypes(folder: Path) -> dict[str, "torch.dtype"]:
+def _index(folder: Path, component: str, names: set[str]) -> dict[str, tuple[Path, str, "torch.dtype"]]:
+    """Where each parameter of `component` is in the model's own files: {parameter name: (file, key, dtype)}. A key
+    may carry the model class's prefix (a text encoder saved from its causal-LM wrapper: `model.layers.0...` for a
+    `Qwen3Model`'s `layers.0...`) or lack it; keys of no parameter (an LM head, buffers) are left out. Raises
+    ValueError naming what is missing when the files do not hold every parameter."""
     from safetensors import safe_open
 
+    prefix = getattr(_component_class(folder, component), "base_model_prefix", "") or ""
     out = {}
-    for file in _files(folder):
+    for file in _files(folder / component):
         with safe_open(str(file), "pt") as handle:
-            for name in handle.keys():
-                out[name] = _torch_dtype(handle.get_slice(name).get_dtype())
+            for key in handle.keys():
+                name = key
+                if name not in names and prefix:
+                    name = key.removeprefix(f"{prefix}.") if key.startswith(f"{prefix}.") else f"{prefix}.{key}"
+                if name in names:
+                    out[name] = (file, key, _torch_dtype(handle.get_slice(key).get_dtype()))
+    missing = sorted(names - set(out))
+    if missing:
+        raise ValueError(f"{folder / component}: its safetensors files lack {len(missing)} of the component's "
+                         f"{len(names)} parameters (first: {', '.join(missing[:3])}); is it a Z-Image-Turbo folder in "
+                         "diffusers format, downloaded whole?")
     return out
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3fn",
-                       "F8_E5M2": "float8_e5m2"}
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def stored_parts(folder: Path, component: str, storage: "torch.dtype", compute: "torch.dtype",
-                 progress=None) -> list[tuple[Path, set[str]]]:
-    """Where each part of `component` is stored in the dtype it runs in: [(folder, parameter names)]. A part whose
-    tensors the model's own files already hold in that dtype is read from them; any other from the host's cache
-    entry, written now if missing (tensor by tensor, at most SHARD_BYTES held; `progress(done_bytes, total_bytes)`
-    as it goes). Raises OSError when an entry cannot be written (a full disk: the message says how much it needs
-    and where)."""
-    source = folder / component
-    have = _file_dtypes(source)
+                 progress=None) -> list[tuple[Path | None, set[str]]]:
+    """Where each part of `component` is stored in the dtype it runs in: [(cache entry, parameter names)], the entry
+    None for a part the model's own files already hold in that dtype (it is read from them). A missing entry is
+    written now, tensor by tensor (at most SHARD_BYTES held; `progress(done_bytes, total_bytes)` as it goes).
+    Raises OSError when it cannot be written (a full disk: the message says how much it needs and where),
+    ValueError when the model's files lack parameters."""
+    split = parts(folder, component, storage, compute)
+    index = _index(folder, component, set().union(*(names for names, _, _ in split.values())))
     out = []
-    for part, (names, dtype, via) in parts(folder, component, storage, compute).items():
+    for part, (names, dtype, via) in split.items():
         if not names:
             continue
-        if all(have.get(name) == dtype for name in names):
-            out.append((source, names))
+        if all(index[name][2] == dtype for name in names):
+            out.append((None, names))
             continue
-        entry = weights_dir() / _model_key(folder, component) / part_name(component, part, dtype, via)
+        # The entry's name: the part, and a digest of its parameter names (another diffusers version may skip
+        # other modules when casting: its entry is a new one, never a stale one).
+        digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:8]
+        entry = weights_dir() / _model_key(folder, component) / f"{part_name(component, part, dtype, via)}-{digest}"
         if not (entry / COMPLETE).is_file():
             entry.parent.mkdir(parents=True, exist_ok=True)
             with _locked(entry.with_suffix(".lock")):
                 if not (entry / COMPLETE).is_file():  # another replica of this host may have written it meanwhile
-                    _write(source, entry, names, dtype, via, progress)
+                    _write({name: index[name] for name in names}, entry, dtype, via, progress)
         out.append((entry, names))
     return out
 
@@ -192,12 +210,12 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write(source: Path, entry: Path, names: set[str], dtype: "torch.dtype", via: "torch.dtype",
-           progress=None) -> None:
-    """Write the `names` tensors of `source` into `entry` in `dtype`, each cast through `via` first (as casting a
-    loaded pipeline does: the model's float32 weights to the compute dtype, then leaf by leaf to the storage
-    dtype), so a stored copy gives the same images as the cast one. Written into a sibling folder and renamed when
-    complete."""
+def _write(tensors: dict[str, tuple[Path, str, "torch.dtype"]], entry: Path, dtype: "torch.dtype",
+           via: "torch.dtype", progress=None) -> None:
+    """Write `tensors` ({parameter name: (file, key, dtype)}) into `entry` under their parameter names, in `dtype`,
+    each cast through `via` first (as casting a loaded pipeline does: the model's float32 weights to the compute
+    dtype, then leaf by leaf to the storage dtype), so a stored copy gives the same images as the cast one.
+    Written into a sibling folder and renamed when complete."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -205,15 +223,17 @@ def _write(source: Path, entry: Path, names: set[str], dtype: "torch.dtype", via
     partial = entry.with_name(entry.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (file, key, _) in sorted(tensors.items()):
+        by_file.setdefault(file, []).append((name, key))
     sizes = {}
-    for file in _files(source):
+    for file, pairs in by_file.items():
         with safe_open(str(file), "pt") as handle:
-            for name in handle.keys():
-                if name in names:
-                    count = 1
-                    for side in handle.get_slice(name).get_shape():
-                        count *= side
-                    sizes[name] = count * dtype.itemsize
+            for name, key in pairs:
+                count = 1
+                for side in handle.get_slice(key).get_shape():
+                    count *= side
+                sizes[name] = count * dtype.itemsize
     total = sum(sizes.values())
     free = shutil.disk_usage(partial).free
     if free < total:
@@ -234,12 +254,10 @@ def _write(source: Path, entry: Path, names: set[str], dtype: "torch.dtype", via
             else:  # a replica's log shows how far the host's one-time write is
                 logger.info("weights cache: %s %.1f of %.1f GiB", entry.name, done / 2**30, total / 2**30)
 
-    for file in _files(source):
+    for file, pairs in by_file.items():
         with safe_open(str(file), "pt") as handle:
-            for name in handle.keys():
-                if name not in names:
-                    continue
-                tensor = handle.get_tensor(name)
+            for name, key in pairs:
+                tensor = handle.get_tensor(key)
                 if tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(via)
                 shard[name] = tensor.to(dtype).contiguous()
@@ -251,9 +269,11 @@ def _write(source: Path, entry: Path, names: set[str], dtype: "torch.dtype", via
                 if held >= SHARD_BYTES:
                     flush()
     flush()
-    for config in source.glob("*.json"):
+    if done != total or len(sizes) != len(tensors):
+        raise RuntimeError(f"writing {entry.name}: {len(sizes)} of {len(tensors)} tensors")
+    for config in next(iter(by_file)).parent.glob("*.json"):
         shutil.copy2(config, partial / config.name)
-    (partial / COMPLETE).write_text(json.dumps({"source": str(source), "bytes": total, "tensors": len(sizes)}))
+    (partial / COMPLETE).write_text(json.dumps({"bytes": total, "tensors": len(sizes)}))
     partial.rename(entry)
 
 
@@ -265,16 +285,25 @@ def _torch_dtype(name: str) -> "torch.dtype":
 
 def load_component(folder: Path, component: str, storage: "torch.dtype", compute: "torch.dtype", progress=None):
     """`component` of the model `folder` with each parameter in the dtype it runs in under (storage, compute), as
-    views of the host's stored parts (`stored_parts`): built on the meta device and assigned the memory-mapped
-    tensors. Layerwise casting's hooks are not attached here (`cluster.profiles.apply_profile` does, and finds the
-    leaves already in the storage dtype)."""
+    views of the host's stored parts (`stored_parts`; the model's own files for a part already in its dtype): built
+    on the meta device and assigned the memory-mapped tensors. Layerwise casting's hooks are not attached here
+    (`cluster.profiles.apply_profile` does, and finds the leaves already in the storage dtype)."""
     from safetensors.torch import load_file
 
     module = _empty(folder, component, compute)
     state = {}
-    for where, names in stored_parts(folder, component, storage, compute, progress):
-        for file in _files(where):
+    from_model: set[str] = set()
+    for entry, names in stored_parts(folder, component, storage, compute, progress):
+        if entry is None:
+            from_model |= names
+            continue
+        for file in _files(entry):
             state.update((k, v) for k, v in load_file(str(file)).items() if k in names)  # views of the pages
+    if from_model:
+        index = _index(folder, component, from_model)
+        for file in {file for file, _, _ in index.values()}:
+            tensors = load_file(str(file))  # views of the model's own file
+            state.update((name, tensors[key]) for name, (f, key, _) in index.items() if f == file)
     buffers = {name for name, _ in module.named_buffers()}
     for file in _files(folder / component):  # persistent buffers saved with the model (small), in the compute dtype
         from safetensors import safe_open

@@ -292,10 +292,12 @@ def local_host_ram() -> dict[str, int]:
     limit = cgroup_memory_limit()
     if limit is not None and limit < total:
         used = 0
-        try:
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        except (OSError, ValueError):
-            pass
+        for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):  # v2, v1
+            try:
+                used = int(Path(path).read_text().strip())
+                break
+            except (OSError, ValueError):
+                continue
         total, available = limit, min(available, max(0, limit - used))
     return {"total": total, "available": available}
 
@@ -345,18 +347,23 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
         placement = place_text_encoder(usable, tiers, {t.name: tier_profile(t, lora_params) for t in tiers}, stage,
                                        stage_replicas)
         staged = staged_tiers(tiers, placement.where, list(placement.tiers), placement.reserve_bytes)
+        on_head = stage_replicas if placement.where == "cpu" else 0  # a stage on the head's CPU
         hosts, refused = plan_hosts(usable, {t.name: tier_profile(t, lora_params) for t in staged},
-                                    placement.cards, placement.profile, host_ram, head_host)
+                                    placement.cards, placement.profile, host_ram, head_host,
+                                    head_stage_replicas=on_head)
         return tiers, placement, hosts, refused
 
     tiers, placement, hosts, refused = place(usable)
-    if refused:
+    left_out: dict[str, list] = {}
+    # Leaving cards out can move the stage or change a tier's profile: plan again until every card left holds.
+    while refused:
         skipped += [f"{c.name} [{c.uuid}] {refused[c.uuid]}: not joined" for c in usable if c.uuid in refused]
+        for name, need in hosts.items():
+            left_out.setdefault(name, []).extend(need.left_out)
         usable = [c for c in usable if c.uuid not in refused]
-        first, (tiers, placement, hosts, _) = hosts, place(usable)
-        for name, need in first.items():  # the second pass holds what is left; say what was left out, and why
-            if need.left_out:
-                hosts.setdefault(name, HostNeed(name, need.ram_bytes, head=need.head)).left_out.extend(need.left_out)
+        tiers, placement, hosts, refused = place(usable)
+    for name, lines in left_out.items():  # what each host's plan left out, and why
+        hosts.setdefault(name, HostNeed(name, (host_ram or {}).get(name), head=name == head_host)).left_out[:0] = lines
     kept = {c.uuid for c in usable}
     nodes = [card_node(node.card, fleet_file, text_encoder=node.card.uuid in placement.cards)
              for node in nodes if node.card.uuid in kept]

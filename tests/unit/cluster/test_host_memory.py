@@ -116,3 +116,27 @@ def test_a_bf16_card_and_a_float32_card_offloading_from_one_host_share_the_leave
     need = need.with_replica("a", replica_host(staged("vram_6", True), CAL))
     need = need.with_replica("b", replica_host(staged("vram_6", False), CAL))
     assert set(need.shared) == {"transformer-leaves-bfloat16", "transformer-rest-bfloat16", "transformer-rest-float32"}
+
+
+def test_a_stage_on_the_heads_cpu_counts_on_the_head_host(repo_root):
+    """`text_encoder: cpu` runs the stage on the head's CPU: its runtime and the encoder it maps count on the head's
+    host (mixed.yaml: host-a, its first card's), with no Ray node of its own."""
+    from runtime.nodes import host_ram_of, plan_card_nodes
+
+    path = repo_root / "cluster/fleets/mixed.yaml"
+    cards = load_fleet(path)
+    ram, head = host_ram_of(cards, path)
+    plan = plan_card_nodes(cards, path, stage="cpu", host_ram=ram, head_host=head)
+    host_a = plan.hosts["host-a"]
+    stage = [e for what, e in host_a.replicas if what.startswith("text-encoder stage on the CPU")]
+    assert head == "host-a" and len(stage) == 1 and host_a.ray_nodes == 2
+    assert set(stage[0].shared) == {"text_encoder-leaves-bfloat16", "text_encoder-rest-bfloat16"}
+
+
+def test_an_encoder_computing_on_the_cpu_from_smaller_storage_holds_private_copies():
+    """Layerwise casting on the CPU swaps each leaf for an upcast copy and back: the encoder is private, not
+    mapped (a float32 card whose encoder runs on the CPU)."""
+    profile = default_profile("vram_24", False).model_copy(update={"text_encoder": "cpu"})
+    estimate = replica_host(profile, CAL)
+    assert not any(name.startswith("text_encoder") for name in estimate.shared)
+    assert estimate.private >= (4_022_468_096 - 389_152_256) * 2

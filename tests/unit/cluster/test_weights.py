@@ -33,8 +33,7 @@ def mapped_ranges(path_part: str) -> list[tuple[int, int]]:
 def test_a_component_already_in_its_dtypes_is_mapped_from_the_model_folder(tiny_model_dir, weights_dir):
     """The tiny model is stored in float32: run in float32 it needs no stored copy; every parameter is a view of the
     model's own file (no private copy)."""
-    assert {where for where, _ in stored_parts(tiny_model_dir, "transformer", torch.float32, torch.float32)} == \
-        {tiny_model_dir / "transformer"}
+    assert {where for where, _ in stored_parts(tiny_model_dir, "transformer", torch.float32, torch.float32)} == {None}
     module = load_component(tiny_model_dir, "transformer", torch.float32, torch.float32)
     ranges = mapped_ranges(str(tiny_model_dir / "transformer"))
     params = list(module.parameters())
@@ -52,9 +51,9 @@ def test_a_stored_copy_holds_each_tensor_in_the_dtype_it_runs_in(tiny_model_dir,
     """Layerwise-cast leaves in the storage dtype, what casting skips (norms, embeddings) in the compute dtype, each
     part written once per host (a second load maps the same files), and loaded as views of them."""
     stored = stored_parts(tiny_model_dir, component, storage, compute)
-    folders = [where for where, _ in stored]
     # What is not in its dtype in the model's files is written to the cache (the tiny model is float32 throughout:
-    # a float32 part is read from its own folder).
+    # a float32 part is read from the model's own files: entry None).
+    folders = [where or tiny_model_dir / component for where, _ in stored]
     assert all(f == tiny_model_dir / component or f.parent.parent == weights_dir and (f / "complete.json").is_file()
                for f in folders)
     assert any(f.name.startswith(f"{component}-leaves-") for f in folders)
@@ -73,14 +72,37 @@ def test_the_big_part_is_one_copy_for_every_compute_dtype(tiny_model_dir, weight
     """bf16-stored leaves are the same bytes whether the card computes in bf16 or float32: one stored part for
     both; only the small rest (norms, embeddings) differs. An 8-bit store is cast through the compute dtype (as the
     cast pipeline is), so it is one part per compute dtype."""
-    bf16 = dict((w.name, n) for w, n in stored_parts(tiny_model_dir, "transformer", torch.bfloat16, torch.bfloat16))
-    fp32 = dict((w.name, n) for w, n in stored_parts(tiny_model_dir, "transformer", torch.bfloat16, torch.float32))
-    assert "transformer-leaves-bfloat16" in bf16 and "transformer-leaves-bfloat16" in fp32
-    # The rest: written in bf16; in float32 it is the tiny model's own file.
-    assert set(bf16) == {"transformer-leaves-bfloat16", "transformer-rest-bfloat16"}
-    assert set(fp32) == {"transformer-leaves-bfloat16", "transformer"}
-    fp8 = {w.name for w, _ in stored_parts(tiny_model_dir, "transformer", torch.float8_e4m3fn, torch.bfloat16)}
-    assert "transformer-leaves-float8_e4m3fn-via-bfloat16" in fp8
+    def names(storage, compute):
+        return {(w.name.rsplit("-", 1)[0] if w else None)
+                for w, _ in stored_parts(tiny_model_dir, "transformer", storage, compute)}
+
+    assert names(torch.bfloat16, torch.bfloat16) == {"transformer-leaves-bfloat16", "transformer-rest-bfloat16"}
+    # The rest in float32 is the tiny model's own file.
+    assert names(torch.bfloat16, torch.float32) == {"transformer-leaves-bfloat16", None}
+    assert "transformer-leaves-float8_e4m3fn-via-bfloat16" in names(torch.float8_e4m3fn, torch.bfloat16)
+
+
+def test_a_text_encoder_saved_with_its_lm_wrappers_prefix_loads_and_a_short_folder_says_what_it_lacks(
+        tiny_model_dir, weights_dir, tmp_path):
+    """Keys as a causal-LM save writes them (`model.layers.0...` for the encoder's `layers.0...`, plus an LM head)
+    load into the encoder; a folder missing a tensor is refused with the names, before anything is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    [file] = (folder / "text_encoder").glob("*.safetensors")
+    tensors = load_file(str(file))
+    prefixed = {f"model.{k}": v.clone() for k, v in tensors.items()}
+    prefixed["lm_head.weight"] = prefixed["model.embed_tokens.weight"].clone()
+    save_file(prefixed, str(file))
+    module = load_component(folder, "text_encoder", torch.bfloat16, torch.float32)
+    assert torch.equal(module.embed_tokens.weight, tensors["embed_tokens.weight"])
+    del prefixed["model.norm.weight"]
+    save_file(prefixed, str(file))
+    with pytest.raises(ValueError, match=r"lack 1 of the component's \d+ parameters \(first: norm.weight\)"):
+        stored_parts(folder, "text_encoder", torch.bfloat16, torch.float32)
 
 
 CASES = {

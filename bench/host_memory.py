@@ -146,10 +146,6 @@ def write_folder(folder: Path) -> None:
     staging.rename(folder)
 
 
-def run_replica(folder: Path, profile, stage: bool = False) -> "Replica":
-    return Replica(folder, profile, stage)
-
-
 class Replica:
     """One replica process: its private load peak sampled while it loads, then its /proc figures."""
 
@@ -212,7 +208,7 @@ def measure(folder: Path, replicas: int, only: list[str] | None) -> dict:
         for cold in (True, False):  # cold: its stored copy may be missing (the first replica of the host writes it)
             print(f"{name}: {'first load (writes missing stored parts)' if cold else 'load with the stored copy'}",
                   flush=True)
-            replica = run_replica(folder, profile, stage)
+            replica = Replica(folder, profile, stage)
             try:
                 steady = replica.wait_loaded()
                 figures["cold" if cold else "warm"] = {"anon_peak": replica.anon_peak, "load_s": replica.load_s,
@@ -227,7 +223,7 @@ def measure(folder: Path, replicas: int, only: list[str] | None) -> dict:
     if shared_case and replicas > 1:
         name, profile, _, model = shared_case
         print(f"{replicas} replicas of {name} at once", flush=True)
-        procs = [run_replica(folder, profile) for _ in range(replicas)]
+        procs = [Replica(folder, profile, False) for _ in range(replicas)]
         try:
             for proc in procs:
                 proc.wait_loaded()

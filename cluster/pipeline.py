@@ -71,11 +71,11 @@ def resolve_model(spec: str) -> Path:
 
 
 def load_pipeline(folder: Path, device: str = "cpu", dtype: "torch.dtype | None" = None,
-                  text_encoder: bool = True, profile: "Profile | None" = None, progress=None) -> "ZImagePipeline":
+                  text_encoder: bool = True, profile: "Profile | None" = None) -> "ZImagePipeline":
     """Load a diffusers-format folder onto `device`: under `profile`, each component in the dtypes it runs in (the
     transformer's and the encoder's leaves in their storage dtypes, the rest in the compute dtype; `apply_profile`
     then only attaches hooks), else everything in `dtype` (float32 when None). Each component is a view of the
-    host's one stored copy (cluster/weights.py; `progress(done, total)` while a copy is written). Without
+    host's one stored copy (cluster/weights.py; a missing copy is written first, logged shard by shard). Without
     `text_encoder` the pipeline has neither encoder nor tokenizer (the text-encoder stage encodes for it): they are
     not even read."""
     import torch
@@ -87,12 +87,12 @@ def load_pipeline(folder: Path, device: str = "cpu", dtype: "torch.dtype | None"
     storage = (lambda name: getattr(torch, name)) if profile else (lambda name: compute)  # noqa: E731
     parts = {
         "transformer": load_component(folder, "transformer",
-                                      storage(profile.transformer_storage if profile else ""), compute, progress),
-        "vae": load_component(folder, "vae", compute, compute, progress),
+                                      storage(profile.transformer_storage if profile else ""), compute),
+        "vae": load_component(folder, "vae", compute, compute),
     }
     if text_encoder:
         parts["text_encoder"] = load_component(
-            folder, "text_encoder", storage(profile.text_encoder_storage if profile else ""), compute, progress)
+            folder, "text_encoder", storage(profile.text_encoder_storage if profile else ""), compute)
     else:
         parts.update(text_encoder=None, tokenizer=None)
     pipe = ZImagePipeline.from_pretrained(folder, dtype=compute, **parts)
@@ -102,7 +102,7 @@ def load_pipeline(folder: Path, device: str = "cpu", dtype: "torch.dtype | None"
 
 
 def load_text_encoder(folder: Path, device: str = "cpu", dtype: "torch.dtype | None" = None,
-                      profile: "Profile | None" = None, progress=None) -> "ZImagePipeline":
+                      profile: "Profile | None" = None) -> "ZImagePipeline":
     """The text-encoder stage's pipeline: the folder's tokenizer and text encoder only (no transformer, no VAE), on
     `device`, in the stage `profile`'s dtypes (else all in `dtype`, float32 when None), a view of the host's stored
     copy as in `load_pipeline`; it encodes with the pipeline's own `encode_prompt`."""
@@ -113,7 +113,7 @@ def load_text_encoder(folder: Path, device: str = "cpu", dtype: "torch.dtype | N
 
     compute = getattr(torch, profile.compute_dtype) if profile else dtype or torch.float32
     storage = getattr(torch, profile.text_encoder_storage) if profile else compute
-    encoder = load_component(folder, "text_encoder", storage, compute, progress)
+    encoder = load_component(folder, "text_encoder", storage, compute)
     pipe = ZImagePipeline.from_pretrained(folder, dtype=compute, transformer=None, vae=None, text_encoder=encoder)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -138,15 +138,8 @@ class SimulatedHost:
     def hold(self, private: int, shared: dict[str, int], what: str) -> None:
         """This process holds `private` bytes and maps the `shared` sets from now on; raises MemoryError when the
         host's other replicas leave too little."""
-        import fcntl
-        import json
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            entries = self._read()
-            pid = _pid()
-            others = {p: e for p, e in entries.items() if p != pid}
+        def update(entries: dict[int, dict]) -> dict[int, dict]:
+            others = {p: e for p, e in entries.items() if p != _pid()}
             have = {}
             for entry in others.values():
                 have.update(entry["shared"])
@@ -156,10 +149,23 @@ class SimulatedHost:
                 raise MemoryError(
                     f"Cannot allocate memory: simulated host {self.host} has {self.ram_bytes / GIB:.1f} GiB of RAM, "
                     f"its other replicas hold {used / GIB:.1f} GiB and {what} needs {more / GIB:.1f} GiB more")
-            entries = {**others, pid: {"private": int(private), "shared": {k: int(v) for k, v in shared.items()}}}
-            tmp = self.path.with_suffix(f".{pid}.tmp")
-            tmp.write_text(json.dumps({str(p): e for p, e in entries.items()}))
-            os.replace(tmp, self.path)
+            return {**others, _pid(): {"private": int(private), "shared": {k: int(v) for k, v in shared.items()}}}
+
+        self._update(update)
 
     def release(self) -> None:
-        self.hold(0, {}, "nothing")
+        """This process holds nothing from now on (never refused, whatever the others hold)."""
+        self._update(lambda entries: {p: e for p, e in entries.items() if p != _pid()})
+
+    def _update(self, update) -> None:
+        """Replace the host's state by `update(live entries)` under the host's lock (several replicas write it)."""
+        import fcntl
+        import json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = update(self._read())
+            tmp = self.path.with_suffix(f".{_pid()}.tmp")
+            tmp.write_text(json.dumps({str(p): e for p, e in entries.items()}))
+            os.replace(tmp, self.path)

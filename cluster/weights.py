@@ -114,11 +114,8 @@ def parts(folder: Path, component: str, storage: "torch.dtype", compute: "torch.
     rest = {name for name, _ in module.named_parameters()} - leaves
     # bf16 from float32 is one rounding whatever the compute dtype; an 8-bit store goes through the compute dtype
     # as the cast pipeline's does, so its values depend on it.
-    via = compute if DTYPE_BITS.get(_dtype_name(storage), 16) < 16 else storage
+    via = compute if storage.itemsize < 2 else storage
     return {"leaves": (leaves, storage, via), "rest": (rest, compute, compute)}
-
-
-DTYPE_BITS = {"float8_e4m3fn": 8, "float8_e5m2": 8}
 
 
 def part_name(component: str, part: str, dtype: "torch.dtype", via: "torch.dtype") -> str:
@@ -171,11 +168,11 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "
                        "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def stored_parts(folder: Path, component: str, storage: "torch.dtype", compute: "torch.dtype",
-                 progress=None) -> list[tuple[Path | None, set[str]]]:
+def stored_parts(folder: Path, component: str, storage: "torch.dtype", compute: "torch.dtype"
+                 ) -> list[tuple[Path | None, set[str]]]:
     """Where each part of `component` is stored in the dtype it runs in: [(cache entry, parameter names)], the entry
     None for a part the model's own files already hold in that dtype (it is read from them). A missing entry is
-    written now, tensor by tensor (at most SHARD_BYTES held; `progress(done_bytes, total_bytes)` as it goes).
+    written now, tensor by tensor (at most SHARD_BYTES held; each shard logged as it is written).
     Raises OSError when it cannot be written (a full disk: the message says how much it needs and where),
     ValueError when the model's files lack parameters."""
     split = parts(folder, component, storage, compute)
@@ -195,7 +192,7 @@ def stored_parts(folder: Path, component: str, storage: "torch.dtype", compute: 
             entry.parent.mkdir(parents=True, exist_ok=True)
             with _locked(entry.with_suffix(".lock")):
                 if not (entry / COMPLETE).is_file():  # another replica of this host may have written it meanwhile
-                    _write({name: index[name] for name in names}, entry, dtype, via, progress)
+                    _write({name: index[name] for name in names}, entry, dtype, via)
         out.append((entry, names))
     return out
 
@@ -211,7 +208,7 @@ def _locked(path: Path):
 
 
 def _write(tensors: dict[str, tuple[Path, str, "torch.dtype"]], entry: Path, dtype: "torch.dtype",
-           via: "torch.dtype", progress=None) -> None:
+           via: "torch.dtype") -> None:
     """Write `tensors` ({parameter name: (file, key, dtype)}) into `entry` under their parameter names, in `dtype`,
     each cast through `via` first (as casting a loaded pipeline does: the model's float32 weights to the compute
     dtype, then leaf by leaf to the storage dtype), so a stored copy gives the same images as the cast one.
@@ -249,10 +246,8 @@ def _write(tensors: dict[str, tuple[Path, str, "torch.dtype"]], entry: Path, dty
             index += 1
             shard, held = {}, 0
             trim_host_memory()  # the shard goes back to the host, not to this process's heap
-            if progress:
-                progress(done, total)
-            else:  # a replica's log shows how far the host's one-time write is
-                logger.info("weights cache: %s %.1f of %.1f GiB", entry.name, done / 2**30, total / 2**30)
+            # A replica's log shows how far the host's one-time write is.
+            logger.info("weights cache: %s %.1f of %.1f GiB", entry.name, done / 2**30, total / 2**30)
 
     for file, pairs in by_file.items():
         with safe_open(str(file), "pt") as handle:
@@ -283,7 +278,7 @@ def _torch_dtype(name: str) -> "torch.dtype":
     return getattr(torch, _SAFETENSORS_DTYPES.get(name, name.lower()))
 
 
-def load_component(folder: Path, component: str, storage: "torch.dtype", compute: "torch.dtype", progress=None):
+def load_component(folder: Path, component: str, storage: "torch.dtype", compute: "torch.dtype"):
     """`component` of the model `folder` with each parameter in the dtype it runs in under (storage, compute), as
     views of the host's stored parts (`stored_parts`; the model's own files for a part already in its dtype): built
     on the meta device and assigned the memory-mapped tensors. Layerwise casting's hooks are not attached here
@@ -293,7 +288,7 @@ def load_component(folder: Path, component: str, storage: "torch.dtype", compute
     module = _empty(folder, component, compute)
     state = {}
     from_model: set[str] = set()
-    for entry, names in stored_parts(folder, component, storage, compute, progress):
+    for entry, names in stored_parts(folder, component, storage, compute):
         if entry is None:
             from_model |= names
             continue

@@ -14,6 +14,7 @@ docs/benchmarks.md. The model's figures are `cluster.host_memory.replica_host(pr
 every component computes from its views, so a replica's own bytes are its runtime.
 
   .venv/bin/python -m bench.host_memory [--folder DIR] [--replicas 4] [--profiles vram_6-fp32,vram_8] [--write]
+  .venv/bin/python -m bench.host_memory --one-box [--write]   # one-box.yaml's host-side replicas as planned, at once
 
 Needs about 33 GB of disk for the folder and up to 26 GB for the stored copies (ZIT_WEIGHTS_DIR), and a few
 minutes per profile on 2 cores.
@@ -55,11 +56,12 @@ else:
     apply_profile(pipe, profile, "cpu")
     modules = [m for m in (pipe.transformer, pipe.text_encoder, pipe.vae) if m is not None]
 print("loaded", flush=True)
-# What the first job does to the pages: every weight read once.
-with torch.no_grad():
-    for module in modules:
-        for p in module.parameters():
-            p.detach().view(-1)[:: max(1, 4096 // p.element_size())].float().sum()
+def touch():  # what a job does to the pages: every weight read once
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.detach().view(-1)[:: max(1, 4096 // p.element_size())].float().sum()
+touch()
 def status():
     out = {}
     for line in open("/proc/self/status"):
@@ -82,6 +84,7 @@ def status():
     return out
 print(json.dumps(status()), flush=True)
 sys.stdin.readline()
+touch()  # with the others up: the pages it reads at every step (the kernel may have dropped some meanwhile)
 print(json.dumps(status()), flush=True)
 sys.stdin.readline()
 """
@@ -187,6 +190,19 @@ class Replica:
         self.proc.wait()
 
 
+def at_once(folder: Path, specs: list[tuple]) -> list[dict]:
+    """Replicas of `specs` ((profile, is the stage)) started and held together: each one's /proc figures with all
+    of them loaded (a stored part one of them lacks is written once, the others wait for it)."""
+    procs = [Replica(folder, profile, stage) for profile, stage in specs]
+    try:
+        for proc in procs:
+            proc.wait_loaded()
+        return [proc.read() for proc in procs]
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
 def measure(folder: Path, replicas: int, only: list[str] | None) -> dict:
     from cluster.host_memory import encoder_host, replica_host
     from cluster.profiles import default_profile
@@ -223,14 +239,7 @@ def measure(folder: Path, replicas: int, only: list[str] | None) -> dict:
     if shared_case and replicas > 1:
         name, profile, _, model = shared_case
         print(f"{replicas} replicas of {name} at once", flush=True)
-        procs = [Replica(folder, profile, False) for _ in range(replicas)]
-        try:
-            for proc in procs:
-                proc.wait_loaded()
-            together = [proc.read() for proc in procs]
-        finally:
-            for proc in procs:
-                proc.stop()
+        together = at_once(folder, [(profile, False)] * replicas)
         one = next(r for r in rows if r["name"] == name)["warm"]
         sharing = {"name": name, "replicas": replicas, "pss": [t["Pss"] for t in together],
                    "anon": [t["RssAnon"] for t in together], "one_pss": one["Pss"],
@@ -238,6 +247,65 @@ def measure(folder: Path, replicas: int, only: list[str] | None) -> dict:
                    "one_weights_rss": one["WeightsRss"],
                    "model_host": replicas * model.runtime + sum(model.shared.values())}
     return {"rows": rows, "sharing": sharing}
+
+
+def measure_one_box(folder: Path) -> dict:
+    """The replicas of cluster/fleets/one-box.yaml that hold weights on its host, as `zit up` plans them (the
+    offloading tiers' transformer in 8 bits for the host's RAM, runtime.nodes.plan_card_nodes), loaded at once:
+    every process maps the one 8-bit transformer and the one encoder, whatever its compute dtype. The resident
+    tiers (RTX 3060, RTX 4090) keep nothing on a real host once their weights are on the card, so they are left
+    out here (on the CPU they would map their own copies)."""
+    from cluster.host_memory import encoder_host, replica_host
+    from cluster.nvml import load_fleet
+    from cluster.profiles import tier_profile
+    from runtime.nodes import host_ram_of, plan_card_nodes
+
+    path = REPO / "cluster" / "fleets" / "one-box.yaml"
+    cards = load_fleet(path)
+    ram, head = host_ram_of(cards, path)
+    plan = plan_card_nodes(cards, path, host_ram=ram, head_host=head)
+    profiles = {t.name: tier_profile(t).model_copy(update={"text_encoder": "stage"}) for t in plan.tiers}
+    cases = [("text-encoder stage", plan.placement.profile, True, encoder_host(plan.placement.profile))]
+    for tier in ("vram_8", "vram_6", "vram_4"):
+        cases.append((f"{tier} ({profiles[tier].technique()})", profiles[tier], False, replica_host(profiles[tier])))
+    print(f"one-box: {', '.join(c[0] for c in cases)} at once", flush=True)
+    together = at_once(folder, [(profile, stage) for _, profile, stage, _ in cases])
+    shared: dict[str, int] = {}
+    for *_, estimate in cases:
+        shared.update(estimate.shared)
+    from cluster.memory import load_calibration
+
+    runtime = load_calibration().host_runtime_bytes
+    return {"replicas": [c[0] for c in cases], "pss": [t["Pss"] for t in together],
+            "weights_pss": [t["WeightsPss"] for t in together], "weights_rss": [t["WeightsRss"] for t in together],
+            "anon": [t["RssAnon"] for t in together], "shared": shared,
+            "model_cpu": len(cases) * runtime + sum(shared.values()),
+            "plan_need": plan.hosts["box"].need, "changed": plan.hosts["box"].changed}
+
+
+def report_one_box(s: dict) -> str:
+    from bench.common import commit, machine
+
+    g = lambda n: f"{n / GIB:.2f}"  # noqa: E731
+    sets = ", ".join(f"`{k}` {g(v)}" for k, v in s["shared"].items())
+    return "\n".join([
+        f"Commit {commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}. "
+        f"one-box.yaml as planned ({'; '.join(c.split(';')[0] for c in s['changed'])}): "
+        f"{', '.join(s['replicas'])}, loaded at once.",
+        "",
+        "| replica | PSS GiB | weights mapped (RSS) GiB | weights PSS GiB | private GiB |",
+        "| --- | --- | --- | --- | --- |",
+        *[f"| {name} | {g(p)} | {g(r)} | {g(w)} | {g(a)} |" for name, p, r, w, a in
+          zip(s["replicas"], s["pss"], s["weights_rss"], s["weights_pss"], s["anon"])],
+        "",
+        f"Total PSS {g(sum(s['pss']))} GiB; the weights' PSS summed {g(sum(s['weights_pss']))} GiB against the "
+        f"sets they map on a card's host, each once: {sets} ({g(sum(s['shared'].values()))} GiB; on this CPU the "
+        f"VAE's own file is mapped too, on a card it is on the card): one copy of each for all four processes, "
+        f"float32 and bf16 cards alike. The model on this CPU (a 0.5 GiB runtime per process + each "
+        f"shared set once) says {g(s['model_cpu'])} GiB ({sum(s['pss']) / s['model_cpu'] - 1:+.0%}). On the "
+        f"cards' host the plan adds the CUDA runtime's host side and the pinned staging (estimated, no GPU here), "
+        f"the resident tiers' processes, the Ray nodes and the head: {g(s['plan_need'])} GiB of the box's 32.",
+    ])
 
 
 def report(result: dict, folder: Path) -> str:
@@ -295,6 +363,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--profiles", help="comma-separated profile names (default: every shipped one)")
     parser.add_argument("--write", action="store_true", help="append the report to docs/benchmarks.md")
+    parser.add_argument("--one-box", action="store_true",
+                        help="only one-box.yaml's host-side replicas as planned, at once (8-bit fallback)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from bench.common import publish
@@ -303,6 +373,13 @@ def main() -> None:
     folder = args.folder or models_dir() / "z-image-turbo-random-full"
     print(f"folder: {folder}", flush=True)
     write_folder(folder)
+    if args.one_box:
+        result = measure_one_box(folder)
+        (Path(os.environ.get("TMPDIR", "/tmp")) / "host_memory_one_box.json").write_text(json.dumps(result, indent=1))
+        publish(report_one_box(result), args.write, "Host memory of full-size replicas (`bench/host_memory.py`)",
+                "One host's replicas as `zit up` plans cluster/fleets/one-box.yaml, at once, full-size random "
+                "weights on this CPU (`--one-box`).")
+        return
     result = measure(folder, args.replicas, args.profiles.split(",") if args.profiles else None)
     (Path(os.environ.get("TMPDIR", "/tmp")) / "host_memory.json").write_text(json.dumps(result, indent=1))
     publish(report(result, folder), args.write, "Host memory of full-size replicas (`bench/host_memory.py`)",

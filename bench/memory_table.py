@@ -255,6 +255,7 @@ def host_memory_section(cal: Calibration) -> list[str]:
         "largest load transient, 0.25 GiB per Ray node (raylet and agents, measured here) and 2.0 GiB for the head's",
         "processes on the head's host (GCS, dashboard, Serve controller, proxy, ingress: measured here, rounded up). The",
         "figures below are per replica beside the text-encoder stage (`TE stage`), and the stage's own:",
+        "",
         "| profile | technique | own GiB (runtime + pinned staging) | maps (shared set: GiB) | load peak GiB |",
         "| --- | --- | --- | --- | --- |",
     ]
@@ -278,10 +279,13 @@ def host_memory_section(cal: Calibration) -> list[str]:
         'GiB with a float32 embedding) and pins its staging (about 1.5 GiB).',
         '',
         "Per host, `zit plan --fleet FILE` (and `zit up`, which starts what it plans): the stage's card first, then the",
-        'fastest cards; a card whose replicas would take the host past its RAM is left out, with the numbers. On the',
-        'shipped fleets:',
-        "| fleet, host | cards kept | RAM GiB | need GiB | left out (need with it, GiB) |",
-        "| --- | --- | --- | --- | --- |",
+        "fastest cards. When a card's replicas would take its host past its RAM, the tiers on that host that stream a",
+        "16-bit transformer from host memory store it in 8 bits instead (the copy vram_8 maps, cast through bfloat16",
+        "whatever the card computes in: one transformer on the host, at half the bytes; a config that sets a tier's",
+        "`storage_dtype` keeps it); a card that still does not fit is left out, with the numbers. On the shipped fleets:",
+        "",
+        "| fleet, host | cards kept | RAM GiB | need GiB | stored in 8 bits for RAM | left out (need with it, GiB) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     fleets = REPO / "cluster" / "fleets"
     unbounded = {}
@@ -295,18 +299,21 @@ def host_memory_section(cal: Calibration) -> list[str]:
             left = "; ".join(f"{card.split(' [')[0].removeprefix('NVIDIA GeForce ')} ({why.rsplit(' ', 2)[-2]})"
                              for card, why in host.left_out) or "-"
             ram_gib = f"{host.ram_bytes / GIB:g}" if host.ram_bytes is not None else "-"
+            changed = ", ".join(line.split(":")[0] for line in host.changed) or "-"
             out.append(f"| {name}, {host.host}{' (head)' if host.head else ''} | {kept} | {ram_gib} | "
-                       f"{host.need / GIB:.1f} | {left} |")
+                       f"{host.need / GIB:.1f} | {changed} | {left} |")
     box = unbounded["one-box.yaml"]["box"]
     big = ", ".join(f"`{k}` {v / GIB:.1f}" for k, v in box.shared.items() if v >= GIB / 2)
     out += [
         "",
-        f"All five of one-box.yaml's cards would need {box.need / GIB:.1f} GiB by the model. Their replicas map "
-        f"{sum(box.shared.values()) / GIB:.1f} GiB of weights once:",
-        f"{big} GiB (the bf16 transformer for the cards that offload it, the fp8 one for the RTX 3070, the stage's",
-        f"encoder); {len(box.replicas)} processes, their Ray nodes and the head come on top. The old load path (a "
-        "private copy per",
-        "replica, float32 copies on cards without bf16, pinned copies rounded up) needed about 100 GB for it.",
+        f"With each tier's own storage, all five of one-box.yaml's cards would need {box.need / GIB:.1f} GiB by the "
+        f"model. Their replicas map {sum(box.shared.values()) / GIB:.1f} GiB",
+        f"of weights once: {big} GiB (the bf16 transformer for the cards that offload it, the fp8 one for the RTX",
+        f"3070, the stage's encoder); {len(box.replicas)} processes, their Ray nodes and the head come on top. With "
+        "the 8-bit fallback they",
+        "share the fp8 transformer and fit (the row above). The old load path (a private copy per replica, float32 "
+        "copies on",
+        "cards without bf16, pinned copies rounded up) needed about 100 GB for it.",
         "",
         'Simulated hosts enforce this: a replica on a simulated card holds its host bytes by the model',
         '(cluster/simcard.py `SimulatedHost`, each shared set once per host) and one that would not fit fails to start with',
@@ -318,7 +325,11 @@ def host_memory_section(cal: Calibration) -> list[str]:
         "shipped profile loads with its private memory during the load at 1.00x its steady private memory once the host",
         "has its stored copy (the one load that writes a part peaks at up to 1.8 GiB), a replica's own bytes within 10 %",
         "of the model and the weights it maps within 1 %, and four replicas of one profile hold one copy (their PSS 1.08x",
-        "one replica's). Not measured yet: the CUDA runtime's host side and the pinned staging on a real card.",
+        "one replica's). one-box.yaml's four host-side processes as planned (the stage, vram_8, and vram_6 and vram_4",
+        "in 8 bits on float32 cards) loaded at once map one encoder and one 8-bit transformer: total PSS 15.17 GiB",
+        "against 15.28 GiB by the model. Not measured yet: the CUDA runtime's host side and the pinned staging on a",
+        "real card (PyTorch's `pinned_max_round_threshold_mb` allocator setting would drop the staging's rounding; it",
+        "is not set by default until a card shows what it does to the copy rate).",
         '',
     ]
     return out

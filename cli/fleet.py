@@ -138,7 +138,7 @@ def _within_host_ram(nodes: list, fleet_file) -> tuple[list, list[str]]:
     from cluster.host_memory import plan_hosts
     from cluster.profiles import tier_profile
     from cluster.tiers import tiers_for_cards
-    from runtime.nodes import host_ram_of
+    from runtime.nodes import EIGHT_BIT, host_ram_of, ram_tight_tiers
 
     cards = [node.card for node in nodes]
     host_ram, _ = host_ram_of(cards, fleet_file, running=False)
@@ -147,5 +147,14 @@ def _within_host_ram(nodes: list, fleet_file) -> tuple[list, list[str]]:
     for need in hosts.values():
         had = f"{need.ram_bytes / 2**30:.1f} GiB" if need.ram_bytes is not None else "not checked"
         say(f"host {need.host}: its replicas need {need.need / 2**30:.1f} GiB of RAM ({had})")
+    # The tiers' storage is the head's (`zit up` and its service config): say what 8-bit storage would hold here.
+    eight_bit = ram_tight_tiers(cards, refused, profiles, None) if refused else []
+    if eight_bit:
+        lighter = {**profiles, **{t: profiles[t].model_copy(update={"storage_dtype": EIGHT_BIT}) for t in eight_bit}}
+        _, still = plan_hosts(cards, lighter, host_ram=host_ram)
+        if len(still) < len(refused):
+            say(f"note: with {', '.join(eight_bit)} stored in 8 bits this host would hold {len(refused) - len(still)} "
+                f"more card(s): give those tiers `profile: {{storage_dtype: {EIGHT_BIT}}}` in the service config "
+                "and restart the head (`zit down`, `zit up --config FILE`)")
     lines = [f"{n.card.name} [{n.card.uuid}] {refused[n.card.uuid]}: not joined" for n in nodes if n.card.uuid in refused]
     return [n for n in nodes if n.card.uuid not in refused], lines

@@ -104,6 +104,8 @@ def _format_hosts(hosts: dict) -> str:
                          + (f" + maps {', '.join(e.shared)}" if e.shared else ""))
         for name, size in need.shared.items():
             lines.append(f"    shared once: {name:<28} {size / 2**30:5.1f} GiB")
+        for line in need.changed:
+            lines.append(f"    changed: {line}")
         for card, why in need.left_out:
             lines.append(f"    left out: {card}: {why}")
     return "\n".join(lines)

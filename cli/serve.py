@@ -112,6 +112,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         for need in hosts.values():
             had = f"{need.ram_bytes / 2**30:.1f} GiB" if need.ram_bytes is not None else "not checked"
             say(f"  host {need.host}: its replicas need {need.need / 2**30:.1f} GiB of RAM ({had})")
+            for line in need.changed:
+                say(f"    {line}")
     elif stage.placement == "cpu":  # no card: the stage only runs where it was asked to, on the head's CPU
         from cluster.stages import place_text_encoder
 

@@ -71,9 +71,9 @@ class HostEstimate:
 
 def _sets(component: str, params: int, skipped: int, storage: str, compute: str) -> dict[str, int]:
     """The weight sets of a component as the weights cache stores them (cluster/weights.py parts): its
-    layerwise-cast leaves in `storage` (one set for every compute dtype when 16-bit; an 8-bit store is cast through
-    the compute dtype, so one per compute dtype) and the rest (`skipped` params) in `compute`."""
-    via = compute if DTYPE_BYTES[storage] < 2 else storage
+    layerwise-cast leaves in `storage` (one set for every compute dtype; an 8-bit store is cast through bfloat16)
+    and the rest (`skipped` params) in `compute`."""
+    via = "bfloat16" if DTYPE_BYTES[storage] < 2 else storage
     leaves = f"{component}-leaves-{storage}" + (f"-via-{via}" if via != storage else "")
     return {leaves: (params - skipped) * DTYPE_BYTES[storage], f"{component}-rest-{compute}": skipped * DTYPE_BYTES[compute]}
 
@@ -158,6 +158,7 @@ class HostNeed:
     head: bool = False
     calibration: Calibration | None = None
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (card, why) for cards this host cannot hold
+    changed: list[str] = field(default_factory=list)  # what planning changed so that its cards fit, and why
 
     def _cal(self) -> Calibration:
         return self.calibration or load_calibration()
@@ -188,7 +189,8 @@ class HostNeed:
 
     def with_replica(self, what: str, estimate: HostEstimate, ray_node: bool = True) -> "HostNeed":
         return HostNeed(self.host, self.ram_bytes, [*self.replicas, (what, estimate)],
-                        self.ray_nodes + (1 if ray_node else 0), self.head, self.calibration, list(self.left_out))
+                        self.ray_nodes + (1 if ray_node else 0), self.head, self.calibration, list(self.left_out),
+                        list(self.changed))
 
     def refusal(self, what: str, estimate: HostEstimate, ray_node: bool = True) -> str | None:
         """None when the host also holds `what`, else why not, with the numbers."""
@@ -213,6 +215,7 @@ class HostNeed:
             "shared_gb": {name: round(b / GIB, 2) for name, b in self.shared.items()},
             "replicas": [{"what": what, **estimate.terms()} for what, estimate in self.replicas],
             "left_out": [{"card": card, "why": why} for card, why in self.left_out],
+            "changed": list(self.changed),
         }
 
 

@@ -102,6 +102,9 @@ def _pid() -> int:
     return os.getpid()
 
 
+OTHER_USE = 0  # the state's key for RAM held outside the cluster (SimulatedHost.set_other_use); never a pid
+
+
 class SimulatedHost:
     """A simulated card's host as the replicas on it see it: the RAM each holds by the host-memory model
     (cluster/host_memory.py), its shared weight sets counted once, and a replica refused when the host would not
@@ -124,7 +127,16 @@ class SimulatedHost:
             return {}
         from cluster.nvml import _alive
 
-        return {int(pid): entry for pid, entry in raw.items() if _alive(int(pid))}
+        return {int(pid): entry for pid, entry in raw.items() if int(pid) == OTHER_USE or _alive(int(pid))}
+
+    def set_other_use(self, nbytes: int) -> None:
+        """Programs outside the cluster hold `nbytes` of the host's RAM from now on (a fault that tests and
+        benchmarks inject, as `FakeNvml.set_lost` is for a card; 0 ends it). Replicas that hold already keep it."""
+        def update(entries: dict[int, dict]) -> dict[int, dict]:
+            kept = {p: e for p, e in entries.items() if p != OTHER_USE}
+            return {**kept, OTHER_USE: {"private": int(nbytes), "shared": {}}} if nbytes else kept
+
+        self._update(update)
 
     def used(self, without: int | None = None) -> int:
         """Bytes the host's live replicas hold (each shared set once), leaving out process `without`."""

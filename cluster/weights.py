@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ZIT_WEIGHTS_DIR_ENV = "ZIT_WEIGHTS_DIR"
+ZIT_LOAD_LOCK_TIMEOUT_ENV = "ZIT_LOAD_LOCK_TIMEOUT_S"
 # Tensors per written file: small enough that writing holds little memory, few enough files for a 12 GB component.
 # cluster/host_memory.py CACHE_WRITE_BYTES counts it, with the tensor being cast.
 SHARD_BYTES = 1 << 30
@@ -100,8 +102,8 @@ def _dtype_name(dtype: "torch.dtype") -> str:
 
 def parts(folder: Path, component: str, storage: "torch.dtype", compute: "torch.dtype") -> dict[str, tuple]:
     """`component`'s parameters in two parts, each with the dtype it runs in and the dtype it is cast through:
-    'leaves' (what layerwise casting stores small: `storage`, reached through `compute` as a loaded pipeline is
-    cast) and 'rest' (what casting skips, or everything without casting: `compute`). {part: (names, dtype, via)}.
+    'leaves' (what layerwise casting stores small: `storage`; 8 bits are reached through bfloat16) and 'rest'
+    (what casting skips, or everything without casting: `compute`). {part: (names, dtype, via)}.
     Which parameters are leaves is the module's structure, the same whatever the dtypes (read from the component
     built on the meta device and cast as the replica casts it, `layerwise_cast`), so the leaves of a bf16 store are
     one part for bf16 and float32 compute alike."""
@@ -112,9 +114,11 @@ def parts(folder: Path, component: str, storage: "torch.dtype", compute: "torch.
     layerwise_cast(component, module, probe, compute)  # only to see which parameters casting stores small
     leaves = {name for name, p in module.named_parameters() if p.dtype == probe}
     rest = {name for name, _ in module.named_parameters()} - leaves
-    # bf16 from float32 is one rounding whatever the compute dtype; an 8-bit store goes through the compute dtype
-    # as the cast pipeline's does, so its values depend on it.
-    via = compute if storage.itemsize < 2 else storage
+    # bf16 from float32 is one rounding whatever the compute dtype. An 8-bit store goes through bfloat16 whatever
+    # the compute dtype (as a bf16 card's cast pipeline does), so a float32 card's 8-bit leaves are the very bytes
+    # a bf16 card's are: one copy on a host (cluster/host_memory.py counts it once, and planning falls back to it
+    # when a host's RAM is short).
+    via = torch.bfloat16 if storage.itemsize < 2 else storage
     return {"leaves": (leaves, storage, via), "rest": (rest, compute, compute)}
 
 
@@ -190,28 +194,68 @@ def stored_parts(folder: Path, component: str, storage: "torch.dtype", compute: 
         entry = weights_dir() / _model_key(folder, component) / f"{part_name(component, part, dtype, via)}-{digest}"
         if not (entry / COMPLETE).is_file():
             entry.parent.mkdir(parents=True, exist_ok=True)
-            with _locked(entry.with_suffix(".lock")):
+            with _locked(entry.with_suffix(".lock"), f"writing {entry.name} into the weights cache"):
                 if not (entry / COMPLETE).is_file():  # another replica of this host may have written it meanwhile
                     _write({name: index[name] for name in names}, entry, dtype, via)
         out.append((entry, names))
     return out
 
 
+def lock_timeout_s() -> float:
+    """How long a replica waits for a lock of the weights cache (`ZIT_LOAD_LOCK_TIMEOUT_S`, default an hour: the
+    host's first load writes its stored copy, minutes on a slow disk, while the others wait)."""
+    raw = os.environ.get(ZIT_LOAD_LOCK_TIMEOUT_ENV, "3600")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{ZIT_LOAD_LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{ZIT_LOAD_LOCK_TIMEOUT_ENV}={raw!r} must be above 0 seconds")
+    return value
+
+
 @contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def _locked(path: Path, what: str = "a load"):
+    """`path` locked for this process (flock: the kernel lets go when the holder dies, however it dies). The
+    holder writes who it is into the file; a waiter logs who it waits for every 30 s and gives up after
+    `lock_timeout_s`, saying who held it (a holder that is alive and stuck)."""
+    timeout = lock_timeout_s()
+    with open(path, "a+") as handle:
+        started = last_said = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if now - started >= timeout:
+                    raise TimeoutError(
+                        f"waited {now - started:.0f} s for {path} ({_holder(handle)}); that process is alive and "
+                        f"has not finished; see its log, or raise {ZIT_LOAD_LOCK_TIMEOUT_ENV}") from None
+                if now - last_said >= 30:
+                    logger.info("waiting %.0f s for %s (%s) to finish", now - started, path, _holder(handle))
+                    last_said = now
+                time.sleep(0.5)
         try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}: {what}, since {time.strftime('%H:%M:%S')}\n")
+            handle.flush()
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _holder(handle) -> str:
+    handle.seek(0)
+    return handle.read().strip() or "held by another process"
+
+
 def _write(tensors: dict[str, tuple[Path, str, "torch.dtype"]], entry: Path, dtype: "torch.dtype",
            via: "torch.dtype") -> None:
     """Write `tensors` ({parameter name: (file, key, dtype)}) into `entry` under their parameter names, in `dtype`,
-    each cast through `via` first (as casting a loaded pipeline does: the model's float32 weights to the compute
-    dtype, then leaf by leaf to the storage dtype), so a stored copy gives the same images as the cast one.
+    each cast through `via` first (as casting a bf16 card's loaded pipeline does: the model's float32 weights to
+    bfloat16, then leaf by leaf to the storage dtype), so a stored copy gives the same images as the cast one.
     Written into a sibling folder and renamed when complete."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -313,11 +357,12 @@ def load_component(folder: Path, component: str, storage: "torch.dtype", compute
 
 
 @contextlib.contextmanager
-def host_load_lock(name: str = "load"):
+def host_load_lock(name: str = "load", what: str = "a replica's load"):
     """Held while a replica loads, so the replicas of one host load one at a time and their load peaks never add up
     (cluster/host_memory.py counts one). One lock file per host's weights dir; a simulated fleet, whose hosts share
-    this machine's dir, passes one `name` per simulated host."""
+    this machine's dir, passes one `name` per simulated host. `what` is said to the replicas that wait. A replica
+    that waits past `lock_timeout_s` fails to start with TimeoutError naming the holder (Serve starts it again)."""
     folder = weights_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / f"{name}.lock"):
+    with _locked(folder / f"{name}.lock", what):
         yield

@@ -69,7 +69,7 @@ class TextEncoder:
             else torch.float32
         # One replica of a host loads at a time; a simulated host holds the real encoder's host RAM.
         self.host = host_of(self.card, self.card.read() if self.card else None)
-        with host_load_lock(self.host.lock_name):
+        with host_load_lock(self.host.lock_name, "loading the text-encoder stage"):
             self.host.hold_loading(encoder_host(self.profile, cuda=self.card is not None), "the text-encoder stage")
             self.pipe = load_text_encoder(self.model_path, "cpu", self.dtype,
                                           profile=self.profile if real_gpu or settings.where == "cpu" else None)

@@ -95,7 +95,7 @@ class Generator:
         # The host's replicas load one at a time (their load peaks must not add up); a simulated host holds the real
         # model's host RAM by the host-memory model, and refuses a replica it cannot hold.
         self.host = host_of(self.card, snapshot)
-        with host_load_lock(self.host.lock_name):
+        with host_load_lock(self.host.lock_name, f"loading a {tier.name} replica"):
             self.host.hold_loading(replica_host(self.profile, cuda=self.card is not None), f"a {tier.name} replica")
             # On a card: each component in the profile's dtypes, a view of the host's one stored copy
             # (cluster/weights.py).

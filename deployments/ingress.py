@@ -234,6 +234,9 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 "error": reading.get("error"),
             })
         tiers = []
+        short = [t.name for t in self.config.tiers
+                 if sum(1 for r in replicas if r.get("tier") == t.name) < t.num_replicas]
+        start_errors = await self._start_errors(short)
         for tier in self.config.tiers:
             in_tier = [r for r in replicas if r.get("tier") == tier.name]
             tiers.append({
@@ -246,12 +249,38 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 "queue": {"running": self.dispatcher.queues[tier.name].running,
                           "waiting": self.dispatcher.queues[tier.name].waiting},
                 "lost": self.dispatcher.lost.get(tier.name),
+                "start_error": start_errors.get(tier.name),
             })
         routing = {"tier_policy": self.config.tier_policy, "in_tier_router": self.config.in_tier_router}
         from deployments.hostmem import hosts_view
 
         return {"cards": cards, "tiers": tiers, "replicas": replicas, "routing": routing,
                 "text_encoder": self._text_encoder_view(), "hosts": hosts_view(replicas + self._stage_state)}
+
+    @staticmethod
+    async def _start_errors(tiers: list[str]) -> dict[str, str]:
+        """Why replicas of `tiers` (those running fewer than their target) are not up, as Serve says it: the last
+        line of the exception their constructor raised (a host without the RAM: "MemoryError: Cannot allocate
+        memory: ..."), for each tier whose deployment is not healthy. Read from the Serve controller only then."""
+        if not tiers:
+            return {}
+        from ray import serve
+
+        from deployments.app import generator_deployment_name
+
+        try:
+            status = await asyncio.to_thread(serve.status)
+        except Exception:  # the controller is busy or restarting: the view answers without it
+            logger.warning("could not read Serve's deployment status for the fleet view", exc_info=True)
+            return {}
+        names = {generator_deployment_name(tier): tier for tier in tiers}
+        out = {}
+        for application in status.applications.values():
+            for name, deployment in application.deployments.items():
+                lines = [line for line in (deployment.message or "").splitlines() if line.strip()]
+                if name in names and deployment.status != "HEALTHY" and lines:
+                    out[names[name]] = lines[-1].strip()[:1000]
+        return out
 
     def _text_encoder_view(self) -> dict:
         """Where the text-encoder stage runs, as configured and as its replicas report, with their caches."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from cluster.nvml import ZIT_FLEET_FILE_ENV, FakeNvml, GpuSnapshot, LocalCard
+from cluster.profiles import DTYPE_BYTES
 from cluster.tiers import CLASSIFY_MARGIN, classify, tier_gib, tier_vram_bytes, vram_tiers
 from runtime.local import RAY_HEAD_PORT
 
@@ -342,8 +343,11 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
     nodes, skipped = nodes_for_cards(cards, fleet_file)
     usable = [node.card for node in nodes]
 
+    eight_bit: dict[str, str] = {}  # tier -> why its transformer is stored in 8 bits for the hosts' RAM
+
     def place(usable: list[GpuSnapshot]):
-        tiers = tiers_for_cards(usable, configured)
+        tiers = [t.model_copy(update={"profile": {**(t.profile or {}), "storage_dtype": EIGHT_BIT}})
+                 if t.name in eight_bit else t for t in tiers_for_cards(usable, configured)]
         placement = place_text_encoder(usable, tiers, {t.name: tier_profile(t, lora_params) for t in tiers}, stage,
                                        stage_replicas)
         staged = staged_tiers(tiers, placement.where, list(placement.tiers), placement.reserve_bytes)
@@ -355,8 +359,20 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
 
     tiers, placement, hosts, refused = place(usable)
     left_out: dict[str, list] = {}
-    # Leaving cards out can move the stage or change a tier's profile: plan again until every card left holds.
+    # Before leaving a card out, its host's 16-bit streamed transformers go to 8 bits (one copy, half the size,
+    # shared with the 8-bit tiers). Leaving cards out can move the stage or change a tier's profile: plan again
+    # until every card left holds.
     while refused:
+        switch = ram_tight_tiers(usable, refused, {t.name: tier_profile(t, lora_params) for t in tiers}, configured)
+        if switch:
+            for name in switch:
+                hosts_of = {c.host or "localhost" for c in usable if c.tier == name}
+                why = next(refused[c.uuid] for c in sorted(usable, key=lambda c: c.tier != name)
+                           if c.uuid in refused and (c.host or "localhost") in hosts_of)
+                eight_bit[name] = (f"{name}: transformer stored in {EIGHT_BIT} (the 8-bit tiers' copy) for host "
+                                   f"RAM; in 16 bits, {why}")
+            tiers, placement, hosts, refused = place(usable)
+            continue
         skipped += [f"{c.name} [{c.uuid}] {refused[c.uuid]}: not joined" for c in usable if c.uuid in refused]
         for name, need in hosts.items():
             left_out.setdefault(name, []).extend(need.left_out)
@@ -364,10 +380,32 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
         tiers, placement, hosts, refused = place(usable)
     for name, lines in left_out.items():  # what each host's plan left out, and why
         hosts.setdefault(name, HostNeed(name, (host_ram or {}).get(name), head=name == head_host)).left_out[:0] = lines
+    for name, why in eight_bit.items():  # said with the hosts that hold the tier's cards
+        for host in {c.host or "localhost" for c in usable if c.tier == name}:
+            if host in hosts:
+                hosts[host].changed.append(why)
     kept = {c.uuid for c in usable}
     nodes = [card_node(node.card, fleet_file, text_encoder=node.card.uuid in placement.cards)
              for node in nodes if node.card.uuid in kept]
     return CardPlan(nodes, skipped, tiers, placement, hosts)
+
+
+EIGHT_BIT = "float8_e4m3fn"
+STREAMED = ("group_offload_block", "group_offload_leaf", "model_cpu_offload", "sequential_cpu_offload")
+
+
+def ram_tight_tiers(cards: list[GpuSnapshot], refused: dict[str, str], profiles: dict, configured: list | None
+                    ) -> list[str]:
+    """The tiers to store in 8 bits before leaving out the `refused` cards (uuid -> why): those with cards on the
+    refused cards' hosts that stream a 16-bit transformer from host memory (a resident one keeps nothing there),
+    unless the service's config sets their storage. Their 8-bit copy is the one vram_8 maps already (cast through
+    bfloat16, cluster/weights.py), so a host holds one transformer for all of them, at half the bytes; the images
+    are those of the 8-bit tiers (fp8 weights upcast per layer, docs/memory.md)."""
+    hosts = {c.host or "localhost" for c in cards if c.uuid in refused}
+    pinned = {t.name for t in configured or [] if "storage_dtype" in (t.profile or {})}
+    return sorted({c.tier for c in cards if (c.host or "localhost") in hosts and c.tier in profiles
+                   and c.tier not in pinned and profiles[c.tier].weights in STREAMED
+                   and DTYPE_BYTES[profiles[c.tier].transformer_storage] >= 2})
 
 
 # -- inside a replica ---------------------------------------------------------------------------------------------

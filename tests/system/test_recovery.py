@@ -1,4 +1,5 @@
-"""Recovery on a fleet with faulty simulated cards: out of memory, black images, a replica dying mid-request.
+"""Recovery on a fleet with faulty simulated cards: out of memory, black images, a replica dying mid-request, a
+host without the RAM for a replica.
 
 The cheapest tier that holds a request is always tried first here (ZIT_TIER_SLACK is huge), so each request lands
 on the faulty card the test aims at; the service must still answer every request correctly and say what it retried.
@@ -199,3 +200,48 @@ def test_a_card_whose_nvml_fails_is_drained_and_comes_back(faulty):
     response = generate(url, size="512x512", n=1, seed=22)
     assert response.status_code == 200, response.text
     assert response.json()["metadata"]["retries"][0]["from"] == "vram_4"  # tried there first again
+
+
+def test_a_replica_its_host_has_no_ram_for_fails_to_start_and_the_other_hosts_serve(faulty):
+    """A program outside the cluster takes host-b's RAM; both RTX 3070 replicas there die and Serve starts them
+    again: each fails to start with the host's "Cannot allocate memory" (the simulated host holds the real model's
+    RAM), and a request the 3070s would take is served by the RTX 4090 on host-c. When the RAM is
+    given back, the replicas start and take work again. (Last in this module: it leaves vram_8 down for a while.)"""
+    import ray
+    from ray import serve
+
+    from cluster.nvml import FakeNvml
+    from cluster.simcard import SimulatedHost
+    from cluster.tiers import GIB
+
+    _, url = faulty
+    host = SimulatedHost(FakeNvml(TEST_FLEETS / "faults.yaml"), "host-b")
+    host.set_other_use(host.ram_bytes - GIB)  # 1 GiB left: less than one replica's own runtime
+    try:
+        for actor in [a for a in ray.util.list_named_actors(all_namespaces=True) if "Generator_vram_8" in a["name"]]:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+        deadline, message = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and "Cannot allocate memory" not in message:
+            time.sleep(2)
+            deployments = serve.status().applications["zit"].deployments
+            message = next((d.message for name, d in deployments.items() if "vram_8" in name), "")
+        assert "Cannot allocate memory: simulated host host-b has 32.0 GiB of RAM" in message, message
+        tiers = {t["name"]: t for t in httpx.get(f"{url}/v1/fleet", timeout=30).json()["tiers"]}
+        assert tiers["vram_8"]["replicas_running"] == 0 and tiers["vram_24"]["replicas_running"] == 1
+        assert "Cannot allocate memory: simulated host host-b" in tiers["vram_8"]["start_error"], tiers["vram_8"]
+        assert tiers["vram_24"]["start_error"] is None
+        response = generate(url, size="1664x1664", n=1, seed=500)  # above the 4 and 6 GB cards: a 3070's size
+        assert response.status_code == 200, response.text
+        assert [c["tier"] for c in response.json()["metadata"]["chunks"]] == ["vram_24"]
+    finally:
+        host.set_other_use(0)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        tiers = {t["name"]: t for t in httpx.get(f"{url}/v1/fleet", timeout=30).json()["tiers"]}
+        if tiers["vram_8"]["replicas_running"] == 2:
+            break
+        time.sleep(3)
+    assert tiers["vram_8"]["replicas_running"] == 2, tiers["vram_8"]
+    assert tiers["vram_8"]["start_error"] is None
+    response = generate(url, size="1664x1664", n=1, seed=510)
+    assert response.status_code == 200, response.text

@@ -124,3 +124,18 @@ def test_up_on_a_host_too_small_for_any_replica_refuses_with_the_reason(tmp_path
     out = capsys.readouterr().out
     assert out.count("host tiny-box has 4.0 GiB of RAM; with ") == 2 and "GiB of its own" in out
     assert "not joined" in out and "error: no card can serve" in out and "Starting Ray" not in out
+
+
+def test_node_on_a_host_too_small_for_16_bit_copies_says_which_tiers_in_8_bits_would_fit(tmp_path, capsys):
+    """`zit node` cannot change the tiers the head runs: it leaves out what its host cannot hold, and says that
+    with those tiers stored in 8 bits (the service config's storage_dtype) the host would hold more cards."""
+    fleet = tmp_path / "lab.yaml"
+    fleet.write_text("name: lab\nhost_ram_gb: {lab: 24}\ncards:\n"
+                     "  - {model: NVIDIA GeForce RTX 2060, vram_gb: 6, compute_capability: '7.5', host: lab}\n"
+                     "  - {model: NVIDIA GeForce GTX 1650, vram_gb: 4, memory_total_mib: 3911, "
+                     "compute_capability: '7.5', host: lab}\n")
+    assert main(["node", "--address", "127.0.0.1:1", "--fleet", str(fleet)]) == 2
+    out = capsys.readouterr().out
+    assert out.count("host lab has 24.0 GiB of RAM; with ") == 2
+    assert "note: with vram_4, vram_6 stored in 8 bits this host would hold 1 more card(s)" in out
+    assert "storage_dtype: float8_e4m3fn" in out

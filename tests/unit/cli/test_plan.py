@@ -152,8 +152,8 @@ def test_plan_with_a_config_the_service_would_refuse_says_why(tmp_path, capsys):
 
 
 def test_plan_one_box_reports_the_hosts_ram_need_and_what_it_has(repo_root, capsys):
-    """The issue's check: each host's need against its RAM, at most 32 GiB on one-box.yaml's single host, and the
-    cards its RAM cannot hold named with the reason (the tiers are planned without them, as `zit up` starts)."""
+    """The issue's check: each host's need against its RAM, at most 32 GiB on one-box.yaml's single host with all
+    five cards (the offloading tiers' transformer in 8 bits, said with the reason)."""
     code, out = run_plan(capsys, "--fleet", str(repo_root / "cluster/fleets/one-box.yaml"), "--size", "1024x1024",
                          "--n", "1")
     assert code == 0
@@ -161,12 +161,15 @@ def test_plan_one_box_reports_the_hosts_ram_need_and_what_it_has(repo_root, caps
     assert box["host"] == "box" and box["ram_gb"] == 32.0 and box["fits"] and box["need_gb"] <= 32.0
     assert box["head"] and box["ray_nodes"] == len(box["replicas"]) - 1  # the stage shares its card's node
     assert {r["what"] for r in box["replicas"]} >= {"text-encoder stage", "vram_24 on NVIDIA GeForce RTX 4090"}
-    assert box["left_out"] and all("host box has 32.0 GiB" in x["why"] for x in box["left_out"])
-    planned = {r["tier"] for r in out["tiers"]}
-    assert "vram_24" in planned and len(planned) == len(box["replicas"]) - 1
+    assert not box["left_out"] and len(box["replicas"]) == 6
+    assert [c.split(":")[0] for c in box["changed"]] == ["vram_4", "vram_6"]
+    assert all("host box has 32.0 GiB" in c for c in box["changed"])
+    planned = {r["tier"]: r for r in out["tiers"]}
+    assert len(planned) == 5 and "fp8 storage" in planned["vram_4"]["technique"]
     assert main(["plan", "--fleet", str(repo_root / "cluster/fleets/one-box.yaml")]) == 0
     text = capsys.readouterr().out
-    assert "box: needs" in text and "has 32.0 GiB  ok" in text and "left out: " in text and "shared once: " in text
+    assert "box: needs" in text and "has 32.0 GiB  ok" in text and "changed: vram_4: " in text
+    assert "shared once: " in text and "left out: " not in text
 
 
 def test_plan_without_a_fleet_has_no_hosts(capsys):

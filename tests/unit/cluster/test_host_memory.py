@@ -140,3 +140,54 @@ def test_an_encoder_computing_on_the_cpu_from_smaller_storage_holds_private_copi
     estimate = replica_host(profile, CAL)
     assert not any(name.startswith("text_encoder") for name in estimate.shared)
     assert estimate.private >= (4_022_468_096 - 389_152_256) * 2
+
+
+def test_one_box_serves_all_five_cards_with_one_8_bit_transformer_on_the_host(repo_root):
+    """Planned as `zit up` plans: with 16-bit copies the GTX 1650 and RTX 2060 would not fit the 32 GiB box, so
+    their tiers store the transformer in 8 bits, the very copy the RTX 3070 maps; all five join, the host holds one
+    transformer, and the plan says what it changed and why."""
+    from runtime.nodes import host_ram_of, plan_card_nodes
+
+    path = repo_root / "cluster/fleets/one-box.yaml"
+    cards = load_fleet(path)
+    ram, head = host_ram_of(cards, path)
+    plan = plan_card_nodes(cards, path, host_ram=ram, head_host=head)
+    box = plan.hosts["box"]
+    assert len(plan.nodes) == 5 and not plan.skipped and not box.left_out
+    assert box.need <= 32 * GIB
+    assert [n for n in box.shared if n.startswith("transformer-leaves")] == [
+        "transformer-leaves-float8_e4m3fn-via-bfloat16"]
+    storage = {t.name: (t.profile or {}).get("storage_dtype") for t in plan.tiers}
+    assert storage["vram_4"] == storage["vram_6"] == "float8_e4m3fn" and storage["vram_24"] is None
+    assert sorted(line.split(":")[0] for line in box.changed) == ["vram_4", "vram_6"]
+    assert all("would need" in line for line in box.changed)
+    assert box.to_dict()["changed"] == box.changed
+
+
+def test_a_configured_storage_is_kept_and_the_card_is_left_out_instead(repo_root):
+    """A service config that sets a tier's storage_dtype is obeyed: no 8-bit fallback for it, its card is left out
+    with the reason."""
+    from cluster.tiers import TierConfig
+    from runtime.nodes import host_ram_of, plan_card_nodes
+
+    path = repo_root / "cluster/fleets/one-box.yaml"
+    cards = load_fleet(path)
+    ram, head = host_ram_of(cards, path)
+    configured = [TierConfig(name="vram_4", device="cuda", num_gpus=1, resources={"vram_4": 1},
+                             profile={"storage_dtype": "bfloat16"})]
+    plan = plan_card_nodes(cards, path, configured, host_ram=ram, head_host=head)
+    box = plan.hosts["box"]
+    assert [line.split(":")[0] for line in box.changed] == ["vram_6"]
+    assert len(plan.nodes) == 4 and any("GTX 1650" in card for card, _ in box.left_out)
+
+
+def test_a_host_with_room_keeps_16_bit_storage(repo_root):
+    """mixed.yaml's hosts hold their cards in 16 bits: nothing is changed."""
+    from runtime.nodes import host_ram_of, plan_card_nodes
+
+    path = repo_root / "cluster/fleets/mixed.yaml"
+    cards = load_fleet(path)
+    ram, head = host_ram_of(cards, path)
+    plan = plan_card_nodes(cards, path, host_ram=ram, head_host=head)
+    assert not any(need.changed for need in plan.hosts.values())
+    assert all("storage_dtype" not in (t.profile or {}) for t in plan.tiers)

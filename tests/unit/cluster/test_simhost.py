@@ -60,3 +60,17 @@ def test_a_host_without_ram_in_the_fleet_file_is_not_checked(box):
     host.hold(1000 * GIB, {}, "anything")
     assert host.ram_bytes is None and host.used() == 1000 * GIB
     host.release()
+
+
+def test_ram_held_outside_the_cluster_counts_until_it_ends(box):
+    """A program outside the cluster takes 10 GiB (a fault tests inject): a replica that fitted before is refused;
+    when the program ends, it fits again. The other use outlives no process: it is the host's until set to 0."""
+    host = SimulatedHost(box, "box")
+    host.set_other_use(10 * GIB)
+    assert host.used() == 10 * GIB
+    with pytest.raises(MemoryError, match=r"its other replicas hold 10.0 GiB and a replica needs 8.0 GiB more"):
+        host.hold(2 * GIB, {"transformer:bfloat16": 6 * GIB}, "a replica")
+    host.set_other_use(0)
+    host.hold(2 * GIB, {"transformer:bfloat16": 6 * GIB}, "a replica")
+    assert host.used() == 8 * GIB
+    host.release()

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cluster.profiles import apply_profile, resolve_profile
 from cluster.weights import ZIT_WEIGHTS_DIR_ENV, load_component, stored_parts
@@ -70,8 +71,9 @@ def test_a_stored_copy_holds_each_tensor_in_the_dtype_it_runs_in(tiny_model_dir,
 
 def test_the_big_part_is_one_copy_for_every_compute_dtype(tiny_model_dir, weights_dir):
     """bf16-stored leaves are the same bytes whether the card computes in bf16 or float32: one stored part for
-    both; only the small rest (norms, embeddings) differs. An 8-bit store is cast through the compute dtype (as the
-    cast pipeline is), so it is one part per compute dtype."""
+    both; only the small rest (norms, embeddings) differs. An 8-bit store is cast through bfloat16 whatever the
+    compute dtype, so a float32 card maps the very part a bf16 card does (planning relies on it when a host's RAM
+    is short), and its values are the bf16-rounded weights in 8 bits."""
     def names(storage, compute):
         return {(w.name.rsplit("-", 1)[0] if w else None)
                 for w, _ in stored_parts(tiny_model_dir, "transformer", storage, compute)}
@@ -80,6 +82,17 @@ def test_the_big_part_is_one_copy_for_every_compute_dtype(tiny_model_dir, weight
     # The rest in float32 is the tiny model's own file.
     assert names(torch.bfloat16, torch.float32) == {"transformer-leaves-bfloat16", None}
     assert "transformer-leaves-float8_e4m3fn-via-bfloat16" in names(torch.float8_e4m3fn, torch.bfloat16)
+    leaves = {w for w, _ in stored_parts(tiny_model_dir, "transformer", torch.float8_e4m3fn, torch.bfloat16)
+              if w and "-leaves-" in w.name}
+    assert leaves == {w for w, _ in stored_parts(tiny_model_dir, "transformer", torch.float8_e4m3fn, torch.float32)
+                      if w and "-leaves-" in w.name}
+    module = load_component(tiny_model_dir, "transformer", torch.float8_e4m3fn, torch.float32)
+    [file] = (tiny_model_dir / "transformer").glob("*.safetensors")
+    source = load_file(str(file))
+    weight = module.layers[0].feed_forward.w1.weight
+    assert weight.dtype == torch.float8_e4m3fn
+    expected = source["layers.0.feed_forward.w1.weight"].to(torch.bfloat16).to(torch.float8_e4m3fn)
+    assert torch.equal(weight.view(torch.uint8), expected.view(torch.uint8))
 
 
 def test_a_text_encoder_saved_with_its_lm_wrappers_prefix_loads_and_a_short_folder_says_what_it_lacks(
@@ -177,3 +190,42 @@ def test_replicas_of_one_host_share_the_stored_weights(tiny_model_dir, weights_d
     assert all(r["rss"] >= 0.9 * size for r in readings)  # each maps the whole file
     total_pss = sum(r["pss"] for r in readings)
     assert total_pss <= 1.3 * size, (total_pss, size)  # one copy for the host, not three
+
+
+def test_a_replica_waiting_on_a_stuck_load_gives_up_naming_the_holder(weights_dir, monkeypatch):
+    """The host's load lock is held by a live process that never finishes: a second replica waits
+    ZIT_LOAD_LOCK_TIMEOUT_S, then fails to start saying which process holds it and doing what."""
+    from cluster.weights import ZIT_LOAD_LOCK_TIMEOUT_ENV, host_load_lock
+
+    monkeypatch.setenv(ZIT_LOAD_LOCK_TIMEOUT_ENV, "1")
+    with host_load_lock("box", "loading a vram_4 replica"):
+        with pytest.raises(TimeoutError, match=rf"pid {os.getpid()}: loading a vram_4 replica, since .*"
+                                               rf"raise {ZIT_LOAD_LOCK_TIMEOUT_ENV}"):
+            with host_load_lock("box", "loading a vram_6 replica"):
+                pass
+    with host_load_lock("box", "loading a vram_6 replica"):  # let go: the next one gets it at once
+        pass
+    monkeypatch.setenv(ZIT_LOAD_LOCK_TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="ZIT_LOAD_LOCK_TIMEOUT_S='soon' is not a number of seconds"):
+        with host_load_lock("box"):
+            pass
+
+
+def test_a_ram_tight_float32_tier_runs_from_the_8_bit_copy_a_bf16_tier_maps(tiny_model_dir, weights_dir):
+    """vram_4 on a card without bf16, its transformer stored in 8 bits for host RAM (runtime.nodes
+    ram_tight_tiers): loaded as a replica loads it, its leaves are views of the very files vram_8 maps, and it
+    makes an image."""
+    from cluster.pipeline import load_pipeline, run_job
+    from cluster.requests import GenerationJob
+
+    profile = resolve_profile("vram_4", False, {"storage_dtype": "float8_e4m3fn"})
+    pipe = load_pipeline(tiny_model_dir, profile=profile)
+    apply_profile(pipe, profile, "cpu")
+    w1 = pipe.transformer.layers[0].feed_forward.w1.weight
+    assert w1.dtype == torch.float8_e4m3fn
+    [leaves] = [w for w, _ in stored_parts(tiny_model_dir, "transformer", torch.float8_e4m3fn, torch.bfloat16)
+                if w and "-leaves-" in w.name]
+    assert any(a <= w1.data_ptr() < b for a, b in mapped_ranges(str(leaves)))
+    job = GenerationJob(prompt="a fox", width=64, height=64, steps=2, guidance_scale=0.0, seeds=[3])
+    [image], _ = run_job(pipe, job)
+    assert image.startswith(b"\x89PNG") and len(image) > 1000

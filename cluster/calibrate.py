@@ -177,6 +177,9 @@ def measure_run(pipe, profile: Profile, width: int, height: int, n: int, steps: 
     def first_call(module, args):
         if peaks["encode"] is None:
             boundary("encode")
+            # The prompt tokens the transformer runs (the pipeline passes the real ones): the fit uses them.
+            if len(args) >= 3 and isinstance(args[2], (list, tuple)) and args[2]:
+                record["prompt_tokens"] = max(len(c) for c in args[2])
 
     def step_end(pipeline, step, timestep, kwargs):
         if step == steps - 1:

@@ -37,6 +37,12 @@ class EncodedPrompt:
     def tokens(self) -> int:
         return int(self.prompt.shape[0])
 
+    @property
+    def transformer_tokens(self) -> int:
+        """Real tokens of the longest prompt the transformer takes for this request (the prompt, and with guidance
+        the negative prompt: the batch pads to the longest); cluster.memory.for_prompt predicts with it."""
+        return max(int(t.shape[0]) for t in (self.prompt, self.negative) if t is not None)
+
     def for_pipeline(self, dtype, device) -> tuple[list, list | None]:
         """(prompt_embeds, negative_prompt_embeds) as ZImagePipeline takes them for one prompt, in `dtype` on
         `device`; the pipeline repeats them for each image of the call."""

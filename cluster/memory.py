@@ -82,7 +82,9 @@ class Calibration(BaseModel):
     )
     text_encoder_leaf_params: int = Field(gt=0, description="Parameters of the text encoder's largest Linear.")
     vae_params: int = Field(gt=0, description="Parameters of the VAE.")
-    prompt_tokens: int = Field(gt=0, description="Prompt tokens the transformer sees (the pipeline pads to 512).")
+    prompt_tokens: int = Field(gt=0, description="Prompt tokens the transformer sees at most: the bound used where "
+                               "a request is not tokenized yet (the encoder runs on 512 padded tokens, the "
+                               "transformer on the real ones padded to a multiple of 32: `for_prompt`).")
     activation_bytes_per_token: float = Field(
         ge=0, description="Transformer activation peak per token per image, at a 2-byte compute dtype."
     )
@@ -169,6 +171,32 @@ def _load_cached(path: str, mtime_ns: int) -> Calibration:
         ) from None
     except ValueError as exc:
         raise ValueError(f"calibration file {path} is not valid: {exc}") from exc
+
+
+# The transformer pads each prompt's tokens to a multiple of this (diffusers' transformer_z_image SEQ_MULTI_OF).
+SEQ_MULTI_OF = 32
+
+
+def transformer_prompt_tokens(tokens: int | None, calibration: Calibration | None = None) -> int:
+    """The prompt tokens the transformer runs for a prompt of `tokens` real tokens: the pipeline encodes the prompt
+    padded to 512 (cluster.encoding.MAX_SEQUENCE_LENGTH) and hands the transformer only its real tokens, which the
+    transformer pads to a multiple of 32 (at least 32). None (not tokenized yet): the bound, `prompt_tokens` of the
+    calibration (512: no prompt has more, longer ones are truncated)."""
+    cal = calibration or load_calibration()
+    if tokens is None:
+        return cal.prompt_tokens
+    padded = max(SEQ_MULTI_OF, math.ceil(tokens / SEQ_MULTI_OF) * SEQ_MULTI_OF)
+    return min(padded, cal.prompt_tokens)
+
+
+def for_prompt(calibration: Calibration | None, tokens: int | None) -> Calibration:
+    """The calibration to predict a request whose longest prompt (with guidance: the prompt or the negative prompt)
+    has `tokens` real tokens: the same coefficients, `prompt_tokens` the transformer's count for it
+    (`transformer_prompt_tokens`). None: the bound, unchanged. Used where the request is tokenized before it is
+    routed (the text-encoder stage encodes it first); elsewhere the bound holds."""
+    cal = calibration or load_calibration()
+    count = transformer_prompt_tokens(tokens, cal)
+    return cal if count == cal.prompt_tokens else cal.model_copy(update={"prompt_tokens": count})
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -413,7 +441,9 @@ def fit_calibration(records: "Iterable[dict]", base: Calibration, **provenance) 
         px = min(w, p.vae_tile_px) * min(h, p.vae_tile_px) if p.vae_tiling else w * h
         return px * (1 if p.vae_slicing else r["n"])
 
-    tokens = lambda r: r["n"] * (image_tokens(r["width"], r["height"]) + base.prompt_tokens)  # noqa: E731
+    # The transformer's prompt tokens of each run: its prompt's real count when the run recorded it.
+    tokens = lambda r: r["n"] * (image_tokens(r["width"], r["height"])  # noqa: E731
+                                 + transformer_prompt_tokens(r.get("prompt_tokens"), base))
     a_rows = np.array([[scale(r) * tokens(r), *onehot(r)] for r in rows])
     a_y = np.array([r["denoise_peak_bytes"] - r["rest_bytes"] for r in rows], dtype=float)
     (a, *_), a_res, *_ = np.linalg.lstsq(a_rows, a_y, rcond=None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cluster.encoding import MAX_SEQUENCE_LENGTH
 from cluster.memory import Calibration, image_tokens, load_calibration, transformer_batch
 from cluster.profiles import DTYPE_BYTES, Profile, default_profile
 from cluster.requests import work_units
@@ -90,7 +91,7 @@ def encode_seconds(profile: Profile, speed: float = 1.0, calibration: Calibratio
         return 0.0
     cal = calibration or load_calibration()
     passes = 2 if cfg else 1  # text-encoder calls: the prompt, and with guidance the negative prompt
-    flops = passes * 2 * cal.text_encoder_params * cal.prompt_tokens
+    flops = passes * 2 * cal.text_encoder_params * MAX_SEQUENCE_LENGTH  # the encoder runs on the padded prompt
     if profile.text_encoder == "cpu":
         return flops / CPU_FLOPS
     seconds = flops / (EFFECTIVE_FLOPS * speed)

@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from cluster.memory import predict_peak, uses_cfg
+from cluster.memory import for_prompt, predict_peak, uses_cfg
 from cluster.requests import GenerationJob, GenerationResult, work_units
 from cluster.stages import STAGE
 from cluster.speed import predict_seconds
@@ -212,17 +212,18 @@ class Dispatcher:
         drained = {tier: "every card of this tier fails NVML reads (drained)" for tier, on in self.drained.items() if on}
         return {**drained, **self.lost}
 
-    def plan(self, width: int, height: int, steps: int, n: int, cfg: bool = False):
+    def plan(self, width: int, height: int, steps: int, n: int, cfg: bool = False, cal=None):
         """Tiers that can hold one image of this size now (guided when `cfg`), cheapest first, with their chunks.
         NoTierFits if none would, even with every tier up; TiersFull (503 + Retry-After) if only tiers that are
-        unavailable now (lost or drained) would."""
+        unavailable now (lost or drained) would. `cal`: the request's calibration (`_calibration_for`)."""
+        cal = cal or self.calibration
         unavailable = self.unavailable()
         try:
-            return fitting_plans(list(self.tiers.values()), self.profiles, width, height, steps, n, self.calibration,
+            return fitting_plans(list(self.tiers.values()), self.profiles, width, height, steps, n, cal,
                                  self.budgets, unavailable, cfg)
         except NoTierFits:
             holding = [p.tier for p in tier_plans(list(self.tiers.values()), self.profiles, width, height, steps, n,
-                                                  self.calibration, self.budgets, cfg)
+                                                  cal, self.budgets, cfg)
                        if p.fits and p.tier in unavailable]
             if not holding:
                 raise
@@ -230,18 +231,19 @@ class Dispatcher:
                             "the only tiers that hold this request are unavailable now ("
                             + "; ".join(f"{tier}: {unavailable[tier]}" for tier in holding) + ")") from None
 
-    def _seconds_per_unit(self, tier: str, width: int, height: int, steps: int, cfg: bool = False) -> float:
+    def _seconds_per_unit(self, tier: str, width: int, height: int, steps: int, cfg: bool = False,
+                          cal=None) -> float:
         predicted = predict_seconds(width, height, 1, steps, self.profiles[tier], self.tiers[tier].speed or 1.0,
-                                    self.calibration, cfg).total_s
+                                    cal or self.calibration, cfg).total_s
         return predicted / work_units(width, height, 1, steps, cfg) * self.speed.correction(tier)
 
     def assign(self, fitting, width: int, height: int, steps: int, n: int, first_seed: int,
-               cfg: bool = False) -> list[tuple[str, list[int]]]:
+               cfg: bool = False, cal=None) -> list[tuple[str, list[int]]]:
         """Cut n images into chunks and choose each chunk's tier with the loads as they would be. TiersFull if none."""
         batch = {p.tier: max(p.chunks) for p in fitting}
         loads = {
             p.tier: self.queues[p.tier].load(self.tiers[p.tier].max_queued_requests,
-                                             self._seconds_per_unit(p.tier, width, height, steps, cfg))
+                                             self._seconds_per_unit(p.tier, width, height, steps, cfg, cal))
             for p in fitting
         }
         chunks, seed, remaining = [], first_seed, n
@@ -260,7 +262,8 @@ class Dispatcher:
             remaining -= size
         return chunks
 
-    def assign_baseline(self, width: int, height: int, steps: int, n: int, first_seed: int, cfg: bool = False):
+    def assign_baseline(self, width: int, height: int, steps: int, n: int, first_seed: int, cfg: bool = False,
+                        cal=None):
         """The baselines: `largest` sends every chunk to the largest tier (sized by the memory model there);
         `round_robin` rotates chunks over all tiers, as many images per call as the profile allows, without asking
         the memory model whether they fit."""
@@ -268,9 +271,9 @@ class Dispatcher:
         chunks, seed, remaining = [], first_seed, n
         while remaining:
             if self.policy == "largest":
-                plan = self.plan(width, height, steps, n, cfg)[-1]
+                plan = self.plan(width, height, steps, n, cfg, cal)[-1]
                 if plan.tier != names[-1]:
-                    raise no_tier_fits([plan], width, height, steps, self.calibration, cfg)
+                    raise no_tier_fits([plan], width, height, steps, cal or self.calibration, cfg)
                 tier, size = plan.tier, min(remaining, max(plan.chunks))
             else:
                 tier = names[self._rotation % len(names)]
@@ -280,22 +283,32 @@ class Dispatcher:
             seed += size
             remaining -= size
         return chunks, [p for p in tier_plans(list(self.tiers.values()), self.profiles, width, height, steps, n,
-                                              self.calibration, self.budgets, cfg) if p.fits]
+                                              cal or self.calibration, self.budgets, cfg) if p.fits]
+
+    def _calibration_for(self, encoded):
+        """The calibration to plan a request with: the transformer's prompt tokens are the request's real ones once
+        the text-encoder stage has encoded it (cluster.memory.for_prompt), else the bound every prompt is padded
+        to (the generators encode their own chunks: the count is not known before the chunk runs)."""
+        return for_prompt(self.calibration, encoded.embeddings.transformer_tokens if encoded is not None else None)
 
     async def run(self, body: ImageGenerationRequest, width: int, height: int, first_seed: int) -> Outcome:
         cfg = uses_cfg(body.guidance_scale)  # guided: planned, sized and predicted as the pipeline will run it
-        if self.policy == "tier_aware":
-            fitting = self.plan(width, height, body.steps, body.n, cfg)
-            chunks = self.assign(fitting, width, height, body.steps, body.n, first_seed, cfg)
-        else:
-            chunks, fitting = self.assign_baseline(width, height, body.steps, body.n, first_seed, cfg)
-        self.metrics.fitting_tiers(plan.tier for plan in fitting)
         outcome = Outcome([])
         encoded = None
         if self.encoder is not None:  # once for the whole request: every chunk, tier and retry takes these
+            # First, so the request is planned with its real prompt tokens; a request no tier holds even at the
+            # bound's fewest tokens is refused before (`plan` at the smallest count) and costs no encode.
+            self.plan(width, height, body.steps, body.n, cfg, for_prompt(self.calibration, 0))
             encoded, attempts = await self._encode(body, cfg)
             outcome.encode = {"replica": encoded.replica, "cached": encoded.cached, "attempts": attempts,
                               "seconds": round(encoded.seconds, 4), "tokens": encoded.embeddings.tokens}
+        cal = self._calibration_for(encoded)
+        if self.policy == "tier_aware":
+            fitting = self.plan(width, height, body.steps, body.n, cfg, cal)
+            chunks = self.assign(fitting, width, height, body.steps, body.n, first_seed, cfg, cal)
+        else:
+            chunks, fitting = self.assign_baseline(width, height, body.steps, body.n, first_seed, cfg, cal)
+        self.metrics.fitting_tiers(plan.tier for plan in fitting)
         parts = await gather_or_cancel(*(self._chunk(body, width, height, tier, seeds, fitting, outcome,
                                                      encoded=encoded) for tier, seeds in chunks))
         outcome.results = [result for part in parts for result in part]
@@ -428,7 +441,7 @@ class Dispatcher:
             encoded=encoded.embeddings if encoded is not None else None, width=width, height=height, steps=body.steps,
             guidance_scale=body.guidance_scale, seeds=list(seeds), output_format=body.output_format,
             quality=body.output_compression,
-            predicted_peak=predict_peak(width, height, n, profile, self.calibration, cfg).total,
+            predicted_peak=predict_peak(width, height, n, profile, self._calibration_for(encoded), cfg).total,
             request_id=body.request_id, lora=body.lora, lora_scale=body.lora_scale,
         )
         queue = self.queues[tier]
@@ -446,7 +459,7 @@ class Dispatcher:
                 handle = handle.options(multiplexed_model_id=body.lora)
             result = await handle.generate.remote(job)
             predicted = predict_seconds(width, height, n, body.steps, profile, self.tiers[tier].speed or 1.0,
-                                        self.calibration, cfg).total_s
+                                        self._calibration_for(encoded), cfg).total_s
             self.speed.record(tier, time.perf_counter() - started, predicted)
             self.metrics.chunk_done(tier, result, time.perf_counter() - started)
             return result

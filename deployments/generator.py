@@ -14,7 +14,7 @@ import threading
 import time
 
 from cluster.host_memory import replica_host
-from cluster.memory import effective_budget, predict_peak, resident_bytes, smallest_request, uses_cfg
+from cluster.memory import effective_budget, for_prompt, predict_peak, resident_bytes, smallest_request, uses_cfg
 from cluster.nvml import NvmlMonitor
 from cluster.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from cluster.profiles import apply_vae, degraded_profile
@@ -279,11 +279,14 @@ class Generator:
         started = time.perf_counter()
         n = len(job.seeds)
         cfg = uses_cfg(job.guidance_scale)  # guided: the real transformer would run 2n latents per step
-        peak = predict_peak(job.width, job.height, n, profile, cfg=cfg)
+        # The prompt's real tokens when the stage encoded it (the real transformer runs those), else the bound.
+        cal = for_prompt(None, job.encoded.transformer_tokens if job.encoded is not None else None)
+        peak = predict_peak(job.width, job.height, n, profile, cal, cfg=cfg)
         guided = f" guided (guidance_scale {job.guidance_scale:g})" if cfg else ""
         with self.sim.running(peak.total, f"{job.width}x{job.height} n={n}{guided} under {profile.name}"):
             images, _ = run_job(self.pipe, job, on_step=on_step, latents_hook=self.sim.latents_hook())
-            predicted = predict_seconds(job.width, job.height, n, job.steps, profile, self.sim.spec.speed, cfg=cfg)
+            predicted = predict_seconds(job.width, job.height, n, job.steps, profile, self.sim.spec.speed, cal,
+                                        cfg=cfg)
             self.sim.pace(started, predicted.total_s, cancel)
         return images, time.perf_counter() - started
 

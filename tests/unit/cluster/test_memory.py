@@ -268,3 +268,45 @@ def test_guided_requests_fit_smaller_and_say_so(cal):
 
 def test_guidance_is_on_above_zero_as_in_diffusers():
     assert not uses_cfg(0.0) and uses_cfg(0.5) and uses_cfg(20.0)
+
+
+def test_the_transformer_runs_the_prompts_real_tokens_padded_to_32_and_512_is_the_bound():
+    from cluster.memory import for_prompt, transformer_prompt_tokens
+    from cluster.speed import encode_seconds, predict_seconds
+
+    cal = load_calibration()
+    assert cal.prompt_tokens == 512
+    assert [transformer_prompt_tokens(t, cal) for t in (None, 0, 1, 32, 33, 300, 512, 900)] == [
+        512, 32, 32, 32, 64, 320, 512, 512]
+    assert for_prompt(cal, None) is cal and for_prompt(cal, 600) is cal
+    short = for_prompt(cal, 10)
+    profile = default_profile("vram_12", True)
+    from cluster.memory import predict_phases
+
+    assert predict_phases(1024, 1024, 1, profile, short)["denoise"].activations < predict_phases(
+        1024, 1024, 1, profile, cal)["denoise"].activations
+    assert predict_seconds(1024, 1024, 1, 9, profile, 1.0, short).denoise_s < predict_seconds(
+        1024, 1024, 1, 9, profile, 1.0, cal).denoise_s
+    # The encoder itself always runs on the padded 512 tokens.
+    offload = profile.model_copy(update={"text_encoder": "offload"})
+    assert encode_seconds(offload, 1.0, short) == encode_seconds(offload, 1.0, cal)
+
+
+def test_fit_counts_the_prompt_tokens_each_run_recorded(cal):
+    """Calibration runs use a short prompt: made with 64 transformer prompt tokens and recorded as such, the records
+    fit back to the true per-token bytes; the same records read as 512 tokens would not."""
+    from cluster.memory import for_prompt
+
+    truth = for_prompt(cal.model_copy(update={"activation_bytes_per_token": 150_000.0}), 40)
+    assert truth.prompt_tokens == 64
+    records = []
+    profile = default_profile("vram_24", True)
+    for side, n in ((256, 1), (512, 1), (768, 1), (512, 2)):
+        phases = predict_phases(side, side, n, profile, truth)
+        records.append({"profile": profile.model_dump(), "width": side, "height": side, "n": n, "rest_bytes": 0,
+                        "denoise_peak_bytes": phases["denoise"].activations, "decode_peak_bytes": phases["decode"].vae,
+                        "prompt_tokens": 40})
+    assert fit_calibration(records, cal).activation_bytes_per_token == pytest.approx(150_000.0, rel=1e-6)
+    for r in records:
+        del r["prompt_tokens"]
+    assert fit_calibration(records, cal).activation_bytes_per_token < 140_000.0

@@ -587,3 +587,34 @@ def test_the_stage_is_lost_only_when_its_card_nodes_are_dead_and_it_reports_nowh
     assert stage_lost(on_card, [{"kind": "text_encoder"}], [host]) is None
     assert stage_lost(on_card, [], [{**host, "alive": True}]) is None  # restarting where its card still is
     assert stage_lost(TextEncoderSettings(where="cpu"), [], [host]) is None
+
+
+def test_a_request_the_stage_encoded_is_planned_with_its_real_prompt_tokens():
+    """The transformer runs the prompt's real tokens (padded to 32), not the 512 the encoder pads to: once the stage
+    has encoded a 5-token prompt, the 12 GB tier takes four 1280x1280 images per call (three at the 512-token
+    bound), and each job carries the peak for 32 prompt tokens. Without the stage the bound holds."""
+    from cluster.memory import for_prompt, predict_peak
+
+    tier = card_tier("vram_12", 1, bf16=True, vram_bytes=12 * GIB, speed=0.35)
+    for stage, sizes, tokens in ((FakeStage(), [4], 5), (None, [2, 2], None)):
+        jobs = []
+        d = Dispatcher([tier], {tier.name: tier_profile(tier)}, {tier.name: RecordingGenerator(tier.name, jobs)},
+                       load_calibration(), encoder=stage)
+        asyncio.run(d.run(request(n=4, size="1280x1280"), 1280, 1280, first_seed=1))
+        assert [len(job.seeds) for _, job in jobs] == sizes
+        cal = for_prompt(d.calibration, tokens)
+        assert cal.prompt_tokens == (32 if stage else 512)
+        assert all(job.predicted_peak == predict_peak(1280, 1280, len(job.seeds), d.profiles["vram_12"], cal).total
+                   for _, job in jobs)
+
+
+def test_a_request_no_tier_holds_even_at_the_fewest_tokens_is_refused_before_it_is_encoded():
+    from deployments.routing import NoTierFits
+
+    stage = FakeStage()
+    tier = card_tier("vram_4", 1, bf16=False, vram_bytes=4 * GIB, speed=0.08)
+    d = Dispatcher([tier], {tier.name: tier_profile(tier)}, {tier.name: RecordingGenerator(tier.name, [])},
+                   load_calibration(), encoder=stage)
+    with pytest.raises(NoTierFits):
+        asyncio.run(d.run(request(n=1, size="2048x2048"), 2048, 2048, first_seed=1))
+    assert stage.calls == []

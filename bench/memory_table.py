@@ -123,12 +123,16 @@ def render(cal: Calibration) -> str:
         "",
         "`peak` is the predicted total in GiB and the phase that peaks; `fits` against the tier's nominal VRAM",
         "('chunked': n is above the profile's max_n, so the request is split). `act` is our transformer-activation term; `ComfyUI` and `InvokeAI` are their",
-        "working-memory estimates for the same cell (in the profile's compute dtype, activations only). `measured`: reserved peak + context",
-        "from a GPU run, where one exists.",
+        "working-memory estimates for the same cell (in the profile's compute dtype, activations only). `traced`: the",
+        "live activations of one denoising step of the full-size model on fake tensors, in the profile's compute dtype",
+        "at the 512-token bound (`zit calibrate --trace`, a lower bound: the \"Traced lower bound\" section). `measured`:",
+        "reserved peak + context from a GPU run, where one exists.",
         "",
-        "| tier | size | n | peak GiB (phase) | fits | act GiB | ComfyUI GiB | InvokeAI GiB | measured GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| tier | size | n | peak GiB (phase) | fits | act GiB | traced act GiB | ComfyUI GiB | InvokeAI GiB | measured GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    traced = {(c.width, c.n, c.compute_dtype): c.peak_bytes for c in (cal.traced.cells if cal.traced else [])
+              if c.phase == "denoise" and not c.cfg and c.prompt_tokens == 512}
     for name, (budget, bf16) in tiers.items():
         p = default_profile(name, bf16)
         for side in SIZES:
@@ -138,9 +142,11 @@ def render(cal: Calibration) -> str:
                 dtype_bytes = DTYPE_BYTES[p.compute_dtype]
                 why = fits(side, side, n, p, budget, cal)
                 verdict = "yes" if why is None else ("chunked" if "max_n" in why else "no")
+                seen = traced.get((side, n, p.compute_dtype))
                 out.append(
                     f"| {name} | {side} | {n} | {est.total / GIB:.2f} ({est.phase}) | {verdict} | "
-                    f"{act / GIB:.2f} | {comfy_working_bytes(side, n, dtype_bytes) / GIB:.2f} | "
+                    f"{act / GIB:.2f} | {f'{seen / GIB:.2f}' if seen is not None else '-'} | "
+                    f"{comfy_working_bytes(side, n, dtype_bytes) / GIB:.2f} | "
                     f"{invoke_working_bytes(side, n, dtype_bytes) / GIB:.2f} | - |"
                 )
     out += [
@@ -193,6 +199,7 @@ def render(cal: Calibration) -> str:
     for bf16, weights in ((True, "gpu"), (True, "offload"), (False, "gpu"), (False, "offload")):
         sp = stage_profile(bf16, weights)
         out.append(f"| {sp.name} | {sp.technique()} | {encoder_peak(sp, cal).total / GIB:.2f} |")
+    out += [""] + traced_section(cal)
     out += [""] + host_memory_section(cal)
     out += [
         "## The seed article's claims beside the model",
@@ -220,6 +227,56 @@ def render(cal: Calibration) -> str:
         "",
     ]
     return "\n".join(line for line in out if line is not None) + "\n"
+
+
+def traced_section(cal: Calibration) -> list[str]:
+    """The fake-tensor trace's lower bound: each traced term beside the model's, what a trace cannot see, and the
+    cells of the decode and encode phases."""
+    from cluster.memory import CUBLAS_WORKSPACE_BYTES, TRACED_TERMS
+
+    t = cal.traced
+    out = ["## Traced lower bound", ""]
+    if t is None:
+        return out + ["No trace in this calibration: `zit calibrate --trace` writes one.", ""]
+    phases = {}
+    for c in t.cells:
+        phases[c.phase] = phases.get(c.phase, 0) + 1
+    out += [
+        "`zit calibrate --trace` ran the full-size model's phases on fake tensors (shapes and dtypes, no data, no",
+        f"weights) on a CPU and counted the bytes of live tensors, parameters left out: {len(t.cells)} cells "
+        f"({', '.join(f'{v} {k}' for k, v in phases.items())}) in {t.seconds:.0f} s, torch {t.torch}, diffusers",
+        f"{t.diffusers}, {t.date}. That is a lower bound of what CUDA holds beside the weights. What a trace cannot see,",
+        f"each named and sized: the CUDA context and kernel images ({(cal.context_bytes - CUBLAS_WORKSPACE_BYTES) / 2**20:.0f} MiB) and cuBLAS's",
+        f"workspaces ({CUBLAS_WORKSPACE_BYTES / 2**20:.0f} MiB; together the model's context, an estimate), and the caching allocator's",
+        "rounding of the blocks live at the peak (counted per cell by the trace). Each traced term is at least the",
+        "value at which it alone holds every cell's traced bytes and rounding (a term below is raised, its source then",
+        "`traced`), so the model predicts at least the traced bytes plus all of these for every cell with its whole",
+        "margin left for what nothing counts (fragmentation, kernel workspaces). tests/unit/cluster/test_trace_bound.py",
+        "checks every cell and re-traces a few against the recorded ones, so a change to the model or to the pipeline",
+        "that breaks the bound fails CI.",
+        "",
+        "| term | model's value | source | least value that holds every cell |",
+        "| --- | --- | --- | --- |",
+    ]
+    for term in TRACED_TERMS:
+        out.append(f"| `{term}` | {getattr(cal, term):,.0f} | {cal.term_source(term)} | {t.bounds.get(term, 0):,.0f} |")
+    out += ["", "Decode and encode cells (GiB: traced live bytes, and the model's bytes beside the weights less the",
+            "context and smallest margin):", "",
+            "| phase | size | n | dtype | VAE | traced GiB | model GiB |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    from cluster.memory import predicted_beside_weights
+
+    for c in t.cells:
+        if c.phase == "denoise" or (c.phase == "decode" and (c.width not in (1024, 2048) or c.n != 1)):
+            continue
+        vae = "-" if c.phase == "encode" else (f"tiles {c.vae_tile_px}" if c.vae_tiling else "untiled")
+        model = predicted_beside_weights(c, cal) - cal.context_bytes - cal.margin_min_bytes
+        size = f"{c.prompt_tokens} tokens" if c.phase == "encode" else f"{c.width}x{c.height}"
+        out.append(f"| {c.phase} | {size} | {c.n} | {c.compute_dtype} | {vae} | {c.peak_bytes / GIB:.2f} | "
+                   f"{model / GIB:.2f} |")
+    if t.notes:
+        out += ["", "What the trace could not run as CUDA would, and how it is bounded:", ""]
+        out += [f"- {note}" for note in t.notes]
+    return out + [""]
 
 
 def host_memory_section(cal: Calibration) -> list[str]:

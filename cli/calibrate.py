@@ -4,6 +4,7 @@ cluster/calibrate.py).
   zit calibrate --random-weights full --emulate-tiers          # on a CUDA machine, no download
   zit calibrate --model tiny --device cpu --dry-run            # the same code path on a CPU, nothing measured
   zit calibrate --model /models/zit --emulate-tiers            # the real weights, from a diffusers-format folder
+  zit calibrate --trace --out cluster/calibration/default.json  # no GPU: the traced lower bound, on this CPU
 """
 
 from __future__ import annotations
@@ -27,9 +28,34 @@ from cluster.memory import GIB, load_calibration
 from cluster.tiers import VRAM_TIERS_GIB, tier_vram_bytes
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    """`zit calibrate --trace`: the fake-tensor trace of the full-size model on this CPU, written beside the terms of
+    the calibration it starts from (each traced term raised to the trace's bound where it was below)."""
+    from cluster.calibrate import trace_grid
+    from cluster.memory import TRACED_TERMS, with_trace
+
+    base = load_calibration(args.calibration)
+    out = args.out or Path(f"calibration-traced-{dt.date.today().isoformat()}.json")
+    print("Tracing the full-size model's activations on fake tensors (no weights, no GPU) ...", flush=True)
+    figures = trace_grid()
+    cal = with_trace(base, figures)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(cal.model_dump_json(indent=2) + "\n")
+    print(f"Wrote {out}: {len(figures.cells)} cells traced in {figures.seconds:.0f} s.", flush=True)
+    for term in TRACED_TERMS:
+        was, now = getattr(base, term), getattr(cal, term)
+        change = f"raised from {was:,.0f}" if now > was else f"kept (the trace's bound {cal.traced.bounds[term]:,.0f})"
+        print(f"  {term}: {now:,.0f} ({cal.term_source(term)}; {change})", flush=True)
+    for note in figures.notes:
+        print(f"  note: {note}", flush=True)
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
+    if args.trace:
+        return cmd_trace(args)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(
@@ -109,4 +135,7 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--out", type=Path, help="calibration JSON to write (default calibration-DATE.json)")
     p.add_argument("--log", type=Path, help="raw JSONL log (default: next to --out)")
     p.add_argument("--dry-run", action="store_true", help="run the code path without measuring (CPU)")
+    p.add_argument("--trace", action="store_true",
+                   help="no GPU: trace the full-size model's activations on fake tensors on this CPU (a lower bound "
+                        "per grid cell) and write them beside --calibration's terms, raising any below the bound")
     p.set_defaults(func=cmd_calibrate)

@@ -456,3 +456,99 @@ def write_calibration(records: list[dict], base: Calibration, factory, device: s
     print(f"Wrote {out} ({cal.source}); {len(ran)} run(s), {len(ooms)} out of memory, {len(bad)} with NaN/inf.",
           flush=True)
     return 1 if ooms else 0
+
+
+# -- the fake-tensor trace (`zit calibrate --trace`, cluster/trace.py) ---------------------------------------------
+
+# docs/memory.md's grid (bench/memory_table.py SIZES), the batch sizes a tier runs, both compute dtypes; the VAE
+# untiled and at each tile a tier uses; a few transformer cells with a short prompt, where the per-token term is
+# least favoured by the fixed one.
+TRACE_SIDES = (512, 768, 1024, 1536, 2048)
+TRACE_NS = (1, 2, 4)
+TRACE_DTYPES = ("bfloat16", "float32")
+TRACE_VAE = ((False, 0), (True, 512), (True, 768), (True, 1024))
+TRACE_SHORT_PROMPT = 64
+
+
+def trace_jobs() -> list[tuple[str, dict]]:
+    """Every cell of the trace's grid: (phase, keyword arguments of its cluster.trace function)."""
+    jobs: list[tuple[str, dict]] = [("encode", {"compute_dtype": d}) for d in TRACE_DTYPES]
+    for dtype in TRACE_DTYPES:
+        for side in TRACE_SIDES:
+            for n in TRACE_NS:
+                for cfg in (False, True):
+                    jobs.append(("denoise", {"width": side, "height": side, "n": n, "cfg": cfg,
+                                             "compute_dtype": dtype}))
+        jobs.append(("denoise", {"width": 1024, "height": 1024, "n": 1, "cfg": False, "compute_dtype": dtype,
+                                 "prompt_tokens": TRACE_SHORT_PROMPT}))
+        for side in TRACE_SIDES:
+            for n in (1, 4):
+                for tiling, tile in TRACE_VAE:
+                    if tiling and tile >= side:
+                        continue  # one tile covers the image: the same as untiled
+                    for slicing in (False, True) if n > 1 else (True,):
+                        jobs.append(("decode", {"width": side, "height": side, "n": n, "compute_dtype": dtype,
+                                                "tiling": tiling, "tile_px": tile or 1024, "slicing": slicing}))
+    return jobs
+
+
+def trace_cell(phase: str, kwargs: dict):
+    """Trace one cell (cluster/trace.py) and return it as the calibration records it (cluster.memory.TracedCell),
+    with the tracer's notes."""
+    from cluster import trace
+    from cluster.memory import TracedCell
+
+    if phase == "encode":
+        t = trace.trace_text_encoder(**kwargs)
+        cell = TracedCell(phase=phase, compute_dtype=kwargs["compute_dtype"], prompt_tokens=_encoder_tokens(kwargs),
+                          peak_bytes=t.peak_bytes, rounding_bytes=t.rounding_bytes, seconds=round(t.seconds, 2))
+    elif phase == "denoise":
+        t = trace.trace_transformer_step(**kwargs)
+        cell = TracedCell(phase=phase, compute_dtype=kwargs["compute_dtype"], width=kwargs["width"],
+                          height=kwargs["height"], n=kwargs["n"], cfg=kwargs["cfg"],
+                          prompt_tokens=kwargs.get("prompt_tokens", 512), peak_bytes=t.peak_bytes,
+                          rounding_bytes=t.rounding_bytes, seconds=round(t.seconds, 2))
+    else:
+        t = trace.trace_vae_decode(**kwargs)
+        cell = TracedCell(phase=phase, compute_dtype=kwargs["compute_dtype"], width=kwargs["width"],
+                          height=kwargs["height"], n=kwargs["n"], vae_tiling=kwargs["tiling"],
+                          vae_tile_px=kwargs["tile_px"] if kwargs["tiling"] else 0, vae_slicing=kwargs["slicing"],
+                          peak_bytes=t.peak_bytes, rounding_bytes=t.rounding_bytes, seconds=round(t.seconds, 2))
+    return cell, t.notes
+
+
+def _encoder_tokens(kwargs: dict) -> int:
+    from cluster.encoding import MAX_SEQUENCE_LENGTH
+
+    return kwargs.get("tokens", MAX_SEQUENCE_LENGTH)
+
+
+def describe_cell(cell) -> str:
+    if cell.phase == "encode":
+        return f"encode {cell.prompt_tokens} tokens, {cell.compute_dtype}"
+    what = f"{cell.phase} {cell.width}x{cell.height} n={cell.n}, {cell.compute_dtype}"
+    if cell.phase == "denoise":
+        return what + (", guided" if cell.cfg else "") + f", {cell.prompt_tokens} prompt tokens"
+    tiles = f"tiles {cell.vae_tile_px}" if cell.vae_tiling else "untiled"
+    return what + f", {tiles}" + (", sliced" if cell.vae_slicing else "")
+
+
+def trace_grid(say=print, jobs: list | None = None):
+    """Run the trace over the grid (`trace_jobs`) on this CPU, saying each cell as it ends; the figures as the
+    calibration records them (cluster.memory.TracedFigures, bounds not yet computed)."""
+    import diffusers
+    import torch
+
+    from cluster.memory import TracedFigures
+
+    jobs = trace_jobs() if jobs is None else jobs
+    cells, notes = [], []
+    started = time.perf_counter()
+    for i, (phase, kwargs) in enumerate(jobs, 1):
+        cell, cell_notes = trace_cell(phase, kwargs)
+        cells.append(cell)
+        notes += [note for note in cell_notes if note not in notes]
+        say(f"[{i}/{len(jobs)}] {describe_cell(cell)}: {cell.peak_bytes / GIB:.3f} GiB live "
+            f"(+{cell.rounding_bytes / 2**20:.0f} MiB rounding), {cell.seconds:.1f} s")
+    return TracedFigures(date=dt.date.today().isoformat(), torch=torch.__version__, diffusers=diffusers.__version__,
+                         seconds=round(time.perf_counter() - started, 1), notes=notes, cells=cells)

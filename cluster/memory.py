@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.profiles import DTYPE_BYTES, Profile
+from cluster.profiles import DTYPE_BYTES, Profile, default_profile
 from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 
 if TYPE_CHECKING:
@@ -54,6 +54,51 @@ PIXELS_PER_TOKEN_SIDE = 16
 
 # Activation and VAE coefficients are stored for this many bytes per element (bf16/fp16) and scale linearly.
 REFERENCE_DTYPE_BYTES = 2
+
+
+TermSource = Literal["estimate", "traced", "measured"]
+# The activation terms a trace bounds (the rest of the calibration is parameter counts and host memory).
+TRACED_TERMS = ("activation_bytes_per_token", "text_encoder_activation_bytes", "vae_decode_bytes_per_pixel")
+# cuBLAS's workspaces, inside `context_bytes`: 8 buffers of 4 MiB (CUBLAS_WORKSPACE_CONFIG's default :4096:8) and
+# cuBLASLt's 32 MiB. An estimate; a trace cannot see them.
+CUBLAS_WORKSPACE_BYTES = 64 << 20
+
+
+class TracedCell(BaseModel):
+    """One traced cell: a phase of one pipeline call on fake tensors (cluster/trace.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    phase: Literal["encode", "denoise", "decode"]
+    compute_dtype: str
+    width: int = 0
+    height: int = 0
+    n: int = 1
+    cfg: bool = False
+    prompt_tokens: int = 512
+    vae_tiling: bool = False
+    vae_tile_px: int = 0
+    vae_slicing: bool = False
+    peak_bytes: int = Field(ge=0, description="Peak bytes of live activations (parameters and buffers left out).")
+    rounding_bytes: int = Field(0, ge=0, description="What CUDA's caching allocator adds to the live tensors at the "
+                                "peak: each block rounded up (512 B; 2 MiB segments for large ones).")
+    seconds: float = 0.0
+
+
+class TracedFigures(BaseModel):
+    """What `zit calibrate --trace` recorded: provenance, the least value of each traced term that keeps the model at
+    or above every cell, and the cells."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    date: str
+    torch: str
+    diffusers: str
+    seconds: float = Field(description="Wall time of the whole grid on the CPU it ran on.")
+    notes: list[str] = Field(default_factory=list, description="What the trace could not run, and how it is bounded.")
+    bounds: dict[str, float] = Field(default_factory=dict, description="Per traced term: the least value that "
+                                     "keeps the model at or above every cell (with the unseen parts).")
+    cells: list[TracedCell] = Field(default_factory=list)
 
 
 class Calibration(BaseModel):
@@ -126,6 +171,17 @@ class Calibration(BaseModel):
         2.0 * GIB, ge=0, description="Host RAM of the head's processes: GCS, dashboard, Serve controller, proxy, "
         "ingress, registry.")
     fit: dict = Field(default_factory=dict, description="Fit residuals and point counts when source is 'measured'.")
+    term_sources: dict[str, TermSource] = Field(
+        default_factory=dict, description="Where each activation term comes from: 'estimate' (reasoned, in `notes`), "
+        "'traced' (raised to the lower bound a fake-tensor trace of the full-size model found: `zit calibrate "
+        "--trace`), 'measured' (fitted to GPU runs). A term not listed has the file's `source`.")
+    traced: TracedFigures | None = Field(
+        None, description="The fake-tensor trace's figures (`zit calibrate --trace`): per grid cell the peak bytes of "
+        "live activations, a lower bound of what CUDA holds; the model never predicts below them plus what a trace "
+        "cannot see (`unseen_by_trace`).")
+
+    def term_source(self, term: str) -> str:
+        return self.term_sources.get(term, self.source)
 
 
 @dataclass(frozen=True)
@@ -344,6 +400,98 @@ def _text_encoder_bytes(profile: Profile, cal: Calibration) -> tuple[int, int]:
         return (cal.text_encoder_params - cal.text_encoder_embedding_params) * s + embedding + upcast, 0
     in_flight = 1 if profile.weights == "sequential_cpu_offload" else (2 if profile.offload_stream else 1)
     return embedding + in_flight * cal.text_encoder_layer_params * s + upcast, 0
+
+
+# -- the fake-tensor trace's lower bound (cluster/trace.py, `zit calibrate --trace`) --------------------------------
+
+
+def unseen_by_trace(cell: TracedCell, calibration: Calibration | None = None) -> dict[str, int]:
+    """What CUDA holds beside a phase's live tensors that a trace on fake tensors cannot see, by name and size: the
+    CUDA context with its kernel images and cuBLAS's workspaces (together `context_bytes`, an estimate), and the
+    caching allocator's rounding of the blocks live at the peak (counted by the trace)."""
+    cal = calibration or load_calibration()
+    return {"cuda_context": int(cal.context_bytes) - CUBLAS_WORKSPACE_BYTES,
+            "cublas_workspace": CUBLAS_WORKSPACE_BYTES, "allocator_rounding": cell.rounding_bytes}
+
+
+def trace_floor(cell: TracedCell, calibration: Calibration | None = None) -> int:
+    """The least CUDA can hold beside the weights for the cell's phase: its traced peak plus what a trace cannot
+    see."""
+    return cell.peak_bytes + sum(unseen_by_trace(cell, calibration).values())
+
+
+def _cell_profile(cell: TracedCell) -> Profile:
+    """A profile with the cell's compute dtype and VAE settings (a phase's activations do not depend on where the
+    weights live)."""
+    from cluster.profiles import DEFAULT_VAE_TILE_PX
+
+    base = default_profile("vram_24", cell.compute_dtype == "bfloat16")
+    return base.model_copy(update={"compute_dtype": cell.compute_dtype, "vae_tiling": cell.vae_tiling,
+                                   "vae_tile_px": cell.vae_tile_px or DEFAULT_VAE_TILE_PX,
+                                   "vae_slicing": cell.vae_slicing})
+
+
+def predicted_beside_weights(cell: TracedCell, calibration: Calibration | None = None) -> int:
+    """The model's bytes beside the weights for the cell's phase: the transformer's activations (denoise), the VAE's
+    decode bytes (decode) or the encoder's activations (encode), plus the context and the smallest margin (every
+    prediction has at least that much margin)."""
+    cal = calibration or load_calibration()
+    profile = _cell_profile(cell)
+    scale = DTYPE_BYTES[cell.compute_dtype] / REFERENCE_DTYPE_BYTES
+    if cell.phase == "encode":
+        part = int(cal.text_encoder_activation_bytes * scale)
+    else:
+        at = cal.model_copy(update={"prompt_tokens": cell.prompt_tokens})
+        phases = predict_phases(cell.width, cell.height, cell.n, profile, at, cell.cfg)
+        part = phases["denoise"].activations if cell.phase == "denoise" else \
+            phases["decode"].vae - cal.vae_params * DTYPE_BYTES[cell.compute_dtype]
+    return part + int(cal.context_bytes) + int(cal.margin_min_bytes)
+
+
+def trace_bounds(cells: "Iterable[TracedCell]", calibration: Calibration) -> dict[str, float]:
+    """Per traced term (TRACED_TERMS), the least value at which the term alone holds every cell's traced bytes and
+    their rounding (the other terms as `calibration` has them): the margin is left for what nothing here counts
+    (fragmentation, kernel workspaces), so `predicted_beside_weights` stays above `trace_floor` with room."""
+    cal = calibration
+    need: dict[str, float] = {term: 0.0 for term in TRACED_TERMS}
+    for cell in cells:
+        scale = DTYPE_BYTES[cell.compute_dtype] / REFERENCE_DTYPE_BYTES
+        gap = trace_floor(cell, cal) - int(cal.context_bytes)  # what the term must hold: live bytes and rounding
+        if cell.phase == "encode":
+            need["text_encoder_activation_bytes"] = max(need["text_encoder_activation_bytes"], gap / scale)
+        elif cell.phase == "denoise":
+            units = scale * transformer_batch(cell.n, cell.cfg) * (image_tokens(cell.width, cell.height)
+                                                                    + cell.prompt_tokens)
+            need["activation_bytes_per_token"] = max(need["activation_bytes_per_token"],
+                                                     (gap - cal.activation_base_bytes * scale) / units)
+        else:
+            profile = _cell_profile(cell)
+            px = cell.width * cell.height
+            if profile.vae_tiling:
+                px = min(cell.width, profile.vae_tile_px) * min(cell.height, profile.vae_tile_px)
+            at_once = 1 if profile.vae_slicing else cell.n
+            rest = cal.vae_output_bytes_per_pixel * cell.width * cell.height * cell.n
+            need["vae_decode_bytes_per_pixel"] = max(need["vae_decode_bytes_per_pixel"],
+                                                     (gap - rest) / (scale * px * at_once))
+    return {term: math.ceil(max(0.0, value)) for term, value in need.items()}
+
+
+def with_trace(calibration: Calibration, figures: TracedFigures) -> Calibration:
+    """`calibration` with the trace's figures beside its terms, each traced term raised to the trace's bound where
+    it was below (its source then 'traced'), so the model never predicts under a traced cell."""
+    bounds = trace_bounds(figures.cells, calibration)
+    update: dict = {"traced": figures.model_copy(update={"bounds": bounds}),
+                    "term_sources": dict(calibration.term_sources)}
+    raised = []
+    for term, bound in bounds.items():
+        if getattr(calibration, term) < bound:
+            raised.append(f"{term} from {getattr(calibration, term):,.0f} to {bound:,.0f}")
+            update[term] = float(bound)
+            update["term_sources"][term] = "traced"
+    if raised:
+        update["notes"] = (f"{calibration.notes} Raised to the fake-tensor trace's lower bound ({figures.date}): "
+                           + "; ".join(raised) + ".")
+    return calibration.model_copy(update=update)
 
 
 def effective_budget(profile: Profile, budget_bytes: int) -> int:

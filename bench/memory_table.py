@@ -271,7 +271,8 @@ def traced_section(cal: Calibration) -> list[str]:
         vae = "-" if c.phase == "encode" else (f"tiles {c.vae_tile_px}" if c.vae_tiling else "untiled")
         model = predicted_beside_weights(c, cal) - cal.context_bytes - cal.margin_min_bytes
         size = f"{c.prompt_tokens} tokens" if c.phase == "encode" else f"{c.width}x{c.height}"
-        out.append(f"| {c.phase} | {size} | {c.n} | {c.compute_dtype} | {vae} | {c.peak_bytes / GIB:.2f} | "
+        dtype = c.compute_dtype + (f" (stored {c.storage_dtype})" if c.storage_dtype else "")
+        out.append(f"| {c.phase} | {size} | {c.n} | {dtype} | {vae} | {c.peak_bytes / GIB:.2f} | "
                    f"{model / GIB:.2f} |")
     if t.notes:
         out += ["", "What the trace could not run as CUDA would, and how it is bounded:", ""]

@@ -105,7 +105,19 @@ def cmd_node(args: argparse.Namespace) -> int:
             say(f"error: no card of {args.fleet} is on host {args.host!r}")
             return 2
     nodes, skipped = nodes_for_cards(cards, args.fleet)
-    nodes, refused = _within_host_ram(nodes, args.fleet)
+    configured = None
+    if getattr(args, "config", None):
+        from deployments.config import load_service_config
+
+        import yaml
+
+        try:
+            config = load_service_config(args.config, {})
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            say(f"error: {exc}")
+            return 2
+        configured = config.tiers if "tiers" in config.model_fields_set else None
+    nodes, refused = _within_host_ram(nodes, args.fleet, configured)
     for line in skipped + refused:
         say(f"skipped: {line}")
     if not nodes:
@@ -131,10 +143,11 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _within_host_ram(nodes: list, fleet_file) -> tuple[list, list[str]]:
-    """The card nodes whose replicas this host's RAM holds (cluster/host_memory.py plan_hosts), and a line for each
-    card left out. Which cards the cluster's text-encoder stage uses is the head's choice (`zit up`), so each
-    generator is counted with its own encoder here: the need is never under-counted."""
+def _within_host_ram(nodes: list, fleet_file, configured: list | None = None) -> tuple[list, list[str]]:
+    """The card nodes whose replicas this host's RAM holds (cluster/host_memory.py plan_hosts), each tier with its
+    profile from `configured` (the head's service config, `--config`), and a line for each card left out. Which
+    cards the cluster's text-encoder stage uses is the head's choice (`zit up`), so each generator is counted with
+    its own encoder here: the need is never under-counted."""
     from cluster.host_memory import plan_hosts
     from cluster.profiles import tier_profile
     from cluster.tiers import tiers_for_cards
@@ -142,19 +155,19 @@ def _within_host_ram(nodes: list, fleet_file) -> tuple[list, list[str]]:
 
     cards = [node.card for node in nodes]
     host_ram, _ = host_ram_of(cards, fleet_file, running=False)
-    profiles = {t.name: tier_profile(t) for t in tiers_for_cards(cards)}
+    profiles = {t.name: tier_profile(t) for t in tiers_for_cards(cards, configured)}
     hosts, refused = plan_hosts(cards, profiles, host_ram=host_ram)
     for need in hosts.values():
         had = f"{need.ram_bytes / 2**30:.1f} GiB" if need.ram_bytes is not None else "not checked"
         say(f"host {need.host}: its replicas need {need.need / 2**30:.1f} GiB of RAM ({had})")
     # The tiers' storage is the head's (`zit up` and its service config): say what 8-bit storage would hold here.
-    eight_bit = ram_tight_tiers(cards, refused, profiles, None) if refused else []
+    eight_bit = ram_tight_tiers(cards, refused, profiles, configured) if refused else []
     if eight_bit:
         lighter = {**profiles, **{t: profiles[t].model_copy(update={"storage_dtype": EIGHT_BIT}) for t in eight_bit}}
         _, still = plan_hosts(cards, lighter, host_ram=host_ram)
         if len(still) < len(refused):
             say(f"note: with {', '.join(eight_bit)} stored in 8 bits this host would hold {len(refused) - len(still)} "
-                f"more card(s): give those tiers `profile: {{storage_dtype: {EIGHT_BIT}}}` in the service config "
-                "and restart the head (`zit down`, `zit up --config FILE`)")
+                f"more card(s): give those tiers `profile: {{storage_dtype: {EIGHT_BIT}}}` in the service config, "
+                "start the head with it (`zit down`, `zit up --config FILE`) and join with the same `--config FILE`")
     lines = [f"{n.card.name} [{n.card.uuid}] {refused[n.card.uuid]}: not joined" for n in nodes if n.card.uuid in refused]
     return [n for n in nodes if n.card.uuid not in refused], lines

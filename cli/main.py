@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_split_argument(node)
     add_tiers_argument(node)
     node.add_argument("--node-ip", help="this host's address as the head sees it (default: Ray's guess)")
+    node.add_argument("--config", type=Path, help="the service config the head runs (`zit up --config`): its tiers' "
+                      "profiles are what this host's RAM must hold (default: each tier's own)")
     node.set_defaults(func=cmd_node)
 
     dl = sub.add_parser("download", help="fetch the real weights from ModelScope")

@@ -461,13 +461,13 @@ def write_calibration(records: list[dict], base: Calibration, factory, device: s
 # -- the fake-tensor trace (`zit calibrate --trace`, cluster/trace.py) ---------------------------------------------
 
 # docs/memory.md's grid (bench/memory_table.py SIZES), the batch sizes a tier runs, both compute dtypes; the VAE
-# untiled and at each tile a tier uses; a few transformer cells with a short prompt, where the per-token term is
-# least favoured by the fixed one.
+# untiled and at each tile a tier uses; the transformer also at the fewest prompt tokens it runs (32, a short prompt
+# the text-encoder stage has encoded: cluster.memory.for_prompt), where the fixed term weighs most.
 TRACE_SIDES = (512, 768, 1024, 1536, 2048)
 TRACE_NS = (1, 2, 4)
 TRACE_DTYPES = ("bfloat16", "float32")
 TRACE_VAE = ((False, 0), (True, 512), (True, 768), (True, 1024))
-TRACE_SHORT_PROMPT = 64
+TRACE_SHORT_PROMPT = 32
 
 
 def trace_jobs() -> list[tuple[str, dict]]:
@@ -479,8 +479,16 @@ def trace_jobs() -> list[tuple[str, dict]]:
                 for cfg in (False, True):
                     jobs.append(("denoise", {"width": side, "height": side, "n": n, "cfg": cfg,
                                              "compute_dtype": dtype}))
+        for side in TRACE_SIDES:  # the shortest prompt the transformer runs (a stage-encoded request's real count)
+            jobs.append(("denoise", {"width": side, "height": side, "n": 1, "cfg": False, "compute_dtype": dtype,
+                                     "prompt_tokens": TRACE_SHORT_PROMPT}))
+        # Layerwise casting as the tiers run it: fp8 leaves on bf16 cards, bf16 leaves on float32 cards (whose text
+        # encoder is cast too); the hooks' upcast weight copies are the model's `upcast` weights term.
+        storage = "float8_e4m3fn" if dtype == "bfloat16" else "bfloat16"
         jobs.append(("denoise", {"width": 1024, "height": 1024, "n": 1, "cfg": False, "compute_dtype": dtype,
-                                 "prompt_tokens": TRACE_SHORT_PROMPT}))
+                                 "storage_dtype": storage}))
+        if dtype == "float32":
+            jobs.append(("encode", {"compute_dtype": dtype, "storage_dtype": "bfloat16"}))
         for side in TRACE_SIDES:
             for n in (1, 4):
                 for tiling, tile in TRACE_VAE:
@@ -501,12 +509,15 @@ def trace_cell(phase: str, kwargs: dict):
     if phase == "encode":
         t = trace.trace_text_encoder(**kwargs)
         cell = TracedCell(phase=phase, compute_dtype=kwargs["compute_dtype"], prompt_tokens=_encoder_tokens(kwargs),
-                          peak_bytes=t.peak_bytes, rounding_bytes=t.rounding_bytes, seconds=round(t.seconds, 2))
+                          storage_dtype=kwargs.get("storage_dtype"), peak_bytes=t.peak_bytes,
+                          weight_copies_bytes=t.weight_copies_bytes, rounding_bytes=t.rounding_bytes,
+                          seconds=round(t.seconds, 2))
     elif phase == "denoise":
         t = trace.trace_transformer_step(**kwargs)
         cell = TracedCell(phase=phase, compute_dtype=kwargs["compute_dtype"], width=kwargs["width"],
                           height=kwargs["height"], n=kwargs["n"], cfg=kwargs["cfg"],
-                          prompt_tokens=kwargs.get("prompt_tokens", 512), peak_bytes=t.peak_bytes,
+                          prompt_tokens=kwargs.get("prompt_tokens", 512), storage_dtype=kwargs.get("storage_dtype"),
+                          peak_bytes=t.peak_bytes, weight_copies_bytes=t.weight_copies_bytes,
                           rounding_bytes=t.rounding_bytes, seconds=round(t.seconds, 2))
     else:
         t = trace.trace_vae_decode(**kwargs)
@@ -524,11 +535,12 @@ def _encoder_tokens(kwargs: dict) -> int:
 
 
 def describe_cell(cell) -> str:
+    stored = f", stored {cell.storage_dtype}" if cell.storage_dtype else ""
     if cell.phase == "encode":
-        return f"encode {cell.prompt_tokens} tokens, {cell.compute_dtype}"
+        return f"encode {cell.prompt_tokens} tokens, {cell.compute_dtype}{stored}"
     what = f"{cell.phase} {cell.width}x{cell.height} n={cell.n}, {cell.compute_dtype}"
     if cell.phase == "denoise":
-        return what + (", guided" if cell.cfg else "") + f", {cell.prompt_tokens} prompt tokens"
+        return what + (", guided" if cell.cfg else "") + f", {cell.prompt_tokens} prompt tokens{stored}"
     tiles = f"tiles {cell.vae_tile_px}" if cell.vae_tiling else "untiled"
     return what + f", {tiles}" + (", sliced" if cell.vae_slicing else "")
 
@@ -548,7 +560,8 @@ def trace_grid(say=print, jobs: list | None = None):
         cell, cell_notes = trace_cell(phase, kwargs)
         cells.append(cell)
         notes += [note for note in cell_notes if note not in notes]
+        copies = f", {cell.weight_copies_bytes / 2**20:.0f} MiB upcast weights" if cell.weight_copies_bytes else ""
         say(f"[{i}/{len(jobs)}] {describe_cell(cell)}: {cell.peak_bytes / GIB:.3f} GiB live "
-            f"(+{cell.rounding_bytes / 2**20:.0f} MiB rounding), {cell.seconds:.1f} s")
+            f"(+{cell.rounding_bytes / 2**20:.0f} MiB rounding{copies}), {cell.seconds:.1f} s")
     return TracedFigures(date=dt.date.today().isoformat(), torch=torch.__version__, diffusers=diffusers.__version__,
                          seconds=round(time.perf_counter() - started, 1), notes=notes, cells=cells)

@@ -79,7 +79,10 @@ class TracedCell(BaseModel):
     vae_tiling: bool = False
     vae_tile_px: int = 0
     vae_slicing: bool = False
+    storage_dtype: str | None = Field(None, description="Layerwise casting's storage dtype (None: no casting).")
     peak_bytes: int = Field(ge=0, description="Peak bytes of live activations (parameters and buffers left out).")
+    weight_copies_bytes: int = Field(0, ge=0, description="Peak bytes of the weight copies layerwise casting's hooks "
+                                     "upcast to the compute dtype (a weights term of the model, not activations).")
     rounding_bytes: int = Field(0, ge=0, description="What CUDA's caching allocator adds to the live tensors at the "
                                 "peak: each block rounded up (512 B; 2 MiB segments for large ones).")
     seconds: float = 0.0
@@ -231,6 +234,8 @@ def _load_cached(path: str, mtime_ns: int) -> Calibration:
 
 # The transformer pads each prompt's tokens to a multiple of this (diffusers' transformer_z_image SEQ_MULTI_OF).
 SEQ_MULTI_OF = 32
+# In a measured calibration's `fit`: its runs recorded the transformer's prompt tokens (else it keeps the bound).
+PROMPT_TOKENS_RECORDED = "prompt_tokens_recorded"
 
 
 def transformer_prompt_tokens(tokens: int | None, calibration: Calibration | None = None) -> int:
@@ -238,11 +243,13 @@ def transformer_prompt_tokens(tokens: int | None, calibration: Calibration | Non
     padded to 512 (cluster.encoding.MAX_SEQUENCE_LENGTH) and hands the transformer only its real tokens, which the
     transformer pads to a multiple of 32 (at least 32). None (not tokenized yet): the bound, `prompt_tokens` of the
     calibration (512: no prompt has more, longer ones are truncated)."""
+    from cluster.encoding import MAX_SEQUENCE_LENGTH
+
     cal = calibration or load_calibration()
     if tokens is None:
         return cal.prompt_tokens
     padded = max(SEQ_MULTI_OF, math.ceil(tokens / SEQ_MULTI_OF) * SEQ_MULTI_OF)
-    return min(padded, cal.prompt_tokens)
+    return min(padded, MAX_SEQUENCE_LENGTH)
 
 
 def for_prompt(calibration: Calibration | None, tokens: int | None) -> Calibration:
@@ -251,6 +258,8 @@ def for_prompt(calibration: Calibration | None, tokens: int | None) -> Calibrati
     (`transformer_prompt_tokens`). None: the bound, unchanged. Used where the request is tokenized before it is
     routed (the text-encoder stage encodes it first); elsewhere the bound holds."""
     cal = calibration or load_calibration()
+    if cal.source == "measured" and not cal.fit.get(PROMPT_TOKENS_RECORDED):
+        return cal  # fitted from runs that did not record their tokens, as if they had 512: keep the bound
     count = transformer_prompt_tokens(tokens, cal)
     return cal if count == cal.prompt_tokens else cal.model_copy(update={"prompt_tokens": count})
 
@@ -612,7 +621,8 @@ def fit_calibration(records: "Iterable[dict]", base: Calibration, **provenance) 
     # The margin must cover what the linear terms miss: raise it until every measured reserved peak is predicted.
     needed = base.margin_fraction
     for r in rows:
-        est = predict_peak(r["width"], r["height"], r["n"], Profile.model_validate(r["profile"]), fitted)
+        est = predict_peak(r["width"], r["height"], r["n"], Profile.model_validate(r["profile"]),
+                           for_prompt(fitted, r.get("prompt_tokens")))
         measured = r.get("reserved_peak_bytes", 0) + fitted.context_bytes
         subtotal = est.total - est.margin
         if measured > subtotal + fitted.margin_min_bytes:
@@ -623,6 +633,9 @@ def fit_calibration(records: "Iterable[dict]", base: Calibration, **provenance) 
         "profiles": profiles,
         "activation_residual_gib": float(np.sqrt(a_res[0] / len(rows)) / GIB) if len(a_res) else None,
         "vae_residual_gib": float(np.sqrt(v_res[0] / len(rows)) / GIB) if len(v_res) else None,
+        # Every run said how many prompt tokens the transformer got: the per-token term is per real token, so
+        # `for_prompt` may predict below the 512 bound with it.
+        PROMPT_TOKENS_RECORDED: all("prompt_tokens" in r for r in rows),
     }
     return fitted
 

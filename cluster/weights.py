@@ -243,6 +243,8 @@ def _locked(path: Path, what: str = "a load"):
             handle.flush()
             yield
         finally:
+            handle.seek(0)
+            handle.truncate()  # no stale holder for the next waiter to name
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

@@ -296,9 +296,13 @@ class Dispatcher:
         outcome = Outcome([])
         encoded = None
         if self.encoder is not None:  # once for the whole request: every chunk, tier and retry takes these
-            # First, so the request is planned with its real prompt tokens; a request no tier holds even at the
-            # bound's fewest tokens is refused before (`plan` at the smallest count) and costs no encode.
-            self.plan(width, height, body.steps, body.n, cfg, for_prompt(self.calibration, 0))
+            # First, so the request is planned with its real prompt tokens. A request no tier holds even at the
+            # fewest tokens, or that every tier's queue would refuse now, is refused before and costs no encode
+            # (the stage encodes one prompt at a time: refused requests must not delay the served ones).
+            if self.policy == "tier_aware":
+                fewest = for_prompt(self.calibration, 0)
+                self.assign(self.plan(width, height, body.steps, body.n, cfg, fewest), width, height, body.steps,
+                            body.n, first_seed, cfg, fewest)  # the queues' loads are read, not changed
             encoded, attempts = await self._encode(body, cfg)
             outcome.encode = {"replica": encoded.replica, "cached": encoded.cached, "attempts": attempts,
                               "seconds": round(encoded.seconds, 4), "tokens": encoded.embeddings.tokens}

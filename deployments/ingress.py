@@ -278,7 +278,9 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         for application in status.applications.values():
             for name, deployment in application.deployments.items():
                 lines = [line for line in (deployment.message or "").splitlines() if line.strip()]
-                if name in names and deployment.status != "HEALTHY" and lines:
+                failing = str(deployment.status).rsplit(".", 1)[-1] in ("UNHEALTHY", "DEPLOY_FAILED") or str(
+                    getattr(deployment, "status_trigger", "")).endswith(("STARTUP_FAILED", "HEALTH_CHECK_FAILED"))
+                if name in names and failing and lines:  # not a rollout or an autoscaling step
                     out[names[name]] = lines[-1].strip()[:1000]
         return out
 

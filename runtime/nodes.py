@@ -344,8 +344,9 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
     usable = [node.card for node in nodes]
 
     eight_bit: dict[str, str] = {}  # tier -> why its transformer is stored in 8 bits for the hosts' RAM
+    tried: set[str] = set()  # tiers whose switch to 8 bits was tried
 
-    def place(usable: list[GpuSnapshot]):
+    def place(usable: list[GpuSnapshot], eight_bit: dict[str, str] = eight_bit):
         tiers = [t.model_copy(update={"profile": {**(t.profile or {}), "storage_dtype": EIGHT_BIT}})
                  if t.name in eight_bit else t for t in tiers_for_cards(usable, configured)]
         placement = place_text_encoder(usable, tiers, {t.name: tier_profile(t, lora_params) for t in tiers}, stage,
@@ -363,15 +364,23 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
     # shared with the 8-bit tiers). Leaving cards out can move the stage or change a tier's profile: plan again
     # until every card left holds.
     while refused:
-        switch = ram_tight_tiers(usable, refused, {t.name: tier_profile(t, lora_params) for t in tiers}, configured)
+        switch = [name for name in ram_tight_tiers(usable, refused, {t.name: tier_profile(t, lora_params)
+                                                                      for t in tiers}, configured)
+                  if name not in tried]
         if switch:
+            tried.update(switch)
+            trial = dict(eight_bit)
             for name in switch:
                 hosts_of = {c.host or "localhost" for c in usable if c.tier == name}
                 why = next(refused[c.uuid] for c in sorted(usable, key=lambda c: c.tier != name)
                            if c.uuid in refused and (c.host or "localhost") in hosts_of)
-                eight_bit[name] = (f"{name}: transformer stored in {EIGHT_BIT} (the 8-bit tiers' copy) for host "
-                                   f"RAM; in 16 bits, {why}")
-            tiers, placement, hosts, refused = place(usable)
+                trial[name] = (f"{name}: transformer stored in {EIGHT_BIT} (the 8-bit tiers' copy) for host RAM; "
+                               f"in 16 bits, {why}")
+            planned = place(usable, trial)
+            if len(planned[3]) < len(refused):  # kept only when it lets more cards join
+                eight_bit.clear()
+                eight_bit.update(trial)
+                tiers, placement, hosts, refused = planned
             continue
         skipped += [f"{c.name} [{c.uuid}] {refused[c.uuid]}: not joined" for c in usable if c.uuid in refused]
         for name, need in hosts.items():
@@ -400,7 +409,10 @@ def ram_tight_tiers(cards: list[GpuSnapshot], refused: dict[str, str], profiles:
     refused cards' hosts that stream a 16-bit transformer from host memory (a resident one keeps nothing there),
     unless the service's config sets their storage. Their 8-bit copy is the one vram_8 maps already (cast through
     bfloat16, cluster/weights.py), so a host holds one transformer for all of them, at half the bytes; the images
-    are those of the 8-bit tiers (fp8 weights upcast per layer, docs/memory.md)."""
+    are those of the 8-bit tiers (fp8 weights upcast per layer, docs/memory.md). Offloading without streams and
+    model CPU offload hold private copies instead of mapping the shared one: 8 bits still halve them. A tier is one
+    deployment, so its cards on other hosts run the 8-bit copy too; `plan_card_nodes` keeps a switch only when it
+    lets more cards join."""
     hosts = {c.host or "localhost" for c in cards if c.uuid in refused}
     pinned = {t.name for t in configured or [] if "storage_dtype" in (t.profile or {})}
     return sorted({c.tier for c in cards if (c.host or "localhost") in hosts and c.tier in profiles

@@ -139,3 +139,18 @@ def test_node_on_a_host_too_small_for_16_bit_copies_says_which_tiers_in_8_bits_w
     assert out.count("host lab has 24.0 GiB of RAM; with ") == 2
     assert "note: with vram_4, vram_6 stored in 8 bits this host would hold 1 more card(s)" in out
     assert "storage_dtype: float8_e4m3fn" in out
+    # Followed: with the head's config giving those tiers 8-bit storage, the host holds one card more.
+    config = tmp_path / "service.yaml"
+    config.write_text("tiers:\n"
+                      "  - {name: vram_4, device: cuda, num_gpus: 1, resources: {vram_4: 1}, "
+                      "profile: {storage_dtype: float8_e4m3fn}}\n"
+                      "  - {name: vram_6, device: cuda, num_gpus: 1, resources: {vram_6: 1}, "
+                      "profile: {storage_dtype: float8_e4m3fn}}\n")
+    from cli.fleet import _within_host_ram
+    from cluster.nvml import load_fleet
+    from deployments.config import load_service_config
+    from runtime.nodes import nodes_for_cards
+
+    nodes, _ = nodes_for_cards(load_fleet(fleet), fleet)
+    kept, refused = _within_host_ram(nodes, fleet, load_service_config(config, {}).tiers)
+    assert len(kept) == 1 and len(refused) == 1 and "note: " not in capsys.readouterr().out

@@ -191,3 +191,23 @@ def test_a_host_with_room_keeps_16_bit_storage(repo_root):
     plan = plan_card_nodes(cards, path, host_ram=ram, head_host=head)
     assert not any(need.changed for need in plan.hosts.values())
     assert all("storage_dtype" not in (t.profile or {}) for t in plan.tiers)
+
+
+def test_a_switch_to_8_bits_that_lets_no_card_join_is_not_kept(tmp_path):
+    """Host b (18 GiB) holds its RTX 4090 and the stage but not its RTX 2060, in 16 bits or in 8: the 2060 is left
+    out, and vram_6 keeps its 16-bit storage for the 2060 on roomy host a (a tier is one deployment: a switch that
+    lets no card join would only cost a's images their precision)."""
+    from runtime.nodes import host_ram_of, plan_card_nodes
+
+    path = tmp_path / "two.yaml"
+    path.write_text("name: two\nhost_ram_gb: {a: 64, b: 18}\ncards:\n"
+                    "  - {model: NVIDIA GeForce RTX 2060, vram_gb: 6, compute_capability: '7.5', host: a}\n"
+                    "  - {model: NVIDIA GeForce RTX 4090, vram_gb: 24, memory_total_mib: 24564, "
+                    "compute_capability: '8.9', speed: 1.0, host: b}\n"
+                    "  - {model: NVIDIA GeForce RTX 2060, vram_gb: 6, compute_capability: '7.5', host: b}\n")
+    cards = load_fleet(path)
+    ram, head = host_ram_of(cards, path)
+    plan = plan_card_nodes(cards, path, host_ram=ram, head_host=head)
+    assert len(plan.nodes) == 2 and len(plan.skipped) == 1 and "host b has 18.0 GiB" in plan.skipped[0]
+    assert not plan.hosts["a"].changed and not plan.hosts["b"].changed
+    assert all("storage_dtype" not in (t.profile or {}) for t in plan.tiers)

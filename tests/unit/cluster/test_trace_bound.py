@@ -31,7 +31,8 @@ def test_the_shipped_calibration_holds_the_whole_traced_grid():
                           height=kwargs.get("height", 0), n=kwargs.get("n", 1), cfg=kwargs.get("cfg", False),
                           prompt_tokens=kwargs.get("prompt_tokens", 512), vae_tiling=kwargs.get("tiling", False),
                           vae_tile_px=kwargs.get("tile_px", 0) if kwargs.get("tiling") else 0,
-                          vae_slicing=kwargs.get("slicing", False), peak_bytes=0)
+                          vae_slicing=kwargs.get("slicing", False), storage_dtype=kwargs.get("storage_dtype"),
+                          peak_bytes=0)
         wanted.add(describe_cell(cell))
     assert wanted <= recorded, sorted(wanted - recorded)[:5]
 
@@ -85,3 +86,17 @@ def test_a_cell_traced_again_gives_what_the_calibration_recorded(index):
     [recorded] = [c for c in CAL.traced.cells if describe_cell(c) == describe_cell(cell)]
     assert cell.peak_bytes == pytest.approx(recorded.peak_bytes, rel=0.02)
     assert cell.rounding_bytes == pytest.approx(recorded.rounding_bytes, rel=0.02, abs=1 << 20)
+
+
+def test_the_weights_term_holds_the_upcast_copies_layerwise_casting_makes():
+    """With layerwise casting (fp8 leaves on bf16 cards, bf16 leaves on float32 cards) the hooks upcast one leaf at a
+    time: the model's weights count one leaf in the compute dtype (cluster/memory.py `_transformer_running`, the
+    encoder's `_text_encoder_bytes`), at least what the trace saw live."""
+    from cluster.profiles import DTYPE_BYTES
+
+    cast = [c for c in CAL.traced.cells if c.storage_dtype]
+    assert {(c.phase, c.compute_dtype) for c in cast} == {("denoise", "bfloat16"), ("denoise", "float32"),
+                                                          ("encode", "float32")}
+    for c in cast:
+        leaf = CAL.transformer_leaf_params if c.phase == "denoise" else CAL.text_encoder_leaf_params
+        assert 0 < c.weight_copies_bytes <= leaf * DTYPE_BYTES[c.compute_dtype], describe_cell(c)

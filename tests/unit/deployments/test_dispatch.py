@@ -618,3 +618,16 @@ def test_a_request_no_tier_holds_even_at_the_fewest_tokens_is_refused_before_it_
     with pytest.raises(NoTierFits):
         asyncio.run(d.run(request(n=1, size="2048x2048"), 2048, 2048, first_seed=1))
     assert stage.calls == []
+
+
+def test_a_request_every_queue_would_refuse_gets_its_503_before_it_is_encoded():
+    """Under overload the stage (one encode at a time) must not spend itself on requests that are refused: a
+    request that no tier's queue has room for gets TiersFull without an encode."""
+    stage = FakeStage()
+    tier = card_tier("vram_12", 1, bf16=True, vram_bytes=12 * GIB, speed=0.35, max_queued_requests=1)
+    d = Dispatcher([tier], {tier.name: tier_profile(tier)}, {tier.name: RecordingGenerator(tier.name, [])},
+                   load_calibration(), encoder=stage)
+    d.queues["vram_12"].running = 1  # its one replica busy: one chunk of 4 may wait, the second finds no place
+    with pytest.raises(TiersFull):
+        asyncio.run(d.run(request(n=8, size="1024x1024"), 1024, 1024, first_seed=1))
+    assert stage.calls == []

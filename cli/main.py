@@ -5,6 +5,7 @@
   zit down
   zit fleet [--fleet FILE] [--json] [--tiers GB,GB,...]
   zit node --address HEAD[:PORT] [--fleet FILE] [--host NAME] [--split CARD=TIER] [--tiers GB,GB,...]
+           [--config serve_config.yaml]
   zit download [--model Tongyi-MAI/Z-Image-Turbo] [--dir DIR]
   zit generate "a red fox" --size 256x256 --n 2 -o out/
 """

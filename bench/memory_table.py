@@ -23,12 +23,13 @@ from cluster.memory import (  # noqa: E402
 )
 from cluster.stages import stage_profile  # noqa: E402
 from cluster.profiles import DTYPE_BYTES  # noqa: E402
+from cluster.calibrate import TRACE_NS, TRACE_SIDES  # noqa: E402
 from cluster.planning import default_tiers  # noqa: E402
 from cluster.profiles import default_profile  # noqa: E402
 
 MIB = 1 << 20
-SIZES = (512, 768, 1024, 1536, 2048)
-BATCHES = (1, 2, 4)
+SIZES = TRACE_SIDES  # the grid `zit calibrate --trace` traces: its traced column has every cell
+BATCHES = TRACE_NS
 # ComfyUI (comfy/model_base.py memory_required, with efficient attention): B x H_lat x W_lat x dtype bytes x 0.01 x
 # memory_usage_factor MiB; Z-Image's factor is 2.8 (comfy/supported_models.py).
 COMFY_FACTOR = 2.8

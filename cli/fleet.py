@@ -151,11 +151,12 @@ def _within_host_ram(nodes: list, fleet_file, configured: list | None = None) ->
     from cluster.host_memory import plan_hosts
     from cluster.profiles import tier_profile
     from cluster.tiers import tiers_for_cards
-    from runtime.nodes import EIGHT_BIT, host_ram_of, ram_tight_tiers
+    from runtime.nodes import EIGHT_BIT, host_ram_of, ram_tight_tiers, stored_in_8_bits
 
     cards = [node.card for node in nodes]
     host_ram, _ = host_ram_of(cards, fleet_file, running=False)
-    profiles = {t.name: tier_profile(t) for t in tiers_for_cards(cards, configured)}
+    tiers = tiers_for_cards(cards, configured)
+    profiles = {t.name: tier_profile(t) for t in tiers}
     hosts, refused = plan_hosts(cards, profiles, host_ram=host_ram)
     for need in hosts.values():
         had = f"{need.ram_bytes / 2**30:.1f} GiB" if need.ram_bytes is not None else "not checked"
@@ -163,7 +164,7 @@ def _within_host_ram(nodes: list, fleet_file, configured: list | None = None) ->
     # The tiers' storage is the head's (`zit up` and its service config): say what 8-bit storage would hold here.
     eight_bit = ram_tight_tiers(cards, refused, profiles, configured) if refused else []
     if eight_bit:
-        lighter = {**profiles, **{t: profiles[t].model_copy(update={"storage_dtype": EIGHT_BIT}) for t in eight_bit}}
+        lighter = {t.name: tier_profile(stored_in_8_bits(t) if t.name in eight_bit else t) for t in tiers}
         _, still = plan_hosts(cards, lighter, host_ram=host_ram)
         if len(still) < len(refused):
             say(f"note: with {', '.join(eight_bit)} stored in 8 bits this host would hold {len(refused) - len(still)} "

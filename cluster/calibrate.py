@@ -460,7 +460,7 @@ def write_calibration(records: list[dict], base: Calibration, factory, device: s
 
 # -- the fake-tensor trace (`zit calibrate --trace`, cluster/trace.py) ---------------------------------------------
 
-# docs/memory.md's grid (bench/memory_table.py SIZES), the batch sizes a tier runs, both compute dtypes; the VAE
+# docs/memory.md's grid (bench/memory_table.py uses these), the batch sizes a tier runs, both compute dtypes; the VAE
 # untiled and at each tile a tier uses; the transformer also at the fewest prompt tokens it runs (32, a short prompt
 # the text-encoder stage has encoded: cluster.memory.for_prompt), where the fixed term weighs most.
 TRACE_SIDES = (512, 768, 1024, 1536, 2048)
@@ -500,38 +500,33 @@ def trace_jobs() -> list[tuple[str, dict]]:
     return jobs
 
 
+def grid_cell(phase: str, kwargs: dict):
+    """The cell (cluster.memory.TracedCell) that tracing `phase` with `kwargs` (its cluster.trace function's
+    arguments, `trace_jobs`) records, before its figures."""
+    from cluster.encoding import MAX_SEQUENCE_LENGTH
+    from cluster.memory import TracedCell
+
+    tiling = kwargs.get("tiling", False)
+    return TracedCell(phase=phase, compute_dtype=kwargs["compute_dtype"], width=kwargs.get("width", 0),
+                      height=kwargs.get("height", 0), n=kwargs.get("n", 1), cfg=kwargs.get("cfg", False),
+                      prompt_tokens=kwargs.get("prompt_tokens", kwargs.get("tokens", MAX_SEQUENCE_LENGTH)),
+                      vae_tiling=tiling, vae_tile_px=kwargs["tile_px"] if tiling else 0,
+                      vae_slicing=kwargs.get("slicing", False), storage_dtype=kwargs.get("storage_dtype"),
+                      peak_bytes=0)
+
+
 def trace_cell(phase: str, kwargs: dict):
     """Trace one cell (cluster/trace.py) and return it as the calibration records it (cluster.memory.TracedCell),
     with the tracer's notes."""
     from cluster import trace
-    from cluster.memory import TracedCell
 
-    if phase == "encode":
-        t = trace.trace_text_encoder(**kwargs)
-        cell = TracedCell(phase=phase, compute_dtype=kwargs["compute_dtype"], prompt_tokens=_encoder_tokens(kwargs),
-                          storage_dtype=kwargs.get("storage_dtype"), peak_bytes=t.peak_bytes,
-                          weight_copies_bytes=t.weight_copies_bytes, rounding_bytes=t.rounding_bytes,
-                          seconds=round(t.seconds, 2))
-    elif phase == "denoise":
-        t = trace.trace_transformer_step(**kwargs)
-        cell = TracedCell(phase=phase, compute_dtype=kwargs["compute_dtype"], width=kwargs["width"],
-                          height=kwargs["height"], n=kwargs["n"], cfg=kwargs["cfg"],
-                          prompt_tokens=kwargs.get("prompt_tokens", 512), storage_dtype=kwargs.get("storage_dtype"),
-                          peak_bytes=t.peak_bytes, weight_copies_bytes=t.weight_copies_bytes,
-                          rounding_bytes=t.rounding_bytes, seconds=round(t.seconds, 2))
-    else:
-        t = trace.trace_vae_decode(**kwargs)
-        cell = TracedCell(phase=phase, compute_dtype=kwargs["compute_dtype"], width=kwargs["width"],
-                          height=kwargs["height"], n=kwargs["n"], vae_tiling=kwargs["tiling"],
-                          vae_tile_px=kwargs["tile_px"] if kwargs["tiling"] else 0, vae_slicing=kwargs["slicing"],
-                          peak_bytes=t.peak_bytes, rounding_bytes=t.rounding_bytes, seconds=round(t.seconds, 2))
+    run = {"encode": trace.trace_text_encoder, "denoise": trace.trace_transformer_step,
+           "decode": trace.trace_vae_decode}[phase]
+    t = run(**kwargs)
+    cell = grid_cell(phase, kwargs).model_copy(update={
+        "peak_bytes": t.peak_bytes, "weight_copies_bytes": t.weight_copies_bytes, "rounding_bytes": t.rounding_bytes,
+        "seconds": round(t.seconds, 2)})
     return cell, t.notes
-
-
-def _encoder_tokens(kwargs: dict) -> int:
-    from cluster.encoding import MAX_SEQUENCE_LENGTH
-
-    return kwargs.get("tokens", MAX_SEQUENCE_LENGTH)
 
 
 def describe_cell(cell) -> str:

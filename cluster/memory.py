@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.encoding import MAX_SEQUENCE_LENGTH
 from cluster.profiles import DTYPE_BYTES, Profile, default_profile
 from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 
@@ -243,8 +244,6 @@ def transformer_prompt_tokens(tokens: int | None, calibration: Calibration | Non
     padded to 512 (cluster.encoding.MAX_SEQUENCE_LENGTH) and hands the transformer only its real tokens, which the
     transformer pads to a multiple of 32 (at least 32). None (not tokenized yet): the bound, `prompt_tokens` of the
     calibration (512: no prompt has more, longer ones are truncated)."""
-    from cluster.encoding import MAX_SEQUENCE_LENGTH
-
     cal = calibration or load_calibration()
     if tokens is None:
         return cal.prompt_tokens
@@ -440,48 +439,43 @@ def _cell_profile(cell: TracedCell) -> Profile:
                                    "vae_slicing": cell.vae_slicing})
 
 
-def predicted_beside_weights(cell: TracedCell, calibration: Calibration | None = None) -> int:
-    """The model's bytes beside the weights for the cell's phase: the transformer's activations (denoise), the VAE's
-    decode bytes (decode) or the encoder's activations (encode), plus the context and the smallest margin (every
-    prediction has at least that much margin)."""
-    cal = calibration or load_calibration()
-    profile = _cell_profile(cell)
-    scale = DTYPE_BYTES[cell.compute_dtype] / REFERENCE_DTYPE_BYTES
+def _phase_bytes(cell: TracedCell, cal: Calibration) -> int:
+    """The model's bytes for the cell's phase beside the weights, context and margin: the transformer's activations
+    (denoise), the VAE's decode bytes (decode) or the encoder's activations (encode)."""
     if cell.phase == "encode":
-        part = int(cal.text_encoder_activation_bytes * scale)
-    else:
-        at = cal.model_copy(update={"prompt_tokens": cell.prompt_tokens})
-        phases = predict_phases(cell.width, cell.height, cell.n, profile, at, cell.cfg)
-        part = phases["denoise"].activations if cell.phase == "denoise" else \
-            phases["decode"].vae - cal.vae_params * DTYPE_BYTES[cell.compute_dtype]
-    return part + int(cal.context_bytes) + int(cal.margin_min_bytes)
+        return int(cal.text_encoder_activation_bytes * DTYPE_BYTES[cell.compute_dtype] / REFERENCE_DTYPE_BYTES)
+    at = cal.model_copy(update={"prompt_tokens": cell.prompt_tokens})
+    phases = predict_phases(cell.width, cell.height, cell.n, _cell_profile(cell), at, cell.cfg)
+    if cell.phase == "denoise":
+        return phases["denoise"].activations
+    return phases["decode"].vae - cal.vae_params * DTYPE_BYTES[cell.compute_dtype]
+
+
+def predicted_beside_weights(cell: TracedCell, calibration: Calibration | None = None) -> int:
+    """The model's bytes beside the weights for the cell's phase (`_phase_bytes`), plus the context and the smallest
+    margin (every prediction has at least that much margin)."""
+    cal = calibration or load_calibration()
+    return _phase_bytes(cell, cal) + int(cal.context_bytes) + int(cal.margin_min_bytes)
+
+
+# The traced term each phase's bytes grow with (linearly: `trace_bounds` reads its slope from the model itself).
+PHASE_TERM = {"encode": "text_encoder_activation_bytes", "denoise": "activation_bytes_per_token",
+              "decode": "vae_decode_bytes_per_pixel"}
 
 
 def trace_bounds(cells: "Iterable[TracedCell]", calibration: Calibration) -> dict[str, float]:
     """Per traced term (TRACED_TERMS), the least value at which the term alone holds every cell's traced bytes and
     their rounding (the other terms as `calibration` has them): the margin is left for what nothing here counts
-    (fragmentation, kernel workspaces), so `predicted_beside_weights` stays above `trace_floor` with room."""
-    cal = calibration
+    (fragmentation, kernel workspaces), so `predicted_beside_weights` stays above `trace_floor` with room. The
+    phase's bytes are linear in its term: the bound is read off the model at the term's 0 and at a large value."""
     need: dict[str, float] = {term: 0.0 for term in TRACED_TERMS}
+    probe = 1e6
     for cell in cells:
-        scale = DTYPE_BYTES[cell.compute_dtype] / REFERENCE_DTYPE_BYTES
-        gap = trace_floor(cell, cal) - int(cal.context_bytes)  # what the term must hold: live bytes and rounding
-        if cell.phase == "encode":
-            need["text_encoder_activation_bytes"] = max(need["text_encoder_activation_bytes"], gap / scale)
-        elif cell.phase == "denoise":
-            units = scale * transformer_batch(cell.n, cell.cfg) * (image_tokens(cell.width, cell.height)
-                                                                    + cell.prompt_tokens)
-            need["activation_bytes_per_token"] = max(need["activation_bytes_per_token"],
-                                                     (gap - cal.activation_base_bytes * scale) / units)
-        else:
-            profile = _cell_profile(cell)
-            px = cell.width * cell.height
-            if profile.vae_tiling:
-                px = min(cell.width, profile.vae_tile_px) * min(cell.height, profile.vae_tile_px)
-            at_once = 1 if profile.vae_slicing else cell.n
-            rest = cal.vae_output_bytes_per_pixel * cell.width * cell.height * cell.n
-            need["vae_decode_bytes_per_pixel"] = max(need["vae_decode_bytes_per_pixel"],
-                                                     (gap - rest) / (scale * px * at_once))
+        term = PHASE_TERM[cell.phase]
+        at_zero = _phase_bytes(cell, calibration.model_copy(update={term: 0.0}))
+        slope = (_phase_bytes(cell, calibration.model_copy(update={term: probe})) - at_zero) / probe
+        gap = trace_floor(cell, calibration) - int(calibration.context_bytes)  # the live bytes and their rounding
+        need[term] = max(need[term], (gap - at_zero) / slope)
     return {term: math.ceil(max(0.0, value)) for term, value in need.items()}
 
 

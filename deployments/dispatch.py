@@ -440,12 +440,13 @@ class Dispatcher:
         cfg = uses_cfg(body.guidance_scale)
         units = work_units(width, height, n, body.steps, cfg)
         profile = self.profiles[tier]
+        cal = self._calibration_for(encoded)
         job = GenerationJob(
             prompt=body.prompt, negative_prompt=body.negative_prompt,
             encoded=encoded.embeddings if encoded is not None else None, width=width, height=height, steps=body.steps,
             guidance_scale=body.guidance_scale, seeds=list(seeds), output_format=body.output_format,
             quality=body.output_compression,
-            predicted_peak=predict_peak(width, height, n, profile, self._calibration_for(encoded), cfg).total,
+            predicted_peak=predict_peak(width, height, n, profile, cal, cfg).total,
             request_id=body.request_id, lora=body.lora, lora_scale=body.lora_scale,
         )
         queue = self.queues[tier]
@@ -463,7 +464,7 @@ class Dispatcher:
                 handle = handle.options(multiplexed_model_id=body.lora)
             result = await handle.generate.remote(job)
             predicted = predict_seconds(width, height, n, body.steps, profile, self.tiers[tier].speed or 1.0,
-                                        self._calibration_for(encoded), cfg).total_s
+                                        cal, cfg).total_s
             self.speed.record(tier, time.perf_counter() - started, predicted)
             self.metrics.chunk_done(tier, result, time.perf_counter() - started)
             return result

@@ -346,9 +346,8 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
     eight_bit: dict[str, str] = {}  # tier -> why its transformer is stored in 8 bits for the hosts' RAM
     tried: set[str] = set()  # tiers whose switch to 8 bits was tried
 
-    def place(usable: list[GpuSnapshot], eight_bit: dict[str, str] = eight_bit):
-        tiers = [t.model_copy(update={"profile": {**(t.profile or {}), "storage_dtype": EIGHT_BIT}})
-                 if t.name in eight_bit else t for t in tiers_for_cards(usable, configured)]
+    def place(usable: list[GpuSnapshot], eight_bit: dict[str, str]):
+        tiers = [stored_in_8_bits(t) if t.name in eight_bit else t for t in tiers_for_cards(usable, configured)]
         placement = place_text_encoder(usable, tiers, {t.name: tier_profile(t, lora_params) for t in tiers}, stage,
                                        stage_replicas)
         staged = staged_tiers(tiers, placement.where, list(placement.tiers), placement.reserve_bytes)
@@ -358,7 +357,7 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
                                     head_stage_replicas=on_head)
         return tiers, placement, hosts, refused
 
-    tiers, placement, hosts, refused = place(usable)
+    tiers, placement, hosts, refused = place(usable, eight_bit)
     left_out: dict[str, list] = {}
     # Before leaving a card out, its host's 16-bit streamed transformers go to 8 bits (one copy, half the size,
     # shared with the 8-bit tiers). Leaving cards out can move the stage or change a tier's profile: plan again
@@ -386,7 +385,7 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
         for name, need in hosts.items():
             left_out.setdefault(name, []).extend(need.left_out)
         usable = [c for c in usable if c.uuid not in refused]
-        tiers, placement, hosts, refused = place(usable)
+        tiers, placement, hosts, refused = place(usable, eight_bit)
     for name, lines in left_out.items():  # what each host's plan left out, and why
         hosts.setdefault(name, HostNeed(name, (host_ram or {}).get(name), head=name == head_host)).left_out[:0] = lines
     for name, why in eight_bit.items():  # said with the hosts that hold the tier's cards
@@ -401,6 +400,11 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
 
 EIGHT_BIT = "float8_e4m3fn"
 STREAMED = ("group_offload_block", "group_offload_leaf", "model_cpu_offload", "sequential_cpu_offload")
+
+
+def stored_in_8_bits(tier):
+    """`tier` (a TierConfig) with its transformer stored in 8 bits, as planning switches it for a host's RAM."""
+    return tier.model_copy(update={"profile": {**(tier.profile or {}), "storage_dtype": EIGHT_BIT}})
 
 
 def ram_tight_tiers(cards: list[GpuSnapshot], refused: dict[str, str], profiles: dict, configured: list | None

@@ -39,6 +39,16 @@ def generate(url: str, **body) -> httpx.Response:
     return httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red fox", "steps": 2, **body}, timeout=300)
 
 
+def tiers_when(url: str, condition, timeout_s: float) -> dict:
+    """GET /v1/fleet every 2 s until `condition(tiers by name)` holds or `timeout_s` passes; the last tiers read."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tiers = {t["name"]: t for t in httpx.get(f"{url}/v1/fleet", timeout=30).json()["tiers"]}
+        if condition(tiers) or time.monotonic() > deadline:
+            return tiers
+        time.sleep(2)
+
+
 def not_black(item: dict) -> bool:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))).max() > 2
 
@@ -101,12 +111,7 @@ def test_a_replica_killed_mid_request_has_its_chunk_retried(faulty):
     assert response.status_code == 200, response.text
     assert "replica_died" in [r["reason"] for r in response.json()["metadata"]["retries"]]
     # Serve brings the replicas back: the fleet view shows both 3070s serving again.
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        tiers = {t["name"]: t for t in httpx.get(f"{url}/v1/fleet", timeout=30).json()["tiers"]}
-        if tiers["vram_8"]["replicas_running"] == 2:
-            break
-        time.sleep(2)
+    tiers = tiers_when(url, lambda tiers: tiers["vram_8"]["replicas_running"] == 2, 120)
     assert tiers["vram_8"]["replicas_running"] == 2
 
 
@@ -153,14 +158,8 @@ def test_a_card_node_dying_under_load_loses_nothing_and_the_card_rejoins(faulty)
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200] * 4, [r.text[:300] for r in responses]
     add_card_node(victim.uuid)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        fleet = httpx.get(f"{url}/v1/fleet", timeout=30).json()
-        tiers = {t["name"]: t for t in fleet["tiers"]}
-        if tiers["vram_8"]["replicas_running"] == 2:
-            break
-        time.sleep(2)
-    assert tiers["vram_8"]["replicas_running"] == 2, fleet["tiers"]
+    tiers = tiers_when(url, lambda tiers: tiers["vram_8"]["replicas_running"] == 2, 180)
+    assert tiers["vram_8"]["replicas_running"] == 2, tiers
 
 
 def test_a_card_whose_nvml_fails_is_drained_and_comes_back(faulty):
@@ -228,13 +227,8 @@ def test_a_replica_its_host_has_no_ram_for_fails_to_start_and_the_other_hosts_se
         assert "Cannot allocate memory: simulated host host-b has 32.0 GiB of RAM" in message, message
         # The killed replicas' last reports age out of the registry (6 s); Serve's message for the tier is its
         # latest event: a killed replica's failed health check, or a restart that the host refused.
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            tiers = {t["name"]: t for t in httpx.get(f"{url}/v1/fleet", timeout=30).json()["tiers"]}
-            if tiers["vram_8"]["replicas_running"] == 0 and "Cannot allocate memory" in (
-                    tiers["vram_8"]["start_error"] or ""):
-                break
-            time.sleep(2)
+        tiers = tiers_when(url, lambda tiers: tiers["vram_8"]["replicas_running"] == 0
+                           and "Cannot allocate memory" in (tiers["vram_8"]["start_error"] or ""), 90)
         assert tiers["vram_8"]["replicas_running"] == 0 and tiers["vram_24"]["replicas_running"] == 1, tiers
         assert tiers["vram_8"]["start_error"], tiers["vram_8"]  # the fleet view says why the tier is down
         assert tiers["vram_24"]["start_error"] is None
@@ -243,12 +237,7 @@ def test_a_replica_its_host_has_no_ram_for_fails_to_start_and_the_other_hosts_se
         assert [c["tier"] for c in response.json()["metadata"]["chunks"]] == ["vram_24"]
     finally:
         host.set_other_use(0)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        tiers = {t["name"]: t for t in httpx.get(f"{url}/v1/fleet", timeout=30).json()["tiers"]}
-        if tiers["vram_8"]["replicas_running"] == 2:
-            break
-        time.sleep(3)
+    tiers = tiers_when(url, lambda tiers: tiers["vram_8"]["replicas_running"] == 2, 240)
     assert tiers["vram_8"]["replicas_running"] == 2, tiers["vram_8"]
     assert tiers["vram_8"]["start_error"] is None
     response = generate(url, size="1664x1664", n=1, seed=510)

@@ -4,7 +4,7 @@ cells traced again now still give what was recorded (a diffusers or torch change
 
 import pytest
 
-from cluster.calibrate import describe_cell, trace_cell, trace_jobs
+from cluster.calibrate import describe_cell, grid_cell, trace_cell, trace_jobs
 from cluster.memory import (
     CUBLAS_WORKSPACE_BYTES,
     DEFAULT_CALIBRATION,
@@ -25,15 +25,7 @@ CAL = load_calibration(DEFAULT_CALIBRATION)
 def test_the_shipped_calibration_holds_the_whole_traced_grid():
     assert CAL.traced is not None, "run `zit calibrate --trace --out cluster/calibration/default.json`"
     recorded = {describe_cell(c) for c in CAL.traced.cells}
-    wanted = set()
-    for phase, kwargs in trace_jobs():
-        cell = TracedCell(phase=phase, compute_dtype=kwargs["compute_dtype"], width=kwargs.get("width", 0),
-                          height=kwargs.get("height", 0), n=kwargs.get("n", 1), cfg=kwargs.get("cfg", False),
-                          prompt_tokens=kwargs.get("prompt_tokens", 512), vae_tiling=kwargs.get("tiling", False),
-                          vae_tile_px=kwargs.get("tile_px", 0) if kwargs.get("tiling") else 0,
-                          vae_slicing=kwargs.get("slicing", False), storage_dtype=kwargs.get("storage_dtype"),
-                          peak_bytes=0)
-        wanted.add(describe_cell(cell))
+    wanted = {describe_cell(grid_cell(phase, kwargs)) for phase, kwargs in trace_jobs()}
     assert wanted <= recorded, sorted(wanted - recorded)[:5]
 
 

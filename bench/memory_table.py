@@ -344,9 +344,11 @@ def host_memory_section(cal: Calibration) -> list[str]:
         "fastest cards. When a card's replicas would take its host past its RAM, the tiers on that host that stream a",
         "16-bit transformer from host memory store it in 8 bits instead (the copy vram_8 maps, cast through bfloat16",
         "whatever the card computes in: one transformer on the host, at half the bytes; a config that sets a tier's",
-        "`storage_dtype` keeps it); a card that still does not fit is left out, with the numbers. On the shipped fleets:",
+        "`storage_dtype` keeps it); a card that still does not fit is left out, with the numbers. A tier whose slowest",
+        "card link would stream a 16-bit step at least 1.5x slower than 8 bits is stored in 8 bits from the start",
+        "(cluster/link.py; large.yaml's vram_6, for lab-03's x1 risers). On the shipped fleets:",
         "",
-        "| fleet, host | cards kept | RAM GiB | need GiB | stored in 8 bits for RAM | left out (need with it, GiB) |",
+        "| fleet, host | cards kept | RAM GiB | need GiB | stored in 8 bits (RAM or link) | left out (need with it, GiB) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     fleets = REPO / "cluster" / "fleets"

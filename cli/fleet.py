@@ -40,10 +40,13 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     if code:
         return code
     ram = _host_ram(cards, args.fleet)
+    steps, changed = _step_times(cards)
     if args.json:
-        print(json.dumps([{**c.to_dict(), "host_ram_gib": ram.get(c.host or "localhost")} for c in cards], indent=2))
+        print(json.dumps([{**c.to_dict(), "host_ram_gib": ram.get(c.host or "localhost"), **steps.get(c.uuid, {})}
+                          for c in cards], indent=2))
         return 0
-    header = f"{'#':>3}  {'card':<34} {'tier':<10} {'total':>7} {'free':>7}  {'cc':<4} {'bf16':<4} {'util':>5}  host"
+    header = (f"{'#':>3}  {'card':<34} {'tier':<10} {'total':>7} {'free':>7}  {'cc':<4} {'bf16':<4} {'util':>5}  "
+              f"{'link':<18} {'step':>6}  host")
     say(header)
     for c in cards:
         if c.error:  # a lost card: what NVML said instead of its readings
@@ -52,12 +55,23 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             continue
         util = "-" if c.utilization_pct is None else f"{c.utilization_pct:.0f}%"
         tier = f"{c.tier} x{c.slots}" if c.slots > 1 else (c.tier or "too small")
+        link = _link_cell(c)
+        step = f"{steps[c.uuid]['predicted_step_s']:5.2f}s" if c.uuid in steps else "-"
         say(f"{c.index:>3}  {c.name[:34]:<34} {tier:<10} {c.memory_total / 2**30:6.1f}G "
              f"{c.memory_free / 2**30:6.1f}G  {c.compute_capability[0]}.{c.compute_capability[1]:<2} "
-             f"{'yes' if c.bf16 else 'no':<4} {util:>5}  {c.host or socket_host()}"
+             f"{'yes' if c.bf16 else 'no':<4} {util:>5}  {link:<18} {step:>6}  {c.host or socket_host()}"
              + ("  (simulated)" if c.simulated else ""))
+    from cluster.link import degraded
     from cluster.tiers import tier_gib
 
+    say("link: NVML's PCIe link and the copy rate it gives ('?': not reported, the default rate); step: one 1024x1024 "
+        "denoising step of the card's tier profile at its speed and link (cluster/speed.py)")
+    for line in changed:
+        say(f"changed: {line}")
+    for c in cards:
+        if not c.error and degraded(c):
+            say(f"warning: {c.name} [{c.index}] on {c.host or socket_host()}: PCIe {degraded(c)}; reseat it or "
+                "check its riser")
     tiers: dict[str, int] = {}
     for c in cards:
         kind = "failed" if c.error else c.tier or "too small"
@@ -77,6 +91,39 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     say(f"{len(cards)} card(s): " + ", ".join(f"{tiers[t]} x {t}" for t in order)
          + (" (split cards count once per slot)" if any(c.slots > 1 for c in cards) else ""))
     return 0
+
+
+def _link_cell(card) -> str:
+    """'gen3 x1 0.79G/s' (NVML's link, the copy rate it gives), '12.0G/s?' when NVML reports no link."""
+    from cluster.link import link_of
+
+    link = link_of(card)
+    if link.source == "default":
+        return f"? {link.bytes_s / 1e9:.1f}G/s"
+    return f"{link.detail} {link.bytes_s / 1e9:.2f}G/s"
+
+
+def _step_times(cards: list) -> tuple[dict[str, dict], list[str]]:
+    """({card uuid: its tier's profile, the link it streams at and the time model's 1024x1024 step there}, a line
+    for each tier whose profile its links changed), as `zit up` would plan the tiers (runtime.nodes
+    link_bound_tiers)."""
+    from cluster.link import link_of
+    from cluster.profiles import tier_profile
+    from cluster.speed import reference_step_s
+    from cluster.tiers import tiers_for_cards
+    from runtime.nodes import link_bound_tiers, stored_in_8_bits
+
+    usable = [c for c in cards if not c.error and c.tier is not None]
+    tiers = tiers_for_cards(usable)
+    switched = link_bound_tiers(tiers, {t.name: tier_profile(t) for t in tiers})
+    profiles = {t.name: tier_profile(stored_in_8_bits(t) if t.name in switched else t) for t in tiers}
+    steps = {}
+    for c in usable:
+        profile = profiles[c.tier]
+        steps[c.uuid] = {"profile": profile.technique(), "link": link_of(c).as_dict(),
+                         "predicted_step_s": round(reference_step_s(profile, c.speed, link_of(c)), 3),
+                         "changed": switched.get(c.tier)}
+    return steps, list(switched.values())
 
 
 def _host_ram(cards: list, fleet_file) -> dict[str, float | None]:

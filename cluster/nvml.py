@@ -19,7 +19,7 @@ import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import pynvml
 import yaml
@@ -83,9 +83,21 @@ class GpuSnapshot:
     # split_card; `tier` is then the smaller tier).
     slots: int = 1
     error: str | None = None
+    # The PCIe link (cluster/link.py): current and maximum generation and width (None where NVML does not say), and
+    # the bytes per second NVML's throughput counters saw each way (None where the driver has none).
+    pcie_gen: int | None = None
+    pcie_width: int | None = None
+    pcie_max_gen: int | None = None
+    pcie_max_width: int | None = None
+    pcie_tx_bytes_s: float | None = None
+    pcie_rx_bytes_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        from cluster.link import degraded, link_of
+
         data = asdict(self)
+        data["link"] = None if self.error else link_of(self).as_dict()
+        data["link_degraded"] = None if self.error else degraded(self)
         data["compute_capability"] = f"{self.compute_capability[0]}.{self.compute_capability[1]}"
         data["memory_total_gib"] = round(self.memory_total / GIB, 2)
         data["memory_free_gib"] = round(self.memory_free / GIB, 2)
@@ -138,6 +150,9 @@ def read_card(nvml, index: int, own_pids: frozenset[int] = frozenset()) -> GpuSn
     power_mw = _optional(nvml.nvmlDeviceGetPowerUsage, handle)
     name = nvml.nvmlDeviceGetName(handle)
     extra = nvml.zit_card_extra(handle) if hasattr(nvml, "zit_card_extra") else {}
+    # NVML's PCIe throughput counters are KB/s over the last 20 ms.
+    tx_kb = _optional(nvml.nvmlDeviceGetPcieThroughput, handle, pynvml.NVML_PCIE_UTIL_TX_BYTES)
+    rx_kb = _optional(nvml.nvmlDeviceGetPcieThroughput, handle, pynvml.NVML_PCIE_UTIL_RX_BYTES)
     return GpuSnapshot(
         index=index,
         uuid=nvml.nvmlDeviceGetUUID(handle),
@@ -155,6 +170,12 @@ def read_card(nvml, index: int, own_pids: frozenset[int] = frozenset()) -> GpuSn
         simulated=bool(extra.get("simulated", False)),
         speed=extra.get("speed"),
         host=extra.get("host"),
+        pcie_gen=_optional(nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
+        pcie_width=_optional(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
+        pcie_max_gen=_optional(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
+        pcie_max_width=_optional(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
+        pcie_tx_bytes_s=None if tx_kb is None else tx_kb * 1024.0,
+        pcie_rx_bytes_s=None if rx_kb is None else rx_kb * 1024.0,
     )
 
 
@@ -261,6 +282,27 @@ class NvmlMonitor:
 # -- fleet files and the fake backend ----------------------------------------------------------------------------
 
 
+class PcieSpec(BaseModel):
+    """A simulated card's PCIe link, as NVML reports it (cluster/link.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gen: int = Field(ge=1, le=6, description="Current link generation, e.g. 3 for PCIe 3.0.")
+    width: Literal[1, 2, 4, 8, 16] = Field(description="Current link width in lanes, e.g. 1 on an x1 riser.")
+    max_gen: int | None = Field(None, ge=1, le=6, description="Most the card and slot allow; default: `gen`.")
+    max_width: Literal[1, 2, 4, 8, 16] | None = Field(
+        None, description="Most lanes the card and slot allow; default: `width`. Above `width`: the link trained "
+        "down (a fault of risers and dirty slots).")
+
+    @model_validator(mode="after")
+    def _current_within_max(self) -> "PcieSpec":
+        if self.max_gen is not None and self.gen > self.max_gen:
+            raise ValueError(f"pcie gen {self.gen} is above max_gen {self.max_gen}")
+        if self.max_width is not None and self.width > self.max_width:
+            raise ValueError(f"pcie width x{self.width} is above max_width x{self.max_width}")
+        return self
+
+
 class CardSpec(BaseModel):
     """One card of a fleet file."""
 
@@ -288,6 +330,9 @@ class CardSpec(BaseModel):
     black_images: bool = Field(
         False, description="Fault: the card turns latents into NaN, as plain fp16 does on a card without bf16."
     )
+    pcie: PcieSpec | None = Field(
+        None, description="The card's PCIe link, e.g. {gen: 3, width: 1} on an x1 riser; none: NVML reports no link "
+        "and the time model takes its default rate. A simulated card streams its weights at the rate it implies.")
 
     @field_validator("compute_capability", mode="before")
     @classmethod
@@ -476,6 +521,31 @@ class FakeNvml:
         busy = any(_alive(pid) for pid in self._read_state(card).get("busy", []))
         # Milliwatts, as NVML reports: a rough board power from the card's size.
         return int((60 + 12 * card.spec.vram_gb) * (1.0 if busy else 0.2) * 1000)
+
+    def _pcie(self, handle) -> PcieSpec:
+        spec = self._card(handle).spec.pcie
+        if spec is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return spec
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, handle) -> int:
+        return self._pcie(handle).gen
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, handle) -> int:
+        return self._pcie(handle).width
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle) -> int:
+        spec = self._pcie(handle)
+        return spec.max_gen or spec.gen
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle) -> int:
+        spec = self._pcie(handle)
+        return spec.max_width or spec.width
+
+    def nvmlDeviceGetPcieThroughput(self, handle, counter) -> int:
+        """A simulated card moves no bytes over a bus: NVML's answer for a driver without the counters."""
+        self._card(handle)
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
 
     def zit_card_extra(self, handle) -> dict:
         """Fields a real card does not report: that it is simulated, its relative speed, its host."""

@@ -12,6 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 
+from cluster.link import link_of
 from cluster.nvml import FakeNvml, LocalCard
 from cluster.tiers import GIB
 
@@ -32,6 +33,8 @@ class SimulatedCard:
         self.handle = self.nvml.nvmlDeviceGetHandleByUUID(card.uuid)
         self.spec = self.handle.spec
         self.held = 0
+        # The host-to-device rate the card's link implies (cluster/link.py): what its streamed weights take.
+        self.link = link_of(card.read())
 
     def _available(self) -> tuple[int, int, int]:
         """(total, held by others, what this process can hold in all). A card with the oom_above fault gives less

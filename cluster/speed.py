@@ -7,7 +7,9 @@ clock of simulated cards. An ESTIMATE, not a measurement:
   4 x layers x tokens^2 x width for attention, at EFFECTIVE_FLOPS of an RTX 4090 (speed 1.0) times the card's
   relative `speed`; tokens = image tokens + the 512 prompt tokens, per image;
 - weights streamed over PCIe while denoising (group offload, sequential offload): the transformer's stored bytes
-  every step at PCIE_BYTES_S, overlapped with compute when a prefetch stream is used (max), added otherwise;
+  every step at the card's host-to-device rate (`link`, cluster/link.py: measured on the card, else from its PCIe
+  generation and width, else PCIE_BYTES_S), overlapped with compute when a prefetch stream is used (max), added
+  otherwise. On an x1 riser (0.79 GB/s) that is about 15.6 s per step for a 16-bit transformer;
 - prompt encoding (`encode_seconds`): the text encoder's arithmetic over 512 tokens, plus its stored bytes streamed
   when offloaded; nothing in a generator whose encoder is the stage (the stage pays it once per request);
 - decode: VAE_SECONDS_PER_MEGAPIXEL per megapixel per image on an RTX 4090, divided by speed.
@@ -23,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.encoding import MAX_SEQUENCE_LENGTH
+from cluster.link import DEFAULT_LINK, PCIE_BYTES_S, Link
 from cluster.memory import Calibration, image_tokens, load_calibration, transformer_batch
 from cluster.profiles import DTYPE_BYTES, Profile, default_profile
 from cluster.requests import work_units
@@ -31,9 +34,6 @@ from cluster.tiers import NO_BF16_TIERS
 # Dense tensor throughput an RTX 4090 sustains on this transformer (its fp16-accumulate peak is 165 TFLOP/s).
 # Gives about 0.45 s per step at 1024x1024, about 5 s per image: the few seconds users report for 8 steps.
 EFFECTIVE_FLOPS = 150e12
-# Host-to-device copy rate a consumer board sustains with pinned memory (PCIe 4.0 x16 peaks at 32 GB/s; PCIe 3.0
-# boards and x8 slots are common in mixed fleets).
-PCIE_BYTES_S = 12e9
 # Dense bf16 throughput of a desktop CPU on the text encoder (AVX-512 or AMX cores do more, older ones less): a
 # real prompt takes the 4B-parameter encoder about 14 s there.
 CPU_FLOPS = 3e11
@@ -53,6 +53,8 @@ class Timing:
     encode_s: float
     denoise_s: float
     decode_s: float
+    copy_s: float = 0.0  # of each step, the weights streamed over the link (0: resident); overlapped or added
+    link: Link = DEFAULT_LINK  # the copy rate it took
 
     @property
     def total_s(self) -> float:
@@ -64,24 +66,25 @@ class Timing:
 
 def predict_seconds(
     width: int, height: int, n: int, steps: int, profile: Profile, speed: float = 1.0,
-    calibration: Calibration | None = None, cfg: bool = False,
+    calibration: Calibration | None = None, cfg: bool = False, link: Link | None = None,
 ) -> Timing:
-    """Seconds to generate n images of width x height in `steps` steps under `profile` on a card of `speed`, with
-    classifier-free guidance when `cfg`."""
+    """Seconds to generate n images of width x height in `steps` steps under `profile` on a card of `speed` whose
+    host-to-device copy rate is `link` (DEFAULT_LINK when None), with classifier-free guidance when `cfg`."""
+    link = link or DEFAULT_LINK
     cal = calibration or load_calibration()
     tokens = image_tokens(width, height) + cal.prompt_tokens
     batch = transformer_batch(n, cfg)
     flops_per_step = batch * (2 * cal.transformer_params * tokens + 4 * LAYERS * tokens * tokens * WIDTH)
     compute_s = flops_per_step / (EFFECTIVE_FLOPS * speed)
     streamed = profile.weights in ("group_offload_block", "group_offload_leaf", "sequential_cpu_offload")
-    copy_s = cal.transformer_params * DTYPE_BYTES[profile.transformer_storage] / PCIE_BYTES_S if streamed else 0.0
+    copy_s = cal.transformer_params * DTYPE_BYTES[profile.transformer_storage] / link.bytes_s if streamed else 0.0
     step_s = max(compute_s, copy_s) if profile.offload_stream else compute_s + copy_s
     decode_s = n * VAE_SECONDS_PER_MEGAPIXEL * width * height / 1e6 / speed
-    return Timing(encode_seconds(profile, speed, cal, cfg), steps * step_s, decode_s)
+    return Timing(encode_seconds(profile, speed, cal, cfg, link), steps * step_s, decode_s, copy_s, link)
 
 
 def encode_seconds(profile: Profile, speed: float = 1.0, calibration: Calibration | None = None,
-                   cfg: bool = False) -> float:
+                   cfg: bool = False, link: Link | None = None) -> float:
     """Seconds the text encoder takes for one request where `profile` runs it: its arithmetic over the padded prompt
     (twice with guidance: the prompt, then the negative prompt) on a card of `speed`, or at CPU_FLOPS on the CPU,
     plus, when group-offloaded, its stored bytes streamed for each call (model CPU offload moves it on once). 0 for a
@@ -97,15 +100,25 @@ def encode_seconds(profile: Profile, speed: float = 1.0, calibration: Calibratio
     seconds = flops / (EFFECTIVE_FLOPS * speed)
     if profile.text_encoder == "offload":
         streams = 1 if profile.weights == "model_cpu_offload" else passes
-        seconds += streams * cal.text_encoder_params * DTYPE_BYTES[profile.text_encoder_storage] / PCIE_BYTES_S
+        seconds += (streams * cal.text_encoder_params * DTYPE_BYTES[profile.text_encoder_storage]
+                    / (link or DEFAULT_LINK).bytes_s)
     return seconds
 
 
-def prior_units_per_s(tier: str, speed: float | None = None, bf16: bool | None = None) -> float:
+def prior_units_per_s(tier: str, speed: float | None = None, bf16: bool | None = None, link: Link | None = None,
+                      profile: Profile | None = None) -> float:
     """Work units (cluster.requests.work_units) per second one replica of `tier` computes, from the time model at
-    PRIOR_SIZE x PRIOR_SIZE, PRIOR_STEPS steps, on a card of `speed` (its TYPICAL_SPEED when None) with or without
-    bf16 (as its typical card when None): the throughput the autoscaler assumes until replicas have measured it."""
+    PRIOR_SIZE x PRIOR_SIZE, PRIOR_STEPS steps, under `profile` (the tier's default one when None) on a card of
+    `speed` (its TYPICAL_SPEED when None) with or without bf16 (as its typical card when None) on `link`: the
+    throughput the autoscaler assumes until replicas have measured it."""
     bf16 = (tier not in NO_BF16_TIERS) if bf16 is None else bf16
     speed = speed or TYPICAL_SPEED.get(tier, 0.1)
-    seconds = predict_seconds(PRIOR_SIZE, PRIOR_SIZE, 1, PRIOR_STEPS, default_profile(tier, bf16), speed).total_s
+    seconds = predict_seconds(PRIOR_SIZE, PRIOR_SIZE, 1, PRIOR_STEPS, profile or default_profile(tier, bf16), speed,
+                              link=link).total_s
     return work_units(PRIOR_SIZE, PRIOR_SIZE, 1, PRIOR_STEPS) / seconds
+
+
+def reference_step_s(profile: Profile, speed: float | None = None, link: Link | None = None) -> float:
+    """Seconds of one denoising step at PRIOR_SIZE x PRIOR_SIZE, n=1, under `profile` on a card of `speed` and
+    `link`: the one figure `zit fleet` shows per card and replicas are ranked by before they have measured."""
+    return predict_seconds(PRIOR_SIZE, PRIOR_SIZE, 1, 1, profile, speed or 1.0, link=link).denoise_s

@@ -133,6 +133,15 @@ class TierConfig(BaseModel):
     vram_bytes: int | None = Field(
         None, gt=0, description="Memory of the tier's smallest card as NVML reports it; None on the CPU tier."
     )
+    link_bytes_s: float | None = Field(
+        None, gt=0, description="Host-to-device copy rate of the tier's slowest card link (cluster/link.py), bytes "
+        "per second; None when no card's link is known (the time model's default rate)."
+    )
+    link_detail: str = Field("", description="That link, e.g. 'gen3 x1'.")
+    link_aware: bool = Field(
+        True, description="Replicas rank by their own card's link and the time model takes the tier's; false: every "
+        "card at the default rate (the service's `link_aware: false`)."
+    )
     profile: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides of the tier profile's knobs (cluster/profiles.py), e.g. {'max_n': 2, 'vae_tiling': true}.",
@@ -177,6 +186,27 @@ def card_tier(name: str, cards: int, bf16: bool, vram_bytes: int, speed: float |
     )
 
 
+def slowest_link(cards: list) -> dict:
+    """TierConfig's link fields for a tier of `cards`: the slowest card's host-to-device rate (cluster/link.py); none
+    when no card's link is known."""
+    from cluster.link import link_of
+
+    links = [link_of(c) for c in cards]
+    if all(link.source == "default" for link in links):
+        return {"link_bytes_s": None, "link_detail": ""}
+    slowest = min(links, key=lambda link: link.bytes_s)
+    return {"link_bytes_s": slowest.bytes_s, "link_detail": slowest.detail or slowest.source}
+
+
+def tier_link(tier: TierConfig):
+    """The Link (cluster/link.py) the time model takes for `tier` as a whole: its slowest card's, else the default."""
+    from cluster.link import DEFAULT_LINK, Link
+
+    if tier.link_bytes_s is None or not tier.link_aware:
+        return DEFAULT_LINK
+    return Link(tier.link_bytes_s, "pcie", tier.link_detail)
+
+
 def tiers_for_cards(cards: list, configured: list[TierConfig] | None = None) -> list[TierConfig]:
     """One tier per VRAM class present, smallest first, with one replica per card.
 
@@ -206,6 +236,7 @@ def tiers_for_cards(cards: list, configured: list[TierConfig] | None = None) -> 
             "vram_bytes": min(c.memory_total // getattr(c, "slots", 1) for c in members),
             "speed": min((c.speed for c in members if c.speed), default=None),
             "num_gpus": gpu_share(slots),
+            **slowest_link(members),
         }
         profile = dict(by_name[name].profile) if name in by_name else {}
         if slots > 1:  # the cap, and the budget the tier is planned with, are the same number

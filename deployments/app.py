@@ -35,11 +35,15 @@ def generator_deployment_name(tier: str) -> str:
 
 
 def _prior_units_per_s(tier) -> float:
-    """The throughput prior of a tier's autoscaler: the time model for its profile at its slowest card's speed."""
+    """The throughput prior of a tier's autoscaler: the time model for its profile at its slowest card's speed and
+    link (an x1 riser's card streams its weights 15 times slower than on a x16 slot: the tier needs more replicas)."""
+    from cluster.profiles import tier_profile
     from cluster.speed import prior_units_per_s
+    from cluster.tiers import tier_link
 
-    return prior_units_per_s(tier.name, tier.speed, tier.bf16) if tier.device == "cuda" else prior_units_per_s(
-        "vram_24", 1.0, True)
+    if tier.device != "cuda":
+        return prior_units_per_s("vram_24", 1.0, True)
+    return prior_units_per_s(tier.name, tier.speed, tier.bf16, tier_link(tier), tier_profile(tier))
 
 
 def build_app(config: ServiceConfig) -> Application:
@@ -64,6 +68,9 @@ def build_app(config: ServiceConfig) -> Application:
                                              stage.tiers, stage.replicas))
     config = config.model_copy(update={"text_encoder": stage, "tiers": staged_tiers(
         config.tiers, stage.where, stage.tiers, stage.reserve_bytes)})
+    if not config.link_aware:  # every card at the time model's default rate, as before links were read
+        config = config.model_copy(update={"tiers": [t.model_copy(update={"link_aware": False})
+                                                     for t in config.tiers]})
     lora = config.lora_settings()
     encoder = text_encoder_deployment(config).bind(stage, config.model) if stage.enabled else None
     generators = {}

@@ -162,6 +162,11 @@ class ServiceConfig(BaseModel):
             "or use only the largest tier (largest), and never retry."
         ),
     )
+    link_aware: bool = Field(
+        True, description="Take each card's PCIe link into the time model, the tier choice and the in-tier router "
+        "(cluster/link.py). false: every card is taken at the default copy rate, as before links were read (the "
+        "baseline bench/fleet_routing.py --links measures against).",
+    )
     lora_dir: str | None = Field(
         None,
         description=(

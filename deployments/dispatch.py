@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from cluster.memory import for_prompt, predict_peak, uses_cfg
 from cluster.requests import GenerationJob, GenerationResult, work_units
 from cluster.stages import STAGE
-from cluster.speed import predict_seconds
-from cluster.tiers import tier_budget
+from cluster.speed import predict_seconds, reference_step_s
+from cluster.tiers import tier_budget, tier_link
 from deployments.config import COLD_START_OVERHEAD_S
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
 from deployments.metrics import ServiceMetrics
@@ -152,6 +152,8 @@ class Dispatcher:
         self.lost: dict[str, str] = {}
         self._lost_events = {t.name: asyncio.Event() for t in tiers}
         self.speed = SpeedBook()
+        # Per tier: its replicas' throughput-weighted reference step over its slowest card's (`_predicted_seconds`).
+        self.step_factor: dict[str, float] = {}
         self.budgets = {t.name: tier_budget(t) for t in tiers}
         self.drained: dict[str, bool] = {}
         self._reported: set[str] = set()  # tiers whose replicas have reported at least once
@@ -187,6 +189,12 @@ class Dispatcher:
                 # Work waits for a tier the registry shows at zero: (again) wake it. If it has replicas the
                 # registry has not heard of yet, the call returns at once and opens the queue.
                 self._wake(name, queue.waiting, queue.waiting_units)
+            steps = [r["reference_step_s"] for r in reports if r.get("reference_step_s")]
+            if steps and tier.device == "cuda":
+                # n replicas with reference steps s_i serve as fast as n of 1 / mean(1 / s_i) each (the in-tier
+                # router sends a slow card work only when the fast ones are queued up).
+                slowest = reference_step_s(self.profiles[name], tier.speed, tier_link(tier))
+                self.step_factor[name] = len(steps) / sum(1 / s for s in steps) / slowest
             capacities = [r["card"]["memory_total"] - r["card"].get("foreign_memory", 0)
                           for r in reports if r.get("card") and "memory_total" in r["card"]]
             if capacities and tier.vram_bytes is not None:
@@ -231,10 +239,19 @@ class Dispatcher:
                             "the only tiers that hold this request are unavailable now ("
                             + "; ".join(f"{tier}: {unavailable[tier]}" for tier in holding) + ")") from None
 
+    def _predicted_seconds(self, tier: str, width: int, height: int, n: int, steps: int, cal=None,
+                           cfg: bool = False) -> float:
+        """The time model's seconds for a chunk on `tier`: at its slowest card's speed and link, scaled by how much
+        faster its replicas' own cards are (`step_factor`: the replicas' throughput-weighted reference step over
+        the slowest card's, from their reports; 1 before they report)."""
+        tier_config = self.tiers[tier]
+        return predict_seconds(width, height, n, steps, self.profiles[tier], tier_config.speed or 1.0,
+                               cal or self.calibration, cfg, tier_link(tier_config)).total_s \
+            * self.step_factor.get(tier, 1.0)
+
     def _seconds_per_unit(self, tier: str, width: int, height: int, steps: int, cfg: bool = False,
                           cal=None) -> float:
-        predicted = predict_seconds(width, height, 1, steps, self.profiles[tier], self.tiers[tier].speed or 1.0,
-                                    cal or self.calibration, cfg).total_s
+        predicted = self._predicted_seconds(tier, width, height, 1, steps, cal, cfg)
         return predicted / work_units(width, height, 1, steps, cfg) * self.speed.correction(tier)
 
     def assign(self, fitting, width: int, height: int, steps: int, n: int, first_seed: int,
@@ -463,8 +480,7 @@ class Dispatcher:
             if body.lora:  # Serve model multiplexing: replicas that hold the adapter are preferred
                 handle = handle.options(multiplexed_model_id=body.lora)
             result = await handle.generate.remote(job)
-            predicted = predict_seconds(width, height, n, body.steps, profile, self.tiers[tier].speed or 1.0,
-                                        cal, cfg).total_s
+            predicted = self._predicted_seconds(tier, width, height, n, body.steps, cal, cfg)
             self.speed.record(tier, time.perf_counter() - started, predicted)
             self.metrics.chunk_done(tier, result, time.perf_counter() - started)
             return result

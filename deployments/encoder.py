@@ -131,7 +131,7 @@ class TextEncoder:
         started = time.perf_counter()
         embeddings = encode_prompt(self.pipe, prompt, negative_prompt, cfg)
         if self.sim is not None:
-            self.sim.pace(started, encode_seconds(self.profile, self.sim.spec.speed, cfg=cfg))
+            self.sim.pace(started, encode_seconds(self.profile, self.sim.spec.speed, cfg=cfg, link=self.sim.link))
         return embeddings
 
     def _where(self) -> str:

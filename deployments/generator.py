@@ -14,11 +14,13 @@ import threading
 import time
 
 from cluster.host_memory import replica_host
+from cluster.link import DEFAULT_LINK, link_of, measure_copy_rate
 from cluster.memory import effective_budget, for_prompt, predict_peak, resident_bytes, smallest_request, uses_cfg
 from cluster.nvml import NvmlMonitor
 from cluster.pipeline import BadImages, load_pipeline, resolve_model, run_job
 from cluster.profiles import apply_vae, degraded_profile
 from cluster.requests import GenerationJob, GenerationResult, work_units
+from cluster.speed import predict_seconds, reference_step_s
 from cluster.tiers import TierConfig
 from cluster.weights import host_load_lock
 from deployments.errors import ChunkBadImage, ChunkOutOfMemory
@@ -82,9 +84,12 @@ class Generator:
         self._smallest_peak = smallest_request(self.profile).total  # below this room the card is unusable
         if snapshot is not None and tier.bf16 and not snapshot.bf16:
             raise RuntimeError(f"{snapshot.name} has no bf16 but tier {tier.name} was configured with bf16=true")
-        # 3. Where the pixels are computed: CUDA for a real card, else the CPU.
+        # 3. Where the pixels are computed: CUDA for a real card, else the CPU. A real card's link is measured now,
+        #    before the weights take its memory (a short pinned copy, cluster/link.py); a simulated one's is what its
+        #    fleet file gives.
         real_gpu = self.card is not None and not self.card.simulated
         self.device = "cuda" if real_gpu else "cpu"
+        self.link = link_of(snapshot, self._measure_link() if real_gpu else None) if snapshot is not None else None
         # 4. Load (and on a real card, apply the profile's memory techniques).
         import torch
 
@@ -130,6 +135,11 @@ class Generator:
         self.load_seconds = time.perf_counter() - started
         self._lock = asyncio.Lock()
         self._step_seconds: float | None = None
+        # Measured over predicted seconds of this replica's jobs (EWMA; None until one ran) and the predicted seconds
+        # of one reference step here: the in-tier router ranks replicas by their product (deployments/router.py).
+        self._time_ratio: float | None = None
+        self._reference_step_s = reference_step_s(self.profile, snapshot.speed, self._known_link()) \
+            if snapshot is not None else None
         self._busy_since: float | None = None
         # What the tier's autoscaler reads (record_autoscaling_stats): busy time, throughput, the ingress's queue.
         self._busy_total = 0.0
@@ -146,6 +156,19 @@ class Generator:
             f"{snapshot.name} [{snapshot.uuid}]" + (" (simulated)" if self.sim else "") if snapshot else "the CPU",
             self.model_path, self.device, str(self.dtype), self.load_seconds,
         )
+
+    def _known_link(self):
+        """The link the service plans this replica's card with: its own (measured, else its PCIe link's rate), or the
+        default when the service ignores links (`link_aware: false`)."""
+        return self.link if self.tier.link_aware else DEFAULT_LINK
+
+    def _measure_link(self) -> float | None:
+        """This card's host-to-device bytes per second, timed once (None, with a log line, if the copy fails)."""
+        try:
+            return measure_copy_rate("cuda")
+        except Exception as exc:  # a card too full for the short copy still serves, at its PCIe link's rate
+            logger.warning("could not time the host-to-device link of %s: %s", self.replica, exc)
+            return None
 
     @staticmethod
     def _find_card():
@@ -207,6 +230,10 @@ class Generator:
                 self._busy_since = None
         self._jobs += 1
         self._step_seconds = seconds / job.steps
+        if self._reference_step_s is not None:
+            predicted = self._predicted_seconds(job, self.profile).total_s
+            ratio = seconds / max(predicted, 1e-9)
+            self._time_ratio = ratio if self._time_ratio is None else 0.7 * self._time_ratio + 0.3 * ratio
         units = work_units(job.width, job.height, len(job.seeds), job.steps, uses_cfg(job.guidance_scale))
         measured = units / max(seconds, 1e-6)
         self._units_per_s = measured if self._units_per_s is None else 0.7 * self._units_per_s + 0.3 * measured
@@ -271,9 +298,15 @@ class Generator:
         finally:
             trim_host_memory()  # what the job freed goes back to the host (deployments/hostmem.py)
 
-    def _compute(self, job: GenerationJob, profile, on_step, cancel: threading.Event) -> tuple[list[bytes], float]:
-        from cluster.speed import predict_seconds
+    def _predicted_seconds(self, job: GenerationJob, profile, link=None):
+        """The time model's Timing of `job` under `profile` on this card (at `link`, else the link the service plans
+        it with), with the prompt tokens the transformer gets."""
+        cal = for_prompt(None, job.encoded.transformer_tokens if job.encoded is not None else None)
+        speed = self.sim.spec.speed if self.sim is not None else (self.card_info or {}).get("speed") or 1.0
+        return predict_seconds(job.width, job.height, len(job.seeds), job.steps, profile, speed, cal,
+                               cfg=uses_cfg(job.guidance_scale), link=link or self._known_link())
 
+    def _compute(self, job: GenerationJob, profile, on_step, cancel: threading.Event) -> tuple[list[bytes], float]:
         if self.sim is None:
             return run_job(self.pipe, job, on_step=on_step)
         started = time.perf_counter()
@@ -285,9 +318,8 @@ class Generator:
         guided = f" guided (guidance_scale {job.guidance_scale:g})" if cfg else ""
         with self.sim.running(peak.total, f"{job.width}x{job.height} n={n}{guided} under {profile.name}"):
             images, _ = run_job(self.pipe, job, on_step=on_step, latents_hook=self.sim.latents_hook())
-            predicted = predict_seconds(job.width, job.height, n, job.steps, profile, self.sim.spec.speed, cal,
-                                        cfg=cfg)
-            self.sim.pace(started, predicted.total_s, cancel)
+            # The card's own link, whatever the service plans with: a simulated card takes the time it implies.
+            self.sim.pace(started, self._predicted_seconds(job, profile, self.sim.link).total_s, cancel)
         return images, time.perf_counter() - started
 
     # -- LoRA adapters (deployments/lora.py) ---------------------------------------------------------------------
@@ -383,6 +415,8 @@ class Generator:
             "free_bytes": free,
             "busy": self._busy_since is not None,
             "seconds_per_step": self._step_seconds,
+            "reference_step_s": self._reference_step_s,
+            "time_ratio": self._time_ratio,
             "reported_at": time.time(),  # wall clock: the router compares it with when its requests completed
         }
 
@@ -438,6 +472,9 @@ class Generator:
             "busy": self._busy_since is not None,
             "jobs": self._jobs,
             "seconds_per_step": self._step_seconds,
+            "link": self.link.as_dict() if self.link is not None else None,
+            "reference_step_s": self._reference_step_s,
+            "time_ratio": self._time_ratio,
             "torch_threads": self._torch_threads(),
             "loras": sorted(self._adapters),
             "fused_lora": self._fused[0] if self._fused else None,

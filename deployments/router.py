@@ -2,10 +2,14 @@
 
 `rank_replicas` is the decision, a pure function: replicas whose card cannot hold the chunk's predicted peak (its
 capacity: total memory minus what other processes hold, from NVML via `record_routing_stats`) are never chosen; the
-rest are ranked by work on them, then whether they already hold the chunk's LoRA adapter (Serve model multiplexing:
-an idle replica without it beats a busy one with it, since loading an adapter takes far less than waiting for a job),
-then measured seconds per step (faster first; a replica not measured yet counts as fastest, so new replicas get
-measured), then capacity (more room first). Work on a replica is Serve's queue length count where it has one (kept
+rest are ranked by work on them, weighed by their speed, then whether they already hold the chunk's LoRA adapter
+(Serve model multiplexing: an idle replica without it beats a busy one with it, since loading an adapter takes far
+less than waiting for a job), then speed (faster first), then capacity (more room first). A replica's speed is its
+step time (`step_estimates`): the time model's seconds for one reference step on its own card (its speed and PCIe
+link, cluster/link.py: a card on an x1 riser is known to be slow before it has run anything) times what its jobs
+measured over what the model predicted for them (the other replicas' median until it has run one). A replica k
+times slower than the fastest counts as k - 1 more requests ahead (rounded down): a card 5 times slower waits until
+the fast one has 4 queued, and cards within 2x of each other are ranked by work alone. Work on a replica is Serve's queue length count where it has one (kept
 on every send, accept and completion, forgotten 10 s after the last of them); otherwise this router's own requests
 still running there, or the replica's last reported `busy`, unless that report is older than this router's last
 completed request there (stats come once a period: a replica that just finished is not busy). With no replica able
@@ -16,6 +20,7 @@ to Ray Serve's RequestRouter interface.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -33,7 +38,9 @@ class ReplicaView:
     capacity_bytes: int | None  # None: no card (CPU tier), no memory limit to check
     busy: bool = False
     queue_len: int | None = None
-    seconds_per_step: float | None = None
+    seconds_per_step: float | None = None  # measured, of its last job (any size): the fallback without a reference
+    reference_step_s: float | None = None  # the time model's reference step on its card (None: no card)
+    time_ratio: float | None = None  # its jobs' measured over predicted seconds (None: none ran yet)
     adapters: frozenset[str] = frozenset()  # LoRA adapters loaded (or loading) on the replica
     in_flight: int = 0  # this router's requests sent to the replica and not completed
     busy_stale: bool = False  # `busy` was reported before this router's last request there completed
@@ -46,16 +53,37 @@ def load(replica: ReplicaView) -> int:
     return max(replica.in_flight, int(replica.busy and not replica.busy_stale))
 
 
+def step_estimates(replicas: list[ReplicaView]) -> dict[str, float]:
+    """Each replica's expected seconds per reference step: its reference step x its measured-over-predicted ratio
+    (the others' median until it has one, 1 with none); a replica without a reference (no card) its last measured
+    step; one with neither the others' median (1.0 with none)."""
+    ratios = sorted(r.time_ratio for r in replicas if r.time_ratio)
+    typical_ratio = ratios[len(ratios) // 2] if ratios else 1.0
+    known = {r.replica_id: (r.reference_step_s * (r.time_ratio or typical_ratio) if r.reference_step_s
+                            else r.seconds_per_step)
+             for r in replicas}
+    values = sorted(v for v in known.values() if v)
+    typical = values[len(values) // 2] if values else 1.0
+    return {replica_id: value or typical for replica_id, value in known.items()}
+
+
 def rank_replicas(replicas: list[ReplicaView], need_bytes: int, adapter: str | None = None) -> list[list[str]]:
-    """Replica ids, best first, one per rank; replicas that cannot hold `need_bytes` are left out. With `adapter`,
-    replicas that hold it go before equally loaded ones that do not."""
+    """Replica ids, best first, one per rank; replicas that cannot hold `need_bytes` are left out. A replica k times
+    slower than the fastest counts k - 1 more requests ahead (rounded down). With `adapter`, replicas that hold it
+    go before equally weighed ones that do not."""
     eligible = [r for r in replicas if r.capacity_bytes is None or r.capacity_bytes >= need_bytes]
+    steps = step_estimates(eligible)
+    fastest = min(steps.values(), default=1.0)
+
+    def weighed_load(r: ReplicaView) -> int:
+        return math.floor((load(r) + 1) * steps[r.replica_id] / fastest + 1e-9) - 1
+
     ordered = sorted(
         eligible,
         key=lambda r: (
-            load(r),
+            weighed_load(r),
             bool(adapter) and adapter not in r.adapters,
-            r.seconds_per_step if r.seconds_per_step is not None else 0.0,
+            steps[r.replica_id],
             -(r.capacity_bytes or 0),
         ),
     )
@@ -106,6 +134,8 @@ class VramAwareRouter(FIFOMixin, RequestRouter):
                 busy=bool(stats.get("busy", False)),
                 queue_len=self.replica_queue_len_cache.get(rid),
                 seconds_per_step=stats.get("seconds_per_step"),
+                reference_step_s=stats.get("reference_step_s"),
+                time_ratio=stats.get("time_ratio"),
                 adapters=frozenset(replica.multiplexed_model_ids),
                 in_flight=self._in_flight.get(rid, 0),
                 busy_stale=stats.get("reported_at", 0.0) < self._last_done.get(rid, 0.0),

@@ -343,8 +343,11 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
     nodes, skipped = nodes_for_cards(cards, fleet_file)
     usable = [node.card for node in nodes]
 
-    eight_bit: dict[str, str] = {}  # tier -> why its transformer is stored in 8 bits for the hosts' RAM
-    tried: set[str] = set()  # tiers whose switch to 8 bits was tried
+    # tier -> why its transformer is stored in 8 bits: for its slowest card's link, or for the hosts' RAM
+    first = tiers_for_cards(usable, configured)
+    eight_bit: dict[str, str] = link_bound_tiers(first, {t.name: tier_profile(t, lora_params) for t in first},
+                                                 configured)
+    tried: set[str] = set(eight_bit)  # tiers whose switch to 8 bits was tried
 
     def place(usable: list[GpuSnapshot], eight_bit: dict[str, str]):
         tiers = [stored_in_8_bits(t) if t.name in eight_bit else t for t in tiers_for_cards(usable, configured)]
@@ -389,7 +392,7 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
     for name, lines in left_out.items():  # what each host's plan left out, and why
         hosts.setdefault(name, HostNeed(name, (host_ram or {}).get(name), head=name == head_host)).left_out[:0] = lines
     for name, why in eight_bit.items():  # said with the hosts that hold the tier's cards
-        for host in {c.host or "localhost" for c in usable if c.tier == name}:
+        for host in sorted({c.host or "localhost" for c in usable if c.tier == name}):
             if host in hosts:
                 hosts[host].changed.append(why)
     kept = {c.uuid for c in usable}
@@ -400,6 +403,37 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
 
 EIGHT_BIT = "float8_e4m3fn"
 STREAMED = ("group_offload_block", "group_offload_leaf", "model_cpu_offload", "sequential_cpu_offload")
+# A tier streaming a 16-bit transformer goes to 8 bits for its slowest card's link when that makes the card's step
+# at least this much faster: on an x1 riser (0.79 GB/s) a step of the 4 and 6 GB tiers drops from 15.6 s to 7.8 s;
+# on a x16 slot the step is compute-bound and nothing changes.
+LINK_SWITCH_GAIN = 1.5
+
+
+def link_bound_tiers(tiers: list, profiles: dict, configured: list | None = None) -> dict[str, str]:
+    """{tier: why} for the tiers to store in 8 bits for their links: those that stream a 16-bit transformer every
+    step (group or sequential offload) where the tier's slowest card link (TierConfig.link_bytes_s) makes a reference
+    step (cluster.speed.reference_step_s) at least LINK_SWITCH_GAIN x slower than in 8 bits, unless the service's
+    config sets their storage or ignores links. A tier has one profile, so its other cards run 8 bits too; where
+    their links are good they are compute-bound and lose no speed (the images are those of the 8-bit tiers)."""
+    from cluster.profiles import tier_profile
+    from cluster.speed import reference_step_s
+    from cluster.tiers import tier_link
+
+    pinned = {t.name for t in configured or [] if "storage_dtype" in (t.profile or {})}
+    why = {}
+    for tier in tiers:
+        profile = profiles.get(tier.name)
+        if (profile is None or tier.name in pinned or tier.link_bytes_s is None or not tier.link_aware
+                or profile.weights not in STREAMED or DTYPE_BYTES[profile.transformer_storage] < 2):
+            continue
+        link = tier_link(tier)
+        now = reference_step_s(profile, tier.speed, link)
+        lighter = reference_step_s(tier_profile(stored_in_8_bits(tier), profile.lora_params), tier.speed, link)
+        if now >= LINK_SWITCH_GAIN * lighter:
+            why[tier.name] = (f"{tier.name}: transformer stored in {EIGHT_BIT} for its slowest card's link, "
+                              f"{link.describe()}: a 1024x1024 step streams in {lighter:.1f} s instead of "
+                              f"{now:.1f} s in 16 bits")
+    return why
 
 
 def stored_in_8_bits(tier):

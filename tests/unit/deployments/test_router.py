@@ -1,6 +1,8 @@
 """The in-tier replica ranking (deployments/router.py `rank_replicas`): a pure function, no Ray Serve needed."""
 
-from deployments.router import ReplicaView, rank_replicas
+import pytest
+
+from deployments.router import ReplicaView, rank_replicas, step_estimates
 
 GIB = 1 << 30
 
@@ -26,20 +28,40 @@ def test_nothing_fits_gives_no_rank():
     assert rank_replicas([], 1) == []
 
 
-def test_shorter_queue_ranks_first_whatever_the_speed_and_room():
+def test_shorter_queue_ranks_first_among_replicas_within_twice_each_others_speed():
     replicas = [
         ReplicaView("long", 24 * GIB, queue_len=3, seconds_per_step=0.1),
-        ReplicaView("short", 8 * GIB, queue_len=1, seconds_per_step=2.0),
-        ReplicaView("empty", 8 * GIB, queue_len=0, seconds_per_step=5.0),
+        ReplicaView("short", 8 * GIB, queue_len=1, seconds_per_step=0.15),
+        ReplicaView("empty", 8 * GIB, queue_len=0, seconds_per_step=0.19),
     ]
     assert ids(rank_replicas(replicas, GIB)) == ["empty", "short", "long"]
+
+
+def test_a_replica_k_times_slower_counts_k_minus_one_more_requests_ahead():
+    """An idle card 5x slower (an x1 riser) counts as 4 requests ahead: a fast card with up to 4 queued still goes
+    first (a tie goes to the faster), one with 5 does not."""
+    slow = ReplicaView("riser", 8 * GIB, queue_len=0, reference_step_s=7.8, time_ratio=0.5)
+    for queued, first in ((3, "x16"), (4, "x16"), (5, "riser")):
+        fast = ReplicaView("x16", 8 * GIB, queue_len=queued, reference_step_s=1.56, time_ratio=0.5)
+        assert ids(rank_replicas([slow, fast], GIB))[0] == first, queued
+
+
+def test_a_replica_not_measured_yet_is_ranked_by_its_cards_predicted_step_and_the_others_ratio():
+    """Before it has run a job, a replica's step is its card's reference step (speed and link) times the ratio its
+    tier's other replicas measured: a riser card is slow before it ran anything, a new x16 card is not."""
+    measured = ReplicaView("measured", 8 * GIB, queue_len=1, reference_step_s=1.56, time_ratio=0.02)
+    riser = ReplicaView("riser", 8 * GIB, queue_len=0, reference_step_s=7.8)
+    new = ReplicaView("new", 8 * GIB, queue_len=0, reference_step_s=1.56)
+    assert step_estimates([measured, riser, new]) == pytest.approx(
+        {"measured": 1.56 * 0.02, "riser": 7.8 * 0.02, "new": 1.56 * 0.02})
+    assert ids(rank_replicas([measured, riser, new], GIB)) == ["new", "measured", "riser"]
 
 
 def test_a_busy_replica_counts_as_one_queued_request():
     replicas = [
         ReplicaView("busy", 24 * GIB, busy=True, seconds_per_step=0.1),
         ReplicaView("two", 24 * GIB, queue_len=2, seconds_per_step=0.1),
-        ReplicaView("free", 8 * GIB, seconds_per_step=1.0),
+        ReplicaView("free", 8 * GIB, seconds_per_step=0.15),
     ]
     assert ids(rank_replicas(replicas, GIB)) == ["free", "busy", "two"]
 
@@ -55,7 +77,7 @@ def test_at_equal_load_and_speed_more_room_ranks_first():
 
 
 def test_an_equally_loaded_replica_that_holds_the_adapter_ranks_first():
-    replicas = [ReplicaView("fast", None, seconds_per_step=0.1),
+    replicas = [ReplicaView("fast", None, seconds_per_step=0.3),
                 ReplicaView("holder", None, seconds_per_step=0.5, adapters=frozenset({"ink"}))]
     assert ids(rank_replicas(replicas, 0, "ink")) == ["holder", "fast"]
     assert ids(rank_replicas(replicas, 0)) == ["fast", "holder"]  # without an adapter, speed decides

@@ -6,7 +6,7 @@ What is real and what is simulated:
   `scheduler.choose_chunk_tier` and `SpeedBook`), the in-tier router's ranking (`deployments.router.rank_replicas`)
   and the autoscaling policies (`autoscaling.policy`);
 - simulated: the cards (memory from the fleet file, compute time from `cluster.speed.predict_seconds` at each card's
-  speed; a card refuses a chunk whose predicted peak (`cluster.memory.predict_peak`) does not fit what it has left,
+  speed and PCIe link; a card refuses a chunk whose predicted peak (`cluster.memory.predict_peak`) does not fit what it has left,
   which counts as an out-of-memory event), the clock (an event queue: arrivals, chunk ends, replicas becoming ready,
   control periods; no sleeping) and the workload (seeded `random.Random`: the same seed gives the same run).
 
@@ -44,7 +44,8 @@ from cluster.memory import load_calibration, predict_peak, resident_bytes
 from cluster.nvml import BF16_MIN_CC, MIB, CardSpec, FleetFile, load_fleet_file
 from cluster.profiles import tier_profile
 from cluster.requests import work_units
-from cluster.speed import predict_seconds, prior_units_per_s
+from cluster.link import PCIE_BYTES_S, Link, pcie_bytes_s
+from cluster.speed import predict_seconds, prior_units_per_s, reference_step_s
 from cluster.stages import place_text_encoder, staged_tiers
 from cluster.tiers import classify, tier_budget, tiers_for_cards
 from deployments.dispatch import Dispatcher
@@ -74,6 +75,7 @@ class SimCard:
     speed: float
     bf16: bool
     failed: bool
+    link_bytes_s: float = PCIE_BYTES_S  # its PCIe link's host-to-device rate (cluster/link.py)
 
 
 def scale_fleet(fleet: FleetFile, cards: int | None) -> list[CardSpec]:
@@ -95,9 +97,11 @@ def build_cards(specs: list[CardSpec]) -> list[SimCard]:
         total = (spec.memory_total_mib or int(spec.vram_gb * 1024)) * MIB
         bf16 = spec.bf16 if spec.bf16 is not None else spec.cc >= BF16_MIN_CC
         for _ in range(spec.count):
+            link = (pcie_bytes_s(spec.pcie.max_gen or spec.pcie.gen, spec.pcie.width) if spec.pcie is not None
+                    else PCIE_BYTES_S)
             cards.append(SimCard(len(cards), spec.model, classify(total), total,
                                  total - (spec.foreign_memory_mib + spec.graphics_memory_mib) * MIB, spec.speed,
-                                 bf16, spec.fail))
+                                 bf16, spec.fail, link))
     return cards
 
 
@@ -279,8 +283,8 @@ class Replica:
     draining: bool = False
 
     @property
-    def kind(self) -> tuple[int, float]:
-        return self.card.capacity, self.card.speed
+    def kind(self) -> tuple[int, float, float]:
+        return self.card.capacity, self.card.speed, self.card.link_bytes_s
 
 
 @dataclass
@@ -514,16 +518,18 @@ class Simulation:
         from deployments.router import ReplicaView
 
         kinds = [kind for kind, free in tier.free.items() if free]
-        views = [ReplicaView(str(i), capacity, False, 0, 1.0 / speed) for i, (capacity, speed) in enumerate(kinds)]
+        views = [ReplicaView(str(i), capacity, reference_step_s=reference_step_s(self.profiles[tier.name], speed,
+                                                                                 Link(link, "pcie")))
+                 for i, (capacity, speed, link) in enumerate(kinds)]
         ranked = self.rank_replicas(views, chunk.need)
         return tier.free[kinds[int(ranked[0][0])]].pop() if ranked else None
 
     def _seconds_for(self, card: SimCard, chunk: Chunk) -> float:
         r = chunk.request.request
-        key = (chunk.tier, card.speed, r.width, r.height, chunk.n, r.steps)
+        key = (chunk.tier, card.speed, card.link_bytes_s, r.width, r.height, chunk.n, r.steps)
         if key not in self._seconds:
             self._seconds[key] = predict_seconds(r.width, r.height, chunk.n, r.steps, self.profiles[chunk.tier],
-                                                 card.speed, self.cal).total_s
+                                                 card.speed, self.cal, link=Link(card.link_bytes_s, "pcie")).total_s
         return self._seconds[key]
 
     def _start(self, tier: Tier, replica: Replica, chunk: Chunk) -> None:

@@ -7,7 +7,13 @@ decide) and refuse what would not fit. Reports images/s, p50/p95 latency, reject
 Prints a Markdown table; with --write appends it to docs/benchmarks.md.
 Targets: no out-of-memory for tier-aware; at least 1.3x the throughput of sending everything to the largest card.
 
-  .venv/bin/python -m bench.fleet_routing [--requests 48] [--concurrency 10] [--write]
+With --links it compares instead tier-aware routing with and without link awareness (`link_aware`, cluster/link.py)
+on cluster/fleets/riser.yaml, the mixed fleet plus an RTX 2060 on an x1 riser, and reports each card's share of the
+work. The simulated cards always take the time their links imply; only what the service knows changes: link-aware,
+the riser card's tier is stored in 8 bits (its step 7.8 s instead of 15.6 s), the tier choice and the in-tier router
+see the riser's step before it has run anything; link-blind, every card is taken at the default 12 GB/s.
+
+  .venv/bin/python -m bench.fleet_routing [--requests 48] [--concurrency 10] [--links] [--write]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 from bench.common import commit, machine, percentile, publish
 
 FLEET = Path(__file__).resolve().parents[1] / "cluster" / "fleets" / "mixed.yaml"
+RISER_FLEET = FLEET.with_name("riser.yaml")
 POLICIES = ("tier_aware", "largest", "round_robin")
 # The mix of the routing system test (tests/system/test_routing.py): sizes 512 to 2048, n 1 to 8, most requests
 # small. The large ones are what a card of the wrong tier cannot hold.
@@ -59,7 +66,12 @@ def run_policy(url: str, requests: list[dict], concurrency: int) -> dict:
     # Out-of-memory events that requests survived: a retry elsewhere, or a degraded rerun on the same card.
     oom_retries = sum(1 for _, r, _ in ok for x in r.json()["metadata"]["retries"] if x["reason"] == "out_of_memory")
     oom_retries += sum(1 for _, r, _ in ok for c in r.json()["metadata"]["chunks"] if c.get("degraded"))
+    replicas: dict[str, int] = {}  # replica -> images it made
+    for _, r, _ in ok:
+        for chunk in r.json()["metadata"]["chunks"]:
+            replicas[chunk["replica"]] = replicas.get(chunk["replica"], 0) + len(chunk["seeds"])
     return {
+        "replicas": replicas,
         "images_per_s": images / wall, "megapixels_per_s": megapixels / wall, "p50_s": statistics.median(latencies) if latencies else float("nan"),
         "p95_s": percentile(latencies, 95) if latencies else float("nan"), "ok": len(ok),
         "failed": len(results) - len(ok), "oom": len(oom) + oom_retries, "wall_s": wall,
@@ -70,14 +82,88 @@ SECTION = 'Tier-aware routing on the simulated mixed fleet (`bench/fleet_routing
 INTRO = 'Images per second and latency of tier-aware routing vs everything to the largest card vs round-robin tiers, on the same workload. Targets: no out-of-memory; at least 1.3x the throughput of the largest card alone.'
 
 
+LINKS_SECTION = 'Link-aware routing with an x1-riser card (`bench/fleet_routing.py --links`)'
+LINKS_INTRO = ('Tier-aware routing with and without the cards\' PCIe links (`link_aware`) on the mixed fleet plus an '
+               'RTX 2060 on an x1 riser, the same workload in one run.')
+
+
+def links(args) -> None:
+    """Tier-aware routing, link-aware and link-blind, on the riser fleet: throughput, latency, each card's share."""
+    from cluster.profiles import tier_profile
+    from cluster.tiers import tiers_for_cards
+    from deployments.app import build_app
+    from deployments.config import ServiceConfig
+    from runtime.nodes import link_bound_tiers, stored_in_8_bits
+    from runtime.simfleet import fleet_cluster
+
+    requests = workload(args.requests)
+    rows, changed = {}, {}
+    with fleet_cluster(RISER_FLEET, {"ZIT_SIM_TIME_SCALE": args.time_scale}) as (cards, port):
+        import httpx
+        from ray import serve
+
+        url = f"http://127.0.0.1:{port}"
+        for aware in (False, True):
+            tiers = tiers_for_cards(cards)
+            if aware:  # as zit up plans them: a tier whose slowest link streams 16 bits 1.5x slower goes to 8 bits
+                changed = link_bound_tiers(tiers, {t.name: tier_profile(t) for t in tiers})
+                tiers = [stored_in_8_bits(t) if t.name in changed else t for t in tiers]
+            config = ServiceConfig(tiers=tiers, link_aware=aware)
+            serve.run(build_app(config), name="zit", route_prefix="/")
+            run_policy(url, requests[:4], 4)  # warm-up: pipelines loaded, first step times measured
+            rows[aware] = run_policy(url, requests, args.concurrency)
+            fleet = httpx.get(f"{url}/v1/fleet", timeout=60).json()
+            rows[aware]["cards"] = {c["uuid"]: c["replicas"] for c in fleet["cards"]}
+            print("link-aware" if aware else "link-blind", rows[aware], flush=True)
+
+    riser = next(c for c in cards if c.pcie_width == 1)
+    names = {c.uuid: f"{c.name.removeprefix('NVIDIA GeForce ')} ({c.host}, gen{c.pcie_gen} x{c.pcie_width})"
+             for c in cards}
+
+    def share(row, uuid):
+        images = sum(row["replicas"].get(r, 0) for r in row["cards"].get(uuid, []))
+        return images / max(1, sum(row["replicas"].values()))
+
+    blind, aware = rows[False], rows[True]
+    lines = [
+        "### Link-aware routing with an x1-riser card",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, commit {commit()}, {machine()}. Fleet "
+        f"`cluster/fleets/riser.yaml`: the mixed fleet plus an RTX 2060 on a PCIe 3.0 x1 riser (host-d), one Ray node "
+        f"per card; {args.requests} requests (sizes {', '.join(map(str, sorted(set(SIZES))))}, n "
+        f"{', '.join(map(str, sorted(set(NS))))}, {STEPS} steps), {args.concurrency} at a time, the same workload "
+        f"for both in one run; simulated time scale {args.time_scale}. The simulated cards take the time their links "
+        "imply either way; link-blind is the service with `link_aware: false` (every card at the default 12 GB/s, "
+        "vram_6 streaming bf16). Command: `python -m bench.fleet_routing --links`.",
+        "",
+        "| service | images/s | megapixels/s | p50 s | p95 s | ok | failed | out-of-memory | riser card's share of images |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, r in (("link-blind (`link_aware: false`)", blind), ("link-aware", aware)):
+        lines.append(f"| {label} | {r['images_per_s']:.2f} | {r['megapixels_per_s']:.2f} | {r['p50_s']:.2f} | "
+                     f"{r['p95_s']:.2f} | {r['ok']} | {r['failed']} | {r['oom']} | {share(r, riser.uuid):.0%} |")
+    lines += ["", "Share of images per card:", "", "| card | link-blind | link-aware |", "| --- | --- | --- |"]
+    for c in cards:
+        lines.append(f"| {names[c.uuid]} | {share(blind, c.uuid):.0%} | {share(aware, c.uuid):.0%} |")
+    lines += ["", f"Link-aware / link-blind: {aware['images_per_s'] / blind['images_per_s']:.2f}x images/s, "
+                  f"{aware['megapixels_per_s'] / blind['megapixels_per_s']:.2f}x megapixels/s, p95 "
+                  f"{aware['p95_s']:.1f} s against {blind['p95_s']:.1f} s. Changed by the link: "
+                  f"{'; '.join(changed.values()) or 'nothing'}.", ""]
+    publish("\n".join(lines), args.write, LINKS_SECTION, LINKS_INTRO)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--time-scale", default="0.5")
+    parser.add_argument("--links", action="store_true", help="link-aware vs link-blind on cluster/fleets/riser.yaml")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if args.links:
+        links(args)
+        return
 
     from cluster.tiers import tiers_for_cards
     from deployments.app import build_app

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.encoding import MAX_SEQUENCE_LENGTH
-from cluster.link import DEFAULT_LINK, PCIE_BYTES_S, Link
+from cluster.link import DEFAULT_LINK, Link
 from cluster.memory import Calibration, image_tokens, load_calibration, transformer_batch
 from cluster.profiles import DTYPE_BYTES, Profile, default_profile
 from cluster.requests import work_units

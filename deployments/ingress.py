@@ -24,7 +24,7 @@ from deployments.http import AUTH, ApiError, api
 from deployments.image_store import CONTENT_TYPES, ImageStore
 from deployments.lora import LORA_SUFFIX, LoraError, LoraLibrary
 from deployments.metrics import install as install_metrics
-from deployments.metrics import note_request, record_requests
+from deployments.metrics import card_link_view, note_request, record_requests
 from deployments.progress import ProgressApi, new_request_id
 from deployments.routing import NoTierFits
 from deployments.scheduler import TiersFull
@@ -232,6 +232,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 "busy": any(r.get("busy") for r in hosted),
                 "loras": sorted({name for r in hosted for name in r.get("loras", [])}),
                 "error": reading.get("error"),
+                **card_link_view(hosted, reading),
             })
         tiers = []
         short = [t.name for t in self.config.tiers

@@ -13,7 +13,8 @@ many as they like):
      cached (about 15 ms for a busy service with 100 cards, see docs/benchmarks.md).
 
 Labels: endpoint (the route template, never the raw path), status (HTTP code), tier, card (the NVML uuid), model
-(the card's name), host, deployment, reason/outcome (short fixed words). Never a prompt, a request id or a key.
+(the card's name), host, deployment, reason/outcome/kind/source/direction (short fixed words). Never a prompt, a
+request id or a key.
 Every series whose label values are known up front starts at 0 (per tier; per image endpoint; per rejection status
 and reason; per retry reason and pair of tiers; per chunk outcome), so a dashboard panel shows 0 rather than "No
 data" before the first event, `rate()` sees that event as an increase, and alerts see a series before it.
@@ -213,7 +214,8 @@ class FleetCollector(Collector):
     """Queue depth, replicas and cards, rendered from what the ingress already holds; a scrape calls nothing remote.
 
     `watch_queues` hands it the dispatcher's TierQueues; `observe_reports` the registry's replica reports (each with
-    `card` = GpuSnapshot.to_dict(), or that plus `error` when NVML failed); `observe_card_nodes` Ray's card nodes.
+    `card` = GpuSnapshot.to_dict(), or that plus `error` when NVML failed, and `link`, the copy rate the replica
+    uses: `card_link`); `observe_card_nodes` Ray's card nodes.
     A card is `zit_card_up` 1 while its replica reports a reading, 0 once its reading fails or its replica stops
     reporting without saying goodbye (cards no replica ever ran on, and cards whose replica Serve stopped on purpose,
     have no zit_card_up); `zit_card_node_up` says whether Ray still sees the card's node (cards of a tier scaled to
@@ -370,11 +372,27 @@ class FleetCollector(Collector):
         util = family("zit_card_utilization_ratio", "GPU utilisation over NVML's last sample period, 0..1.")
         temp = family("zit_card_temperature_celsius", "GPU temperature.")
         power = family("zit_card_power_watts", "Board power draw.")
+        generation = GaugeMetricFamily(
+            "zit_card_pcie_link_generation", "PCIe link generation of the card (NVML), kind=current or max; idle "
+            "cards lower the current one to save power.", labels=[*CARD_LABELS, "kind"])
+        width = GaugeMetricFamily(
+            "zit_card_pcie_link_width", "PCIe link width in lanes of the card (NVML), kind=current or max; current "
+            "below max: the link trained down (a riser or slot fault).", labels=[*CARD_LABELS, "kind"])
+        link = GaugeMetricFamily(
+            "zit_card_link_bytes_per_second", "Host-to-device copy rate the service uses for the card "
+            "(cluster/link.py), by source: measured on the card, its PCIe link's rate, or the default.",
+            labels=[*CARD_LABELS, "source"])
+        throughput = GaugeMetricFamily(
+            "zit_card_pcie_throughput_bytes_per_second", "Bytes per second NVML's PCIe counters saw, direction=tx "
+            "(sent by the card) or rx (received by it); absent where the driver has no counters.",
+            labels=[*CARD_LABELS, "direction"])
         reading = {}
+        on_card: dict[str, list[dict]] = {}  # a split card hosts several replicas
         for report in self.reports:
             card = report.get("card")
             if card and card.get("uuid"):
                 reading[card["uuid"]] = card
+                on_card.setdefault(card["uuid"], []).append(report)
         for uuid, labels in self.cards.items():
             values = [labels[key] for key in CARD_LABELS]
             if uuid in self.nodes and (self.nodes[uuid] or not (uuid in self.retired and uuid in self.pods)):
@@ -394,7 +412,39 @@ class FleetCollector(Collector):
                                       (power, "power_w", 1.0)):
                 if card.get(key) is not None:  # NVML leaves out what a card does not support
                     gauge.add_metric(values, card[key] * scale)
-        return up, node_up, used, total, util, temp, power
+            for gauge, kind, key in ((generation, "current", "pcie_gen"), (generation, "max", "pcie_max_gen"),
+                                     (width, "current", "pcie_width"), (width, "max", "pcie_max_width"),
+                                     (throughput, "tx", "pcie_tx_bytes_s"), (throughput, "rx", "pcie_rx_bytes_s")):
+                if card.get(key) is not None:
+                    gauge.add_metric([*values, kind], card[key])
+            rate = card_link(on_card.get(uuid, []))
+            if rate and rate.get("bytes_s") is not None:
+                link.add_metric([*values, rate.get("source") or "default"], rate["bytes_s"])
+        return up, node_up, used, total, util, temp, power, generation, width, link, throughput
+
+
+def card_link(reports: list[dict]) -> dict | None:
+    """The host-to-device copy rate (cluster/link.py Link.as_dict) the service uses for one card, from the reports of
+    the replicas on it: a replica's own link (measured on a real card when it started), a measured one where any
+    replica measured it (a split card hosts several), else the card reading's (its PCIe link's rate or the
+    default); None when no report says."""
+    own = [r["link"] for r in reports if r.get("link")]
+    read = [r["card"]["link"] for r in reports if (r.get("card") or {}).get("link")]
+    measured = [link for link in own if link.get("source") == "measured"]
+    return next(iter(measured or own or read), None)
+
+
+# A card reading's PCIe fields (cluster/nvml.py GpuSnapshot; None where NVML does not say).
+PCIE_FIELDS = ("pcie_gen", "pcie_width", "pcie_max_gen", "pcie_max_width", "pcie_tx_bytes_s", "pcie_rx_bytes_s")
+
+
+def card_link_view(reports: list[dict], reading: dict) -> dict:
+    """What GET /v1/fleet shows of a card's link: `link`, the copy rate the service uses for it (`card_link`:
+    measured where a replica measured it), `link_degraded` (why the link runs below its maximum, or None:
+    cluster/link.py degraded) and NVML's PCIe fields, from `reading` (the card's freshest reading) and the `reports`
+    of the replicas on it."""
+    return {"link": card_link(reports) or reading.get("link"), "link_degraded": reading.get("link_degraded"),
+            **{key: reading.get(key) for key in PCIE_FIELDS}}
 
 
 def _card_labels(card: dict, tier: str | None) -> dict[str, str]:

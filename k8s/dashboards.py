@@ -21,12 +21,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from grafana_foundation_sdk.builders import bargauge, prometheus, stat, statetimeline, timeseries
+from grafana_foundation_sdk.builders import bargauge, prometheus, stat, statetimeline, table, timeseries
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models import prometheus as prometheus_model
 
 OUT = Path(__file__).resolve().parent / "zit-cluster" / "dashboards"
 TAG = "zit-cluster"
@@ -55,6 +56,12 @@ NEUTRAL = (None, "green")
 
 def query(expr: str, legend: str, ref: str = "A") -> prometheus.Dataquery:
     return prometheus.Dataquery().datasource(DATASOURCE).expr(expr).legend_format(legend).ref_id(ref).range()
+
+
+def table_query(expr: str, ref: str) -> prometheus.Dataquery:
+    """An instant query whose series become table rows (their labels columns, the value `Value #<ref>`)."""
+    return (prometheus.Dataquery().datasource(DATASOURCE).expr(expr).ref_id(ref).instant()
+            .format(prometheus_model.PromQueryFormat.TABLE))
 
 
 def tier_filter(*more: str) -> str:
@@ -330,6 +337,8 @@ def cards() -> dash.Dashboard:
             query('zit_host_memory_used_bytes{host=~"$host"}', "{{host}} used"),
             query('zit_host_memory_need_bytes{host=~"$host"}', "{{host}} needed", "B"),
             query('zit_host_memory_total_bytes{host=~"$host"}', "{{host}} total", "C"), span=12))
+        .with_row(dash.Row("Does each card get its full PCIe link?"))
+        .with_panel(pcie_links())
         .with_row(dash.Row("How hard does each card work?"))
         .with_panel(graph(
             "GPU utilisation", "Share of NVML's last sample period in which the card computed.", "percentunit",
@@ -341,6 +350,47 @@ def cards() -> dash.Dashboard:
         .with_panel(graph(
             "Power", "Board power draw, where the card's NVML reports it.", "watt",
             query(f"zit_card_power_watts{{{CARD_FILTER}}}", CARD_LEGEND), span=24))
+    )
+
+
+def pcie_links() -> table.Panel:
+    """One row per card: its PCIe link's lanes and generation against their maximum, and the host-to-device copy
+    rate the service uses for it (alert ZitCardPcieLinkDegraded)."""
+
+    def of_kind(metric: str, kind: str) -> str:  # one reading (current or max) per card, without the `kind` label
+        return f'max without (kind) ({metric}{{{CARD_FILTER}, kind="{kind}"}})'
+
+    width, gen = "zit_card_pcie_link_width", "zit_card_pcie_link_generation"
+    columns = {"model": "Card", "host": "Host", "tier": "Tier", "Value #A": "Lanes", "Value #B": "Lanes (max)",
+               "Value #C": "Lanes of max", "Value #D": "Generation", "Value #E": "Generation (max)",
+               "Value #F": "Copy rate", "source": "Copy rate from", "card": "UUID"}
+    return (
+        table.Panel().title("PCIe link per card").description(
+            "Per card: the lanes and PCIe generation its link runs at against the most card and slot allow (NVML), "
+            "and the host-to-device copy rate the service streams weights at (measured on the card when its "
+            "replica started, else its link's generation x lanes, else the default). Lanes below the maximum (red) "
+            "mean the link trained down, a riser or slot fault; a generation below the maximum is only a fault "
+            "while the card computes, idle cards lower it to save power (alert ZitCardPcieLinkDegraded).")
+        .unit("none").datasource(DATASOURCE).span(24).height(8).thresholds(steps(NEUTRAL))
+        .align(common.FieldTextAlignment.AUTO).inspect(False)
+        .with_target(table_query(of_kind(width, "current"), "A"))
+        .with_target(table_query(of_kind(width, "max"), "B"))
+        .with_target(table_query(f'{of_kind(width, "current")} / {of_kind(width, "max")}', "C"))
+        .with_target(table_query(of_kind(gen, "current"), "D"))
+        .with_target(table_query(of_kind(gen, "max"), "E"))
+        .with_target(table_query(f"zit_card_link_bytes_per_second{{{CARD_FILTER}}}", "F"))
+        # One row per card: the queries' rows joined on their shared labels, then named and ordered.
+        .with_transformation(model.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(model.DataTransformerConfig(id_val="organize", options={
+            "excludeByName": {"Time": True, "__name__": True, "job": True, "instance": True},
+            "indexByName": {name: index for index, name in enumerate(columns)},
+            "renameByName": columns}))
+        .override_by_name("Lanes of max", [
+            model.DynamicConfigValue(id_val="unit", value="percentunit"),
+            model.DynamicConfigValue(id_val="thresholds", value={"mode": "absolute", "steps": [
+                {"value": None, "color": "red"}, {"value": 1, "color": "green"}]}),
+            model.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-background"})])
+        .override_by_name("Copy rate", [model.DynamicConfigValue(id_val="unit", value="Bps")])
     )
 
 

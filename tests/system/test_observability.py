@@ -40,7 +40,7 @@ DASHBOARDS = sorted((REPO / "k8s" / "zit-cluster" / "dashboards").glob("*.json")
 GRAFANA_VARIABLES = {"__rate_interval": "5m", "__interval": "5m", "__range": "5m"}
 ALL = ".*"
 LABELS_ALLOWED = {"__name__", "job", "instance", "endpoint", "status", "tier", "card", "model", "host", "deployment",
-                  "reason", "outcome", "to_tier", "le"}
+                  "reason", "outcome", "to_tier", "kind", "source", "direction", "le"}
 PROMPT = "a red fox in the snow, observability"
 
 

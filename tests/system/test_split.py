@@ -1,6 +1,7 @@
 """A big card split into slots of a smaller tier (`zit up --split 'RTX 4090=vram_8'`): three vram_8 replicas share
 one simulated RTX 4090 (a third of the GPU each, each capped at the slot's budget) beside an RTX 3070, and the tier
-serves from all four without running out of memory."""
+serves from all four without running out of memory. The RTX 3070 sits on an x1 riser: the in-tier router knows it is
+slow before it has run anything and gives it less work than each fast slot."""
 
 from __future__ import annotations
 
@@ -54,3 +55,24 @@ def test_the_tier_serves_from_every_slot_without_running_out_of_memory(split_fle
     assert not [r for m in meta for r in m["retries"]], meta  # nothing needed a retry: no out-of-memory
     served = {c["replica"] for m in meta for c in m["chunks"]}
     assert on_4090 <= served, (on_4090, served)  # every slot of the big card took work
+
+
+def test_the_card_on_an_x1_riser_gets_less_work_than_each_fast_slot(split_fleet):
+    """Its replica reports the time model's step on its own link (7.8 s at 1024x1024, 0.44 s on a slot of the x16
+    RTX 4090): counted as many requests ahead, it is sent work only when the slots are queued that deep."""
+    cards, url, fleet = split_fleet
+    riser = next(c for c in fleet["cards"] if c["uuid"] == cards[1].uuid)
+    assert (riser["pcie_gen"], riser["pcie_width"], riser["link"]["detail"]) == (3, 1, "gen3 x1"), riser
+    [riser_replica] = riser["replicas"]
+    on_4090 = set(next(c for c in fleet["cards"] if c["uuid"] == cards[0].uuid)["replicas"])
+
+    def one(i):
+        body = {"prompt": f"riser {i}", "size": "512x512", "n": 1, "seed": i, "steps": 2}
+        return httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(one, range(16)))
+    assert [r.status_code for r in responses] == [200] * 16, [r.text[:300] for r in responses if r.status_code != 200]
+    served = [c["replica"] for r in responses for c in r.json()["metadata"]["chunks"]]
+    per_slot = [served.count(replica) for replica in on_4090]
+    assert served.count(riser_replica) < min(per_slot), (served.count(riser_replica), per_slot)

@@ -4,7 +4,8 @@ import pytest
 
 from cluster.memory import load_calibration
 from cluster.profiles import DTYPE_BYTES, resolve_profile
-from cluster.speed import PCIE_BYTES_S, predict_seconds
+from cluster.link import PCIE_BYTES_S
+from cluster.speed import predict_seconds
 
 # fp8 weights resident on the card; everything else as shipped.
 RESIDENT = resolve_profile("vram_12", True)

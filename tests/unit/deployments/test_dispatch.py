@@ -631,3 +631,37 @@ def test_a_request_every_queue_would_refuse_gets_its_503_before_it_is_encoded():
     with pytest.raises(TiersFull):
         asyncio.run(d.run(request(n=8, size="1024x1024"), 1024, 1024, first_seed=1))
     assert stage.calls == []
+
+
+# -- PCIe links (cluster/link.py) ------------------------------------------------------------------------------------
+
+
+def test_a_tier_on_an_x1_riser_is_predicted_slow_and_its_work_spills_to_a_fast_one():
+    """Two otherwise equal tiers; one's card streams over an x1 riser. Before any chunk ran, the tier choice sends
+    work to the other, since the time model streams the riser card's weights at 0.79 GB/s."""
+    from cluster.link import pcie_bytes_s
+
+    riser = dict(link_bytes_s=pcie_bytes_s(3, 1), link_detail="gen3 x1")
+    d = dispatcher(card_tier("vram_6", 1, bf16=False, vram_bytes=6 * GIB, speed=0.45, **riser),
+                   card_tier("vram_8", 1, bf16=True, vram_bytes=8 * GIB, speed=0.45))
+    slow, fast = (d._seconds_per_unit(tier, 1024, 1024, 9) for tier in ("vram_6", "vram_8"))
+    assert slow > 5 * fast
+    assert [tier for tier, _ in assign(d, 1)] == ["vram_8"]
+    # A service told to ignore links (link_aware: false) sees no difference and takes the cheaper tier.
+    blind = dispatcher(*(t.model_copy(update={"link_aware": False}) for t in d.tiers.values()))
+    assert [tier for tier, _ in assign(blind, 1)] == ["vram_6"]
+
+
+def test_a_tier_is_predicted_at_its_replicas_throughput_weighted_step_once_they_report():
+    """A tier with a fast card and a riser card: planned at the riser's link until reports come, then at the
+    throughput of both (the in-tier router keeps the riser for when the fast card is queued up)."""
+    from cluster.link import pcie_bytes_s
+
+    tier = card_tier("vram_8", 2, bf16=True, vram_bytes=8 * GIB, speed=0.45, link_bytes_s=pcie_bytes_s(3, 1),
+                     link_detail="gen3 x1")
+    d = dispatcher(tier)
+    before = d._seconds_per_unit("vram_8", 1024, 1024, 9)
+    d.update_from_reports([{**report("vram_8", 8 * GIB), "reference_step_s": 1.0},
+                           {**report("vram_8", 8 * GIB), "reference_step_s": 7.8}])
+    assert d.step_factor["vram_8"] == pytest.approx(2 / (1 / 1.0 + 1 / 7.8) / 7.8, rel=0.05)
+    assert d._seconds_per_unit("vram_8", 1024, 1024, 9) == pytest.approx(before * d.step_factor["vram_8"])

@@ -3,6 +3,7 @@ reports (no NVML, no Ray), the request middleware on a plain FastAPI app, and th
 
 import asyncio
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
+from cluster.link import PCIE_BYTES_S, Link, link_of, pcie_bytes_s
 from cluster.memory import load_calibration
 from cluster.nvml import load_fleet
 from cluster.profiles import tier_profile
@@ -24,6 +26,8 @@ from deployments.metrics import (
     NO_TIER,
     UNMATCHED,
     ServiceMetrics,
+    card_link,
+    card_link_view,
     note_request,
     record_requests,
     served_tier,
@@ -34,7 +38,7 @@ from deployments.schemas import ImageGenerationRequest
 MIB = 1 << 20
 # The only label names a zit_ series may carry (plus Prometheus' own `le` on histogram buckets).
 ALLOWED_LABELS = {"endpoint", "status", "tier", "card", "model", "host", "deployment", "reason", "outcome", "to_tier",
-                  "le"}
+                  "kind", "source", "direction", "le"}
 FLEET = "cluster/fleets/mixed.yaml"
 # Every series family a service with traffic and reporting cards exposes (zit_card_node_up also needs Ray's nodes).
 EXPOSED_SERIES = {
@@ -44,7 +48,8 @@ EXPOSED_SERIES = {
     "zit_tier_demand_total", "zit_queue_running", "zit_queue_waiting", "zit_queue_limit", "zit_replicas",
     "zit_replicas_busy", "zit_replicas_target", "zit_replicas_min", "zit_fleet_report_age_seconds", "zit_card_up",
     "zit_card_memory_used_bytes", "zit_card_memory_total_bytes", "zit_card_utilization_ratio",
-    "zit_card_temperature_celsius", "zit_card_power_watts",
+    "zit_card_temperature_celsius", "zit_card_power_watts", "zit_card_pcie_link_generation", "zit_card_pcie_link_width",
+    "zit_card_link_bytes_per_second",
 }
 
 
@@ -79,12 +84,14 @@ def result(tier="vram_12", images=2, degraded=False, seconds_per_step=0.05) -> G
                             seconds=0.5, seconds_per_step=seconds_per_step, degraded=degraded)
 
 
-def report(card, tier=None, busy=False, **card_overrides) -> dict:
-    """A replica's report as a Generator on a simulated card sends it (deployments/generator.py describe)."""
+def report(card, tier=None, busy=False, link=None, **card_overrides) -> dict:
+    """A replica's report as a Generator on a simulated card sends it (deployments/generator.py describe); `link`:
+    the one it uses (a real card's is measured), else its card's."""
     memory = {"host": card.host or "h", "simulated": True, "ram_bytes": 32 * GIB, "used_bytes": 4 * GIB,
               "private_bytes": 2 * GIB, "shared": {"transformer-leaves-bfloat16": 11 * GIB}}
     return {"replica": f"rep-{card.uuid[-6:]}", "tier": tier or card.tier, "busy": busy,
-            "card": {**card.to_dict(), **card_overrides}, "host_memory": memory}
+            "card": {**card.to_dict(), **card_overrides}, "host_memory": memory,
+            "link": (link or link_of(card)).as_dict()}
 
 
 # -- names and labels --------------------------------------------------------------------------------------------
@@ -198,8 +205,10 @@ def test_a_card_whose_reading_failed_or_whose_replica_went_quiet_is_down_without
     m.fleet.observe_reports([report(a), report(b, error="NVMLError_GpuIsLost: GPU is lost")])
     assert value(m, "zit_card_up", card=a.uuid) == 1
     assert value(m, "zit_card_up", card=b.uuid) == 0 and value(m, "zit_card_up", card=c.uuid) == 0
-    assert value(m, "zit_card_memory_used_bytes", card=b.uuid) is None
-    assert value(m, "zit_card_memory_used_bytes", card=c.uuid) is None
+    for name in ("zit_card_memory_used_bytes", "zit_card_pcie_link_width", "zit_card_pcie_link_generation",
+                 "zit_card_link_bytes_per_second"):
+        assert value(m, name, card=b.uuid) is None and value(m, name, card=c.uuid) is None, name
+    assert value(m, "zit_card_pcie_link_width", card=a.uuid, kind="current") is not None
 
 
 def test_a_card_whose_replica_was_stopped_on_purpose_is_not_down_until_a_replica_reports_from_it_again():
@@ -254,6 +263,63 @@ def test_a_card_without_power_or_temperature_support_leaves_those_series_out():
     assert value(m, "zit_card_power_watts", card=card.uuid) is None
     assert value(m, "zit_card_temperature_celsius", card=card.uuid) is None
     assert value(m, "zit_card_memory_used_bytes", card=card.uuid) == card.memory_used
+
+
+def test_a_cards_pcie_link_becomes_current_and_max_generation_and_width_and_the_copy_rate_its_replica_uses():
+    one, other = load_fleet(FLEET)[:2]
+    # A card on an x1 riser that trained down from x16 and reads gen 1 (of 3); NVML's counters saw its traffic.
+    riser = replace(one, pcie_gen=1, pcie_width=1, pcie_max_gen=3, pcie_max_width=16, pcie_tx_bytes_s=2e6,
+                    pcie_rx_bytes_s=7e8)
+    measured = Link(11.5e9, "measured")  # a real card's replica timed its link when it started
+    m = ServiceMetrics(tiers())
+    m.fleet.observe_reports([report(riser), report(other, link=measured)])
+    assert value(m, "zit_card_pcie_link_generation", card=one.uuid, kind="current") == 1
+    assert value(m, "zit_card_pcie_link_generation", card=one.uuid, kind="max") == 3
+    assert value(m, "zit_card_pcie_link_width", card=one.uuid, kind="current") == 1
+    assert value(m, "zit_card_pcie_link_width", card=one.uuid, kind="max") == 16
+    labels = next(l for l, _ in samples(m)["zit_card_pcie_link_width"] if l["card"] == one.uuid)
+    assert set(labels) == {*CARD_LABELS, "kind"} and labels["tier"] == one.tier and labels["host"] == one.host
+    # The riser streams at its maximum generation x its current width; the other card at what its replica measured.
+    assert value(m, "zit_card_link_bytes_per_second", card=one.uuid, source="pcie") == pytest.approx(
+        pcie_bytes_s(3, 1))
+    assert value(m, "zit_card_link_bytes_per_second", card=other.uuid, source="measured") == 11.5e9
+    assert [l["source"] for l, _ in samples(m)["zit_card_link_bytes_per_second"] if l["card"] == other.uuid] == [
+        "measured"]
+    assert value(m, "zit_card_pcie_throughput_bytes_per_second", card=one.uuid, direction="tx") == 2e6
+    assert value(m, "zit_card_pcie_throughput_bytes_per_second", card=one.uuid, direction="rx") == 7e8
+    assert value(m, "zit_card_pcie_throughput_bytes_per_second", card=other.uuid) is None  # a simulated card's driver
+
+
+def test_a_card_whose_nvml_reports_no_link_has_no_pcie_series_and_streams_at_the_default_rate():
+    card = replace(load_fleet(FLEET)[0], pcie_gen=None, pcie_width=None, pcie_max_gen=None, pcie_max_width=None)
+    m = ServiceMetrics(tiers())
+    m.fleet.observe_reports([report(card)])
+    assert value(m, "zit_card_pcie_link_generation", card=card.uuid) is None
+    assert value(m, "zit_card_pcie_link_width", card=card.uuid) is None
+    assert value(m, "zit_card_link_bytes_per_second", card=card.uuid, source="default") == PCIE_BYTES_S
+    # A report without its replica's link (an older replica) falls back to the card reading's.
+    m.fleet.observe_reports([{**report(card), "link": None}])
+    assert value(m, "zit_card_link_bytes_per_second", card=card.uuid, source="default") == PCIE_BYTES_S
+
+
+def test_a_split_cards_copy_rate_is_the_measured_one_and_the_fleet_view_carries_link_and_pcie_fields():
+    card = replace(load_fleet(FLEET)[0], pcie_gen=3, pcie_width=4, pcie_max_gen=3, pcie_max_width=16)
+    measured = Link(3.1e9, "measured")
+    first, second = report(card), {**report(card, link=measured), "replica": "rep-second"}
+    assert card_link([first, second]) == card_link([second, first]) == measured.as_dict()
+    assert card_link([first]) == link_of(card).as_dict() and card_link([]) is None
+    view = card_link_view([first, second], first["card"])
+    assert view["link"] == measured.as_dict()
+    assert view["link_degraded"] == "link width x4 of x16"
+    assert (view["pcie_gen"], view["pcie_width"], view["pcie_max_gen"], view["pcie_max_width"]) == (3, 4, 3, 16)
+    assert view["pcie_tx_bytes_s"] is None and view["pcie_rx_bytes_s"] is None
+    assert card_link_view([], {}) == {"link": None, "link_degraded": None, "pcie_gen": None, "pcie_width": None,
+                                      "pcie_max_gen": None, "pcie_max_width": None, "pcie_tx_bytes_s": None,
+                                      "pcie_rx_bytes_s": None}  # a card node no replica runs on yet
+    m = ServiceMetrics(tiers())
+    m.fleet.observe_reports([first, second])
+    assert value(m, "zit_card_link_bytes_per_second", card=card.uuid, source="measured") == 3.1e9
+    assert len([l for l, _ in samples(m)["zit_card_link_bytes_per_second"] if l["card"] == card.uuid]) == 1
 
 
 def test_card_nodes_from_ray_say_which_cards_are_missing_even_without_a_replica():

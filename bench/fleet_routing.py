@@ -8,10 +8,12 @@ Prints a Markdown table; with --write appends it to docs/benchmarks.md.
 Targets: no out-of-memory for tier-aware; at least 1.3x the throughput of sending everything to the largest card.
 
 With --links it compares instead tier-aware routing with and without link awareness (`link_aware`, cluster/link.py)
-on cluster/fleets/riser.yaml, the mixed fleet plus an RTX 2060 on an x1 riser, and reports each card's share of the
+on cluster/fleets/riser.yaml, the mixed fleet with its RTX 2060 on an x1 riser, and reports each card's share of the
 work. The simulated cards always take the time their links imply; only what the service knows changes: link-aware,
 the riser card's tier is stored in 8 bits (its step 7.8 s instead of 15.6 s), the tier choice and the in-tier router
-see the riser's step before it has run anything; link-blind, every card is taken at the default 12 GB/s.
+see the riser's step before it has run anything; link-blind, every card is taken at the default 12 GB/s. Both
+run a cold wave first (ten requests at once right after the start, before any replica has measured a step: what a
+restart, a new card or a scale-up meets), then the workload, where measured steps weigh in for both.
 
   .venv/bin/python -m bench.fleet_routing [--requests 48] [--concurrency 10] [--links] [--write]
 """
@@ -30,6 +32,8 @@ from bench.common import commit, machine, percentile, publish
 
 FLEET = Path(__file__).resolve().parents[1] / "cluster" / "fleets" / "mixed.yaml"
 RISER_FLEET = FLEET.with_name("riser.yaml")
+# The first wave after a start (--links): ten requests every tier holds, at once.
+COLD = [{"prompt": f"cold {i}", "size": "768x768", "n": 2, "seed": 10_000 + i, "steps": 4} for i in range(10)]
 POLICIES = ("tier_aware", "largest", "round_robin")
 # The mix of the routing system test (tests/system/test_routing.py): sizes 512 to 2048, n 1 to 8, most requests
 # small. The large ones are what a card of the wrong tier cannot hold.
@@ -83,7 +87,7 @@ INTRO = 'Images per second and latency of tier-aware routing vs everything to th
 
 
 LINKS_SECTION = 'Link-aware routing with an x1-riser card (`bench/fleet_routing.py --links`)'
-LINKS_INTRO = ('Tier-aware routing with and without the cards\' PCIe links (`link_aware`) on the mixed fleet plus an '
+LINKS_INTRO = ('Tier-aware routing with and without the cards\' PCIe links (`link_aware`) on the mixed fleet with its '
                'RTX 2060 on an x1 riser, the same workload in one run.')
 
 
@@ -92,12 +96,12 @@ def links(args) -> None:
     from cluster.profiles import tier_profile
     from cluster.tiers import tiers_for_cards
     from deployments.app import build_app
-    from deployments.config import ServiceConfig
+    from deployments.config import ServiceConfig, TextEncoderSettings
     from runtime.nodes import link_bound_tiers, stored_in_8_bits
-    from runtime.simfleet import fleet_cluster
+    from runtime.simfleet import active_stage, fleet_cluster
 
     requests = workload(args.requests)
-    rows, changed = {}, {}
+    rows, cold, changed = {}, {}, {}
     with fleet_cluster(RISER_FLEET, {"ZIT_SIM_TIME_SCALE": args.time_scale}) as (cards, port):
         import httpx
         from ray import serve
@@ -108,13 +112,20 @@ def links(args) -> None:
             if aware:  # as zit up plans them: a tier whose slowest link streams 16 bits 1.5x slower goes to 8 bits
                 changed = link_bound_tiers(tiers, {t.name: tier_profile(t) for t in tiers})
                 tiers = [stored_in_8_bits(t) if t.name in changed else t for t in tiers]
-            config = ServiceConfig(tiers=tiers, link_aware=aware)
+            config = ServiceConfig(tiers=tiers, link_aware=aware,
+                                   text_encoder=TextEncoderSettings().resolve(active_stage()))
+            # Every replica changes: the old ones go first, or old and new together would need twice the simulated
+            # hosts' RAM.
+            serve.delete("zit")
             serve.run(build_app(config), name="zit", route_prefix="/")
-            run_policy(url, requests[:4], 4)  # warm-up: pipelines loaded, first step times measured
+            # Cold: the first wave after a start, before any replica has measured a step (a restart, a new card, a
+            # scale-up): what the service knows of each card is all it has. Then the workload, measured steps and all.
+            cold[aware] = run_policy(url, COLD, len(COLD))
             rows[aware] = run_policy(url, requests, args.concurrency)
             fleet = httpx.get(f"{url}/v1/fleet", timeout=60).json()
-            rows[aware]["cards"] = {c["uuid"]: c["replicas"] for c in fleet["cards"]}
-            print("link-aware" if aware else "link-blind", rows[aware], flush=True)
+            for row in (cold[aware], rows[aware]):
+                row["cards"] = {c["uuid"]: c["replicas"] for c in fleet["cards"]}
+            print("link-aware" if aware else "link-blind", cold[aware], rows[aware], flush=True)
 
     riser = next(c for c in cards if c.pcie_width == 1)
     names = {c.uuid: f"{c.name.removeprefix('NVIDIA GeForce ')} ({c.host}, gen{c.pcie_gen} x{c.pcie_width})"
@@ -129,23 +140,30 @@ def links(args) -> None:
         "### Link-aware routing with an x1-riser card",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, commit {commit()}, {machine()}. Fleet "
-        f"`cluster/fleets/riser.yaml`: the mixed fleet plus an RTX 2060 on a PCIe 3.0 x1 riser (host-d), one Ray node "
-        f"per card; {args.requests} requests (sizes {', '.join(map(str, sorted(set(SIZES))))}, n "
+        f"`cluster/fleets/riser.yaml`: the mixed fleet with its RTX 2060 on a PCIe 3.0 x1 riser, one Ray node per "
+        f"card; {args.requests} requests (sizes {', '.join(map(str, sorted(set(SIZES))))}, n "
         f"{', '.join(map(str, sorted(set(NS))))}, {STEPS} steps), {args.concurrency} at a time, the same workload "
         f"for both in one run; simulated time scale {args.time_scale}. The simulated cards take the time their links "
         "imply either way; link-blind is the service with `link_aware: false` (every card at the default 12 GB/s, "
         "vram_6 streaming bf16). Command: `python -m bench.fleet_routing --links`.",
         "",
-        "| service | images/s | megapixels/s | p50 s | p95 s | ok | failed | out-of-memory | riser card's share of images |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| phase | service | images/s | megapixels/s | p50 s | p95 s | ok | failed | out-of-memory | riser card's share of images |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, r in (("link-blind (`link_aware: false`)", blind), ("link-aware", aware)):
-        lines.append(f"| {label} | {r['images_per_s']:.2f} | {r['megapixels_per_s']:.2f} | {r['p50_s']:.2f} | "
-                     f"{r['p95_s']:.2f} | {r['ok']} | {r['failed']} | {r['oom']} | {share(r, riser.uuid):.0%} |")
-    lines += ["", "Share of images per card:", "", "| card | link-blind | link-aware |", "| --- | --- | --- |"]
+    for phase, got in ((f"cold: the first {len(COLD)} requests (768x768, n 2) at once after the start", cold),
+                       (f"then the workload ({args.requests} requests)", rows)):
+        for label, r in (("link-blind (`link_aware: false`)", got[False]), ("link-aware", got[True])):
+            lines.append(f"| {phase} | {label} | {r['images_per_s']:.2f} | {r['megapixels_per_s']:.2f} | "
+                         f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ok']} | {r['failed']} | {r['oom']} | "
+                         f"{share(r, riser.uuid):.0%} |")
+    lines += ["", "Share of images per card (cold wave; workload):", "",
+              "| card | link-blind | link-aware |", "| --- | --- | --- |"]
     for c in cards:
-        lines.append(f"| {names[c.uuid]} | {share(blind, c.uuid):.0%} | {share(aware, c.uuid):.0%} |")
-    lines += ["", f"Link-aware / link-blind: {aware['images_per_s'] / blind['images_per_s']:.2f}x images/s, "
+        lines.append(f"| {names[c.uuid]} | {share(cold[False], c.uuid):.0%}; {share(blind, c.uuid):.0%} | "
+                     f"{share(cold[True], c.uuid):.0%}; {share(aware, c.uuid):.0%} |")
+    lines += ["", f"Cold wave, link-aware / link-blind: {cold[True]['images_per_s'] / cold[False]['images_per_s']:.2f}x "
+                  f"images/s, p95 {cold[True]['p95_s']:.1f} s against {cold[False]['p95_s']:.1f} s. Workload, link-aware "
+                  f"/ link-blind: {aware['images_per_s'] / blind['images_per_s']:.2f}x images/s, "
                   f"{aware['megapixels_per_s'] / blind['megapixels_per_s']:.2f}x megapixels/s, p95 "
                   f"{aware['p95_s']:.1f} s against {blind['p95_s']:.1f} s. Changed by the link: "
                   f"{'; '.join(changed.values()) or 'nothing'}.", ""]
@@ -167,8 +185,8 @@ def main() -> None:
 
     from cluster.tiers import tiers_for_cards
     from deployments.app import build_app
-    from deployments.config import ServiceConfig
-    from runtime.simfleet import fleet_cluster
+    from deployments.config import ServiceConfig, TextEncoderSettings
+    from runtime.simfleet import active_stage, fleet_cluster
 
     requests = workload(args.requests)
     rows = {}
@@ -178,6 +196,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         for policy in POLICIES:
             config = ServiceConfig(tiers=tiers_for_cards(cards), tier_policy=policy,
+                                   text_encoder=TextEncoderSettings().resolve(active_stage()),
                                    in_tier_router="vram_aware" if policy == "tier_aware" else "ray_default")
             serve.run(build_app(config), name="zit", route_prefix="/")
             run_policy(url, requests[:4], 4)  # warm-up: pipelines loaded, first step times measured

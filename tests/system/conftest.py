@@ -1,8 +1,10 @@
 """Simulated fleets as real multi-node Ray clusters in the test process (runtime.simfleet.fleet_cluster), one per
-test module, and the helpers to deploy the service on them."""
+test module (the modules on the mixed fleet share one, run one after the other), and the helpers to deploy the
+service on them."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -41,7 +43,63 @@ def wait_for_replicas(url: str, count: int, timeout_s: float = 60) -> dict:
         time.sleep(1)
 
 
+def wait_for_policy(url: str, tier_policy: str, in_tier_router: str, reads: int = 3, timeout_s: float = 60) -> None:
+    """GET /v1/fleet until `reads` answers in a row come from an ingress with this routing: after a redeploy the
+    proxy may still hand a request or two to the ingress being replaced."""
+    import time
+
+    deadline, seen = time.monotonic() + timeout_s, 0
+    while seen < reads:
+        routing = httpx.get(f"{url}/v1/fleet", timeout=30).json().get("routing")
+        seen = seen + 1 if routing == {"tier_policy": tier_policy, "in_tier_router": in_tier_router} else 0
+        assert time.monotonic() < deadline, f"the ingress still routes with {routing}"
+        time.sleep(0.5)
+
+
+# The mixed fleet's cluster, kept from one module that uses `mixed_fleet` to the next (starting one takes about a
+# minute); each module deploys the service it needs on it.
+_shared: dict = {}
+
+
+def _end_shared_cluster() -> None:
+    stack = _shared.pop("stack", None)
+    _shared.clear()
+    if stack is not None:
+        stack.close()
+
+
+def _uses_mixed_fleet(item) -> bool:
+    return "mixed_fleet" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items):
+    """The modules on the mixed fleet run last, one after the other, so they share its cluster; the others keep their
+    order, and each module's tests theirs."""
+    here = Path(__file__).resolve().parent
+    ours = [i for i, item in enumerate(items) if item.path.parent == here]
+    shared = {items[i].path for i in ours if _uses_mixed_fleet(items[i])}
+    order = sorted(ours, key=lambda i: (items[i].path in shared, i))
+    moved = [items[i] for i in order]
+    for slot, item in zip(ours, moved):
+        items[slot] = item
+
+
+def pytest_sessionfinish(session):
+    _end_shared_cluster()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_cluster_at_a_time(request):
+    """A module that does not use the mixed fleet ends its shared cluster first: one process runs one Ray cluster."""
+    if not any(_uses_mixed_fleet(item) for item in request.session.items if item.path == request.path):
+        _end_shared_cluster()
+    yield
+
+
 @pytest.fixture(scope="module")
 def mixed_fleet():
-    with fleet_cluster(FLEETS / "mixed.yaml") as (cards, port):
-        yield cards, port
+    if "fleet" not in _shared:
+        stack = ExitStack()
+        _shared["fleet"] = stack.enter_context(fleet_cluster(FLEETS / "mixed.yaml"))
+        _shared["stack"] = stack
+    yield _shared["fleet"]

@@ -28,6 +28,19 @@ def split_fleet():
         yield cards, url, fleet
 
 
+def generate_all(url: str, prompt: str, size: str, count: int, at_once: int) -> list[dict]:
+    """`count` one-image requests, `at_once` at a time; every one must succeed. Their metadata, in order."""
+    def one(i):
+        body = {"prompt": f"{prompt} {i}", "size": size, "n": 1, "seed": i, "steps": 2}
+        return httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
+
+    with ThreadPoolExecutor(at_once) as pool:
+        responses = list(pool.map(one, range(count)))
+    assert [r.status_code for r in responses] == [200] * count, [r.text[:300] for r in responses
+                                                                 if r.status_code != 200]
+    return [r.json()["metadata"] for r in responses]
+
+
 def test_the_big_card_hosts_three_replicas_of_the_smaller_tier(split_fleet):
     cards, url, fleet = split_fleet
     assert [(c.tier, c.slots) for c in cards] == [("vram_8", 3), ("vram_8", 1)]
@@ -44,14 +57,7 @@ def test_the_tier_serves_from_every_slot_without_running_out_of_memory(split_fle
     cards, url, fleet = split_fleet
     on_4090 = set(next(c for c in fleet["cards"] if c["uuid"] == cards[0].uuid)["replicas"])
 
-    def one(i):
-        body = {"prompt": f"slot {i}", "size": "768x768", "n": 1, "seed": i, "steps": 2}
-        return httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
-
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(one, range(8)))
-    assert [r.status_code for r in responses] == [200] * 8, [r.text[:300] for r in responses if r.status_code != 200]
-    meta = [r.json()["metadata"] for r in responses]
+    meta = generate_all(url, "slot", "768x768", count=8, at_once=8)
     assert not [r for m in meta for r in m["retries"]], meta  # nothing needed a retry: no out-of-memory
     served = {c["replica"] for m in meta for c in m["chunks"]}
     assert on_4090 <= served, (on_4090, served)  # every slot of the big card took work
@@ -66,13 +72,6 @@ def test_the_card_on_an_x1_riser_gets_less_work_than_each_fast_slot(split_fleet)
     [riser_replica] = riser["replicas"]
     on_4090 = set(next(c for c in fleet["cards"] if c["uuid"] == cards[0].uuid)["replicas"])
 
-    def one(i):
-        body = {"prompt": f"riser {i}", "size": "512x512", "n": 1, "seed": i, "steps": 2}
-        return httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
-
-    with ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(one, range(16)))
-    assert [r.status_code for r in responses] == [200] * 16, [r.text[:300] for r in responses if r.status_code != 200]
-    served = [c["replica"] for r in responses for c in r.json()["metadata"]["chunks"]]
+    served = [c["replica"] for m in generate_all(url, "riser", "512x512", count=16, at_once=4) for c in m["chunks"]]
     per_slot = [served.count(replica) for replica in on_4090]
     assert served.count(riser_replica) < min(per_slot), (served.count(riser_replica), per_slot)

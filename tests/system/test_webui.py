@@ -13,7 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.system.conftest import deploy, wait_for_replicas
+from tests.system.conftest import deploy, wait_for_policy, wait_for_replicas
 
 pytestmark = pytest.mark.system
 
@@ -30,6 +30,7 @@ def url(mixed_fleet):
 
     cards, port = mixed_fleet
     url = deploy(cards, port, lora_dir=str(ensure_tiny_loras(models_dir(), resolve_model("tiny"))))
+    wait_for_policy(url, "tier_aware", "vram_aware")  # the cluster is shared: a baseline may have served before
     wait_for_replicas(url, len(cards))
     return url
 

@@ -33,6 +33,8 @@ LANE_BYTES_S = {1: 0.25e9, 2: 0.5e9, 3: 0.985e9, 4: 1.969e9, 5: 3.938e9, 6: 7.56
 LINK_EFFICIENCY = 0.8
 # The pinned buffer a replica copies to its card to measure the link, and how many times (the best one counts).
 MEASURE_BYTES = 64 << 20
+# Utilisation above which a card counts as busy for `degraded` (and the link alert): its link is at full speed then.
+BUSY_PCT = 50
 MEASURE_REPEATS = 3
 
 
@@ -78,12 +80,12 @@ def link_of(card, measured_bytes_s: float | None = None) -> Link:
 
 def degraded(card) -> str | None:
     """Why `card`'s link runs below its maximum, or None: narrower than it can be, or a lower generation while the
-    card computes (idle cards lower the generation to save power: that is no fault)."""
+    card is busy (over BUSY_PCT utilisation; idle cards lower the generation to save power: that is no fault)."""
     width, max_width = getattr(card, "pcie_width", None), getattr(card, "pcie_max_width", None)
     gen, max_gen = getattr(card, "pcie_gen", None), getattr(card, "pcie_max_gen", None)
     if width and max_width and width < max_width:
         return f"link width x{width} of x{max_width}"
-    busy = (getattr(card, "utilization_pct", None) or 0) > 0
+    busy = (getattr(card, "utilization_pct", None) or 0) > BUSY_PCT
     if busy and gen and max_gen and gen < max_gen:
         return f"link generation {gen} of {max_gen} while busy"
     return None

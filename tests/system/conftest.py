@@ -90,10 +90,15 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_cluster_at_a_time(request):
-    """A module that does not use the mixed fleet ends its shared cluster first: one process runs one Ray cluster."""
-    if not any(_uses_mixed_fleet(item) for item in request.session.items if item.path == request.path):
+    """A module that does not use the mixed fleet ends its shared cluster first (one process runs one Ray cluster),
+    and the last module that uses it ends it after itself (the tests after it must not see its simulated cards)."""
+    items = request.session.items
+    mine = [i for i, item in enumerate(items) if item.path == request.path]
+    if not any(_uses_mixed_fleet(items[i]) for i in mine):
         _end_shared_cluster()
     yield
+    if mine and not any(_uses_mixed_fleet(item) for item in items[mine[-1] + 1:]):
+        _end_shared_cluster()
 
 
 @pytest.fixture(scope="module")

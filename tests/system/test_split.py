@@ -71,7 +71,12 @@ def test_the_card_on_an_x1_riser_gets_less_work_than_each_fast_slot(split_fleet)
     assert (riser["pcie_gen"], riser["pcie_width"], riser["link"]["detail"]) == (3, 1, "gen3 x1"), riser
     [riser_replica] = riser["replicas"]
     on_4090 = set(next(c for c in fleet["cards"] if c["uuid"] == cards[0].uuid)["replicas"])
+    # What the router ranks by, before anything ran: the riser's step is 17x a slot's (3.3x by speed alone).
+    steps = {r["replica"]: r["reference_step_s"] for r in fleet["replicas"]}
+    assert steps[riser_replica] > 10 * max(steps[r] for r in on_4090), steps
 
     served = [c["replica"] for m in generate_all(url, "riser", "512x512", count=16, at_once=4) for c in m["chunks"]]
     per_slot = [served.count(replica) for replica in on_4090]
-    assert served.count(riser_replica) < min(per_slot), (served.count(riser_replica), per_slot)
+    # Less than a fair share: the 16 chunks over the three slots, none or one on the riser. (Which slots take them is
+    # the router's choice by load and measured speed: one slot may take none.)
+    assert served.count(riser_replica) <= 1 and sum(per_slot) >= 15, (served.count(riser_replica), per_slot)

@@ -37,13 +37,12 @@ def generator_deployment_name(tier: str) -> str:
 def _prior_units_per_s(tier) -> float:
     """The throughput prior of a tier's autoscaler: the time model for its profile at its slowest card's speed and
     link (an x1 riser's card streams its weights 15 times slower than on a x16 slot: the tier needs more replicas)."""
-    from cluster.profiles import tier_profile
     from cluster.speed import prior_units_per_s
     from cluster.tiers import tier_link
 
     if tier.device != "cuda":
         return prior_units_per_s("vram_24", 1.0, True)
-    return prior_units_per_s(tier.name, tier.speed, tier.bf16, tier_link(tier), tier_profile(tier))
+    return prior_units_per_s(tier.name, tier.speed, tier.bf16, tier_link(tier))
 
 
 def build_app(config: ServiceConfig) -> Application:

@@ -44,7 +44,7 @@ from cluster.memory import load_calibration, predict_peak, resident_bytes
 from cluster.nvml import BF16_MIN_CC, MIB, CardSpec, FleetFile, load_fleet_file
 from cluster.profiles import tier_profile
 from cluster.requests import work_units
-from cluster.link import PCIE_BYTES_S, Link, pcie_bytes_s
+from cluster.link import PCIE_BYTES_S, Link, link_of
 from cluster.speed import predict_seconds, prior_units_per_s, reference_step_s
 from cluster.stages import place_text_encoder, staged_tiers
 from cluster.tiers import classify, tier_budget, tiers_for_cards
@@ -97,11 +97,9 @@ def build_cards(specs: list[CardSpec]) -> list[SimCard]:
         total = (spec.memory_total_mib or int(spec.vram_gb * 1024)) * MIB
         bf16 = spec.bf16 if spec.bf16 is not None else spec.cc >= BF16_MIN_CC
         for _ in range(spec.count):
-            link = (pcie_bytes_s(spec.pcie.max_gen or spec.pcie.gen, spec.pcie.width) if spec.pcie is not None
-                    else PCIE_BYTES_S)
             cards.append(SimCard(len(cards), spec.model, classify(total), total,
                                  total - (spec.foreign_memory_mib + spec.graphics_memory_mib) * MIB, spec.speed,
-                                 bf16, spec.fail, link))
+                                 bf16, spec.fail, link_of(spec.pcie).bytes_s))
     return cards
 
 

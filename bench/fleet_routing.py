@@ -93,11 +93,10 @@ LINKS_INTRO = ('Tier-aware routing with and without the cards\' PCIe links (`lin
 
 def links(args) -> None:
     """Tier-aware routing, link-aware and link-blind, on the riser fleet: throughput, latency, each card's share."""
-    from cluster.profiles import tier_profile
     from cluster.tiers import tiers_for_cards
     from deployments.app import build_app
     from deployments.config import ServiceConfig, TextEncoderSettings
-    from runtime.nodes import link_bound_tiers, stored_in_8_bits
+    from runtime.nodes import for_links
     from runtime.simfleet import active_stage, fleet_cluster
 
     requests = workload(args.requests)
@@ -110,8 +109,7 @@ def links(args) -> None:
         for aware in (False, True):
             tiers = tiers_for_cards(cards)
             if aware:  # as zit up plans them: a tier whose slowest link streams 16 bits 1.5x slower goes to 8 bits
-                changed = link_bound_tiers(tiers, {t.name: tier_profile(t) for t in tiers})
-                tiers = [stored_in_8_bits(t) if t.name in changed else t for t in tiers]
+                tiers, changed = for_links(tiers)
             config = ServiceConfig(tiers=tiers, link_aware=aware,
                                    text_encoder=TextEncoderSettings().resolve(active_stage()))
             # Every replica changes: the old ones go first, or old and new together would need twice the simulated

@@ -106,17 +106,16 @@ def _link_cell(card) -> str:
 def _step_times(cards: list) -> tuple[dict[str, dict], list[str]]:
     """({card uuid: its tier's profile, the link it streams at and the time model's 1024x1024 step there}, a line
     for each tier whose profile its links changed), as `zit up` would plan the tiers (runtime.nodes
-    link_bound_tiers)."""
+    for_links)."""
     from cluster.link import link_of
     from cluster.profiles import tier_profile
     from cluster.speed import reference_step_s
     from cluster.tiers import tiers_for_cards
-    from runtime.nodes import link_bound_tiers, stored_in_8_bits
+    from runtime.nodes import for_links
 
     usable = [c for c in cards if not c.error and c.tier is not None]
-    tiers = tiers_for_cards(usable)
-    switched = link_bound_tiers(tiers, {t.name: tier_profile(t) for t in tiers})
-    profiles = {t.name: tier_profile(stored_in_8_bits(t) if t.name in switched else t) for t in tiers}
+    tiers, switched = for_links(tiers_for_cards(usable))
+    profiles = {t.name: tier_profile(t) for t in tiers}
     steps = {}
     for c in usable:
         profile = profiles[c.tier]

@@ -294,6 +294,23 @@ class PcieSpec(BaseModel):
         None, description="Most lanes the card and slot allow; default: `width`. Above `width`: the link trained "
         "down (a fault of risers and dirty slots).")
 
+    # As NVML reports them (GpuSnapshot's names), so cluster.link.link_of reads a spec as it reads a card.
+    @property
+    def pcie_gen(self) -> int:
+        return self.gen
+
+    @property
+    def pcie_width(self) -> int:
+        return self.width
+
+    @property
+    def pcie_max_gen(self) -> int:
+        return self.max_gen or self.gen
+
+    @property
+    def pcie_max_width(self) -> int:
+        return self.max_width or self.width
+
     @model_validator(mode="after")
     def _current_within_max(self) -> "PcieSpec":
         if self.max_gen is not None and self.gen > self.max_gen:
@@ -535,12 +552,10 @@ class FakeNvml:
         return self._pcie(handle).width
 
     def nvmlDeviceGetMaxPcieLinkGeneration(self, handle) -> int:
-        spec = self._pcie(handle)
-        return spec.max_gen or spec.gen
+        return self._pcie(handle).pcie_max_gen
 
     def nvmlDeviceGetMaxPcieLinkWidth(self, handle) -> int:
-        spec = self._pcie(handle)
-        return spec.max_width or spec.width
+        return self._pcie(handle).pcie_max_width
 
     def nvmlDeviceGetPcieThroughput(self, handle, counter) -> int:
         """A simulated card moves no bytes over a bus: NVML's answer for a driver without the counters."""

@@ -344,9 +344,7 @@ def plan_card_nodes(cards: list[GpuSnapshot], fleet_file: str | Path | None, con
     usable = [node.card for node in nodes]
 
     # tier -> why its transformer is stored in 8 bits: for its slowest card's link, or for the hosts' RAM
-    first = tiers_for_cards(usable, configured)
-    eight_bit: dict[str, str] = link_bound_tiers(first, {t.name: tier_profile(t, lora_params) for t in first},
-                                                 configured)
+    _, eight_bit = for_links(tiers_for_cards(usable, configured), configured, lora_params)
     tried: set[str] = set(eight_bit)  # tiers whose switch to 8 bits was tried
 
     def place(usable: list[GpuSnapshot], eight_bit: dict[str, str]):
@@ -407,6 +405,15 @@ STREAMED = ("group_offload_block", "group_offload_leaf", "model_cpu_offload", "s
 # at least this much faster: on an x1 riser (0.79 GB/s) a step of the 4 and 6 GB tiers drops from 15.6 s to 7.8 s;
 # on a x16 slot the step is compute-bound and nothing changes.
 LINK_SWITCH_GAIN = 1.5
+
+
+def for_links(tiers: list, configured: list | None = None, lora_params: int = 0) -> tuple[list, dict[str, str]]:
+    """(`tiers` as `zit up` plans them for their cards' links: those `link_bound_tiers` names stored in 8 bits, and
+    why each was)."""
+    from cluster.profiles import tier_profile
+
+    why = link_bound_tiers(tiers, {t.name: tier_profile(t, lora_params) for t in tiers}, configured)
+    return [stored_in_8_bits(t) if t.name in why else t for t in tiers], why
 
 
 def link_bound_tiers(tiers: list, profiles: dict, configured: list | None = None) -> dict[str, str]:

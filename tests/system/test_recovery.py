@@ -116,19 +116,36 @@ def test_a_replica_killed_mid_request_has_its_chunk_retried(faulty):
 
 
 def test_a_text_encoder_stage_replica_killed_under_requests_is_retried(faulty):
-    """Six requests with new prompts queue at the stage (one encode at a time); its replica is killed among them:
-    every request still ends with its images, the ones whose encode died retried on the replica Serve starts."""
+    """Six requests with new prompts queue at the stage (one encode at a time) behind encodes sent to it directly;
+    its replica is killed while they wait there: every request still ends with its images, the ones whose encode
+    died retried on the replica Serve starts."""
     import ray
+    from ray import serve
+
+    from deployments.progress import get_progress_store
 
     _, url = faulty
+    # One encode takes a few tens of ms here: 40 calls ahead hold the stage's lock for seconds, so the kill lands
+    # while the six requests are queued at the replica (the stage takes up to 64 at once), however slow the machine.
+    stage_handle = serve.get_deployment_handle("TextEncoder", "zit")
+    ahead = [stage_handle.encode.remote(f"ahead of the requests {i}", None, True) for i in range(40)]
+    store = get_progress_store()
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(generate, url, prompt=f"a stage that dies, take {i}", guidance_scale=2.0,
                                size="256x256", n=1, seed=400 + i) for i in range(6)]
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while ((ray.get(store.current.remote()) or {}).get("running", 0) < 6 and time.monotonic() < deadline):
+            time.sleep(0.05)  # the ingress files each request before it asks the stage
+        time.sleep(0.2)
         stage = [a for a in ray.util.list_named_actors(all_namespaces=True) if "TextEncoder" in a["name"]]
         assert len(stage) == 1, stage
         ray.kill(ray.get_actor(stage[0]["name"], namespace=stage[0]["namespace"]), no_restart=False)
         responses = [f.result() for f in futures]
+    for call in ahead:  # lost with the replica, or answered before it died
+        try:
+            call.result(timeout_s=60)
+        except Exception:
+            pass
     assert [r.status_code for r in responses] == [200] * 6, [r.text[:300] for r in responses]
     attempts = [r.json()["metadata"]["text_encoder"]["attempts"] for r in responses]
     assert max(attempts) >= 2, attempts  # some encode was lost with the replica and retried

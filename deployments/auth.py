@@ -65,7 +65,7 @@ KEYS_RELOAD_S = 10.0
 @dataclass
 class Authenticator:
     keys: dict[str, str]
-    rate_per_minute: int | None = None
+    rate_per_minute: float | None = None  # this process's share of each key's rate
     clock: object = time.monotonic
     path: str | Path | None = None  # the key file, reread when it changes
     _buckets: dict[str, Bucket] = field(default_factory=dict)
@@ -73,7 +73,7 @@ class Authenticator:
     _version: tuple | None = None
 
     @classmethod
-    def from_file(cls, path: str | Path, rate_per_minute: int | None = None, clock=time.monotonic) -> Authenticator:
+    def from_file(cls, path: str | Path, rate_per_minute: float | None = None, clock=time.monotonic) -> Authenticator:
         auth = cls(load_keys(path), rate_per_minute, clock, path)
         auth._version, auth._checked = _file_version(path), clock()
         return auth
@@ -117,8 +117,9 @@ class Authenticator:
             return None
         now = self.clock()
         rate = self.rate_per_minute / 60.0
-        bucket = self._buckets.setdefault(name, Bucket(float(self.rate_per_minute), now))
-        bucket.tokens = min(float(self.rate_per_minute), bucket.tokens + (now - bucket.updated) * rate)
+        burst = max(1.0, float(self.rate_per_minute))  # a replica's share of a small rate still admits one
+        bucket = self._buckets.setdefault(name, Bucket(burst, now))
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0

@@ -133,12 +133,20 @@ class ServiceConfig(BaseModel):
     max_prompt_chars: int = Field(4000, ge=1, description="Longest prompt (and negative prompt) accepted, in characters.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still running after this gets 504.")
     image_ttl_s: float = Field(3600.0, gt=0, description="How long images returned as URLs stay downloadable.")
-    image_store_mb: int = Field(256, ge=1, description="Memory for images returned as URLs; oldest go first.")
+    image_store_mb: int = Field(256, ge=1, description="Memory for images returned as URLs, in one store on the head "
+                                "for every ingress replica; oldest go first.")
     public_url: str | None = Field(
         None, description="Base URL clients reach the service at (for url responses); default: the request's host."
     )
+    validate_responses: bool = Field(
+        False, description=("Build each OpenAI image response as its pydantic model and let FastAPI validate and "
+                            "write it (a pass over every image's bytes, about 3x the ingress's CPU per 1024x1024 "
+                            "image), instead of writing its JSON once: to debug a client, and the baseline of "
+                            "bench/front_capacity.py."),
+    )
     ingress_replicas: int = Field(
-        1, ge=1, description="Ingress replicas. Each keeps its own tier queues and URL-mode images; 1 is exact."
+        1, ge=1, description=("Ingress replicas. Each admits its share of every tier's queue bound and of each API "
+                              "key's rate; URL images and progress are shared (docs/architecture.md).")
     )
     ingress_resource: str | None = Field(
         "zit_ingress",

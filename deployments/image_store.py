@@ -1,4 +1,5 @@
-"""Images returned as URLs: kept in the ingress replica's memory, bounded in bytes and age."""
+"""Images returned as URLs: kept in one store for the whole service (a Ray actor on the head, so a URL works through
+any proxy and any ingress replica), bounded in bytes and age."""
 
 from __future__ import annotations
 
@@ -47,3 +48,26 @@ class ImageStore:
                 break
             del self._items[oldest_id]
             self._bytes -= len(oldest.data)
+
+
+IMAGES_NAME = "zit-images"
+
+
+class SharedImageStore(ImageStore):
+    """The service's one ImageStore, as a Ray actor (deployments.registry.cluster_actor: detached, on the head,
+    restarted if it dies, empty then). Every ingress replica puts the images it answers with as URLs here and reads
+    them back from here. Its bounds are the service's `image_store_mb` and `image_ttl_s`, which each ingress sends
+    when it starts (the same for all of them)."""
+
+    def __init__(self):
+        super().__init__(256 << 20, 3600.0)
+
+    def configure(self, max_bytes: int, ttl_s: float) -> None:
+        self.max_bytes, self.ttl_s = max_bytes, ttl_s
+        self._evict()
+
+
+def get_image_store():
+    from deployments.registry import REGISTRY_NAMESPACE, cluster_actor
+
+    return cluster_actor(SharedImageStore, IMAGES_NAME, REGISTRY_NAMESPACE)

@@ -12,6 +12,7 @@ import secrets
 import time
 
 from fastapi import Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import Response
 
 from cluster.memory import load_calibration
@@ -21,11 +22,12 @@ from deployments.config import ServiceConfig
 from deployments.dispatch import ChunkExhausted, Dispatcher, Outcome
 from deployments.hostmem import trim_host_memory
 from deployments.http import AUTH, ApiError, api
-from deployments.image_store import CONTENT_TYPES, ImageStore
+from deployments.image_store import CONTENT_TYPES
 from deployments.lora import LORA_SUFFIX, LoraError, LoraLibrary
 from deployments.metrics import install as install_metrics
 from deployments.metrics import card_link_view, note_request, record_requests
 from deployments.progress import ProgressApi, new_request_id
+from deployments.reporting import replica_name
 from deployments.routing import NoTierFits
 from deployments.scheduler import TiersFull
 from deployments.schemas import (
@@ -33,6 +35,7 @@ from deployments.schemas import (
     ImageData,
     ImageGenerationRequest,
     ImageGenerationResponse,
+    image_generation_body,
 )
 from deployments.webui import WebUi
 
@@ -54,17 +57,24 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         self.config = config
         self.generators = generators  # tier name -> DeploymentHandle of that tier's Generator
         self.encoder = encoder  # the text-encoder stage's handle, or None (every generator encodes)
-        self.images = ImageStore(config.image_store_mb << 20, config.image_ttl_s)
+        self._images = None  # the service's image store (image_store.SharedImageStore), on first use
+        self.replica = replica_name()  # this ingress replica (Serve's id), in /healthz and image responses
         self.model_names = {config.model_name, config.model}
         if config.api_keys_file:
             from deployments.auth import Authenticator
 
-            AUTH.current = Authenticator.from_file(config.api_keys_file, config.rate_limit_per_minute)
+            # Each ingress replica enforces its share of a key's rate: the proxies spread requests over them.
+            rate = config.rate_limit_per_minute and config.rate_limit_per_minute / config.ingress_replicas
+            AUTH.current = Authenticator.from_file(config.api_keys_file, rate or None)
         self.lora = config.lora_settings()
         self.loras = LoraLibrary(self.lora.folder) if self.lora else None
         self.profiles = {tier.name: tier_profile(tier, self.lora.reserved_params if self.lora else 0)
                          for tier in config.tiers}
-        self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration(), config.tier_policy,
+        # Each ingress replica admits its share of every tier's waiting chunks (the bound is the service's).
+        replicas = config.ingress_replicas
+        shares = [t.model_copy(update={"max_queued_requests": math.ceil(t.max_queued_requests / replicas)})
+                  for t in config.tiers]
+        self.dispatcher = Dispatcher(shares, self.profiles, generators, load_calibration(), config.tier_policy,
                                      autoscaling=config.autoscaling, encoder=encoder,
                                      encoder_wait_s=config.text_encoder.wait_s)
         self.metrics = self.dispatcher.metrics  # served at GET /metrics (deployments/metrics.py)
@@ -80,40 +90,41 @@ class Ingress(A1111Api, ProgressApi, WebUi):
     # -- API -------------------------------------------------------------------------------------------------
 
     @api.post("/v1/images/generations", response_model=ImageGenerationResponse, response_model_exclude_none=True)
-    async def generations(self, body: ImageGenerationRequest, request: Request) -> ImageGenerationResponse:
-        """The OpenAI Images API."""
+    async def generations(self, body: ImageGenerationRequest, request: Request) -> Response | ImageGenerationResponse:
+        """The OpenAI Images API. The body is written directly (schemas.image_generation_body): each image's bytes
+        are base64-encoded once and copied into it once, with no validation pass over megabytes."""
         started = time.perf_counter()
         outcome = await self.generate(body)
         width, height = body.width, body.height
         # Assemble, in seed order.
-        data = []
-        for result in outcome.results:
-            for image, image_seed in zip(result.images, result.seeds):
-                if body.response_format == "b64_json":
-                    data.append(ImageData(b64_json=base64.b64encode(image).decode(), seed=image_seed))
-                else:
-                    image_id = self.images.put(image, body.output_format)
-                    data.append(ImageData(url=self._url(request, f"/v1/images/{image_id}.{body.output_format}"),
-                                          seed=image_seed))
-        return ImageGenerationResponse(
-            created=int(time.time()),
-            data=data,
-            metadata={
-                "model": self.config.model_name,
-                "size": f"{width}x{height}",
-                "steps": body.steps,
-                "seconds": round(time.perf_counter() - started, 4),
-                "chunks": [
-                    {"tier": r.tier, "replica": r.replica, "device": r.device, "seeds": r.seeds,
-                     "seconds": round(r.seconds, 4), "seconds_per_step": round(r.seconds_per_step, 5),
-                     "degraded": r.degraded}
-                    for r in outcome.results
-                ],
-                "retries": [retry.as_dict() for retry in outcome.retries],
-                # The text-encoder stage's one encode of the request (None: each chunk's generator encoded).
-                "text_encoder": outcome.encode,
-            },
-        )
+        pairs = [(image, seed) for result in outcome.results for image, seed in zip(result.images, result.seeds)]
+        if body.response_format == "b64_json":
+            items = [("b64_json", base64.b64encode(image), seed) for image, seed in pairs]
+        else:
+            ids = await self._store_images([image for image, _ in pairs], body.output_format)
+            items = [("url", self._url(request, f"/v1/images/{image_id}.{body.output_format}"), seed)
+                     for image_id, (_, seed) in zip(ids, pairs)]
+        metadata = {
+            "model": self.config.model_name,
+            "size": f"{width}x{height}",
+            "steps": body.steps,
+            "seconds": round(time.perf_counter() - started, 4),
+            "chunks": [
+                {"tier": r.tier, "replica": r.replica, "device": r.device, "seeds": r.seeds,
+                 "seconds": round(r.seconds, 4), "seconds_per_step": round(r.seconds_per_step, 5),
+                 "degraded": r.degraded}
+                for r in outcome.results
+            ],
+            "retries": [retry.as_dict() for retry in outcome.retries],
+            # The text-encoder stage's one encode of the request (None: each chunk's generator encoded).
+            "text_encoder": outcome.encode,
+        }
+        if self.config.validate_responses:  # the models, validated and written by FastAPI (response_model)
+            return ImageGenerationResponse(created=int(time.time()), metadata=metadata, data=[
+                ImageData(**{field: value.decode() if isinstance(value, bytes) else value, "seed": seed})
+                for field, value, seed in items])
+        return Response(image_generation_body(int(time.time()), items, jsonable_encoder(metadata)),
+                        media_type="application/json")
 
     async def generate(self, body: ImageGenerationRequest) -> Outcome:
         """Every API's one path to images: check, admit, route, run, retry; errors as ApiError with the fix."""
@@ -156,11 +167,12 @@ class Ingress(A1111Api, ProgressApi, WebUi):
     @api.get("/v1/images/{name}")
     async def image(self, name: str) -> Response:
         image_id, _, fmt = name.partition(".")
-        stored = self.images.get(image_id)
+        stored = await self._image_call("get", image_id)
         if stored is None or (fmt and fmt != stored.fmt):
             raise ApiError(404, f"image {name!r} not found: images expire after {self.config.image_ttl_s:.0f} s",
                            "name", kind="not_found_error")
-        return Response(stored.data, media_type=CONTENT_TYPES[stored.fmt])
+        # Which ingress replica answered: any of them serves any image (one store for the service).
+        return Response(stored.data, media_type=CONTENT_TYPES[stored.fmt], headers={"X-Zit-Ingress": self.replica})
 
     @api.get("/v1/loras")
     async def list_loras(self) -> dict:
@@ -306,7 +318,8 @@ class Ingress(A1111Api, ProgressApi, WebUi):
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.config.model_name, "tiers": [t.name for t in self.config.tiers]}
+        return {"status": "ok", "model": self.config.model_name, "tiers": [t.name for t in self.config.tiers],
+                "replica": self.replica}
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -388,6 +401,27 @@ class Ingress(A1111Api, ProgressApi, WebUi):
             return await self._registry.retired_cards.remote()
         except AttributeError:  # a registry actor of an older version, still running from before an upgrade
             return []
+
+    async def _store_images(self, images: list[bytes], fmt: str) -> list[str]:
+        """Put images in the service's image store (one for every ingress replica); their ids."""
+        return list(await asyncio.gather(*(self._image_call("put", image, fmt) for image in images)))
+
+    async def _image_call(self, method: str, *args):
+        """A call to the service's image store; one that cannot answer is a 503 to retry, never a 500."""
+        import ray
+
+        from deployments.image_store import get_image_store
+
+        if self._images is None:
+            self._images = get_image_store()
+            self._images.configure.remote(self.config.image_store_mb << 20, self.config.image_ttl_s)
+        try:
+            return await getattr(self._images, method).remote(*args)
+        except ray.exceptions.RayError as error:
+            logger.warning("image store did not answer: %s", error)
+            raise ApiError(503, "the image store is unavailable for a moment (it is restarting); retry, or ask "
+                                "for response_format b64_json", kind="server_busy",
+                           headers={"Retry-After": "1"}) from None
 
     def _url(self, request: Request, path: str) -> str:
         base = self.config.public_url or str(request.base_url)

@@ -193,9 +193,10 @@ class ReplicaProgress:
 
 
 def sse(event: str, data) -> bytes:
-    """One server-sent event."""
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"event: {event}\ndata: {payload}\n\n".encode()
+    """One server-sent event; `data` is JSON text (str or bytes, one line) or something to write as JSON."""
+    payload = data if isinstance(data, (str, bytes)) else json.dumps(data, separators=(",", ":"))
+    payload = payload if isinstance(payload, bytes) else payload.encode()
+    return b"event: " + event.encode() + b"\ndata: " + payload + b"\n\n"
 
 
 def read_events(lines: Iterable[str]) -> Iterator[tuple[str, object]]:
@@ -302,7 +303,8 @@ class ProgressApi:
                 if shown < steps:
                     yield sse("progress", {"step": steps, "steps": steps, "fraction": 1.0, "eta_s": 0.0,
                                            "images_done": body.n, "n": body.n})
-                yield sse("result", result.model_dump(exclude_none=True))
+                # The JSON /v1/images/generations answers with (the model itself with validate_responses).
+                yield sse("result", result.body if hasattr(result, "body") else result.model_dump(exclude_none=True))
             yield sse("done", "[DONE]")
         finally:
             if not task.done():  # the client went away: stop the work it asked for

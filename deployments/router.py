@@ -9,7 +9,8 @@ step time (`step_estimates`): the time model's seconds for one reference step on
 link, cluster/link.py: a card on an x1 riser is known to be slow before it has run anything) times what its jobs
 measured over what the model predicted for them (the other replicas' median until it has run one). A replica k
 times slower than the fastest counts as k - 1 more requests ahead (rounded down): a card 5 times slower waits until
-the fast one has 4 queued, and cards within 2x of each other are ranked by work alone. Work on a replica is Serve's queue length count where it has one (kept
+the fast one has 4 queued, and cards within 2x of each other are ranked by work alone. Replicas without a card (a
+CPU tier) are ranked by work alone, their last step time only breaking ties: it is of their last job, of any size. Work on a replica is Serve's queue length count where it has one (kept
 on every send, accept and completion, forgotten 10 s after the last of them); otherwise this router's own requests
 still running there, or the replica's last reported `busy`, unless that report is older than this router's last
 completed request there (stats come once a period: a replica that just finished is not busy). With no replica able
@@ -76,6 +77,8 @@ def rank_replicas(replicas: list[ReplicaView], need_bytes: int, adapter: str | N
     fastest = min(steps.values(), default=1.0)
 
     def weighed_load(r: ReplicaView) -> int:
+        if not r.reference_step_s:  # no card (a CPU tier): its last job's step, of any size, is no speed to weigh by
+            return load(r)
         return math.floor((load(r) + 1) * steps[r.replica_id] / fastest + 1e-9) - 1
 
     ordered = sorted(

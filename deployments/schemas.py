@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
@@ -91,3 +92,19 @@ class ImageGenerationResponse(BaseModel):
     created: int
     data: list[ImageData]
     metadata: dict = Field(default_factory=dict, description="Tiers, chunks and timings (extension).")
+
+
+def image_generation_body(created: int, items: list[tuple[str, bytes | str, int]], metadata: dict) -> bytes:
+    """The JSON of an ImageGenerationResponse, written once: `items` are (field, value, seed) with field "b64_json"
+    (value: base64 bytes, whose alphabet needs no JSON escaping) or "url". An image's megabytes are copied into the
+    body once, never parsed, validated or escaped (tests/unit/deployments/test_schemas.py checks the shape against
+    the model)."""
+    parts = [b'{"created":%d,"data":[' % created]
+    for i, (field, value, seed) in enumerate(items):
+        comma = b"," if i else b""
+        if field == "b64_json":  # the megabytes are joined below, once
+            parts += [comma + b'{"b64_json":"', value, b'","seed":%d}' % seed]
+        else:
+            parts.append(comma + b'{"url":%s,"seed":%d}' % (json.dumps(value).encode(), seed))
+    parts.append(b'],"metadata":' + json.dumps(metadata, separators=(",", ":")).encode() + b"}")
+    return b"".join(parts)

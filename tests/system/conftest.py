@@ -31,6 +31,26 @@ def deploy(cards, port: int, configured=None, **settings) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def deploy_once(mixed_fleet, configured=None, **settings) -> str:
+    """deploy() on the shared mixed-fleet cluster, unless the same service already runs there: a redeploy restarts
+    every replica (about a minute on this fleet), so the modules that can share one service do."""
+    cards, port = mixed_fleet
+    key = repr((configured, sorted(settings.items())))
+    if _shared.get("deployed") != key:
+        _shared.pop("deployed", None)
+        deploy(cards, port, configured, **settings)
+        _shared["deployed"] = key
+    return f"http://127.0.0.1:{port}"
+
+
+def tiny_lora_dir() -> str:
+    """The tiny model's LoRA folder (built offline on first use): the shared service has it, for the web UI."""
+    from cluster.pipeline import models_dir, resolve_model
+    from cluster.tiny_model import ensure_tiny_loras
+
+    return str(ensure_tiny_loras(models_dir(), resolve_model("tiny")))
+
+
 def wait_for_replicas(url: str, count: int, timeout_s: float = 60) -> dict:
     """GET /v1/fleet until `count` replicas have reported."""
     import time
@@ -73,12 +93,17 @@ def _uses_mixed_fleet(item) -> bool:
 
 
 def pytest_collection_modifyitems(items):
-    """The modules on the mixed fleet run last, one after the other, so they share its cluster; the others keep their
-    order, and each module's tests theirs."""
+    """The modules on the mixed fleet run last, one after the other, so they share its cluster (and its service, see
+    deploy_once), and the tests marked `redeploys` (a service of their own) after all of them; the others keep
+    their order, and each module's tests theirs."""
     here = Path(__file__).resolve().parent
     ours = [i for i, item in enumerate(items) if item.path.parent == here]
     shared = {items[i].path for i in ours if _uses_mixed_fleet(items[i])}
-    order = sorted(ours, key=lambda i: (items[i].path in shared, i))
+    def rank(item) -> int:  # 0: shares the service; 1, 2, ...: `redeploys(order=...)`, in that order
+        marker = item.get_closest_marker("redeploys")
+        return 0 if marker is None else marker.kwargs.get("order", 1)
+
+    order = sorted(ours, key=lambda i: (items[i].path in shared, rank(items[i]), i))
     moved = [items[i] for i in order]
     for slot, item in zip(ours, moved):
         items[slot] = item
@@ -88,23 +113,38 @@ def pytest_sessionfinish(session):
     _end_shared_cluster()
 
 
+_next: dict = {}  # the item the runner goes on to after the one it tears down (None after the last)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    _next["item"] = nextitem
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_cluster_at_a_time(request):
     """A module that does not use the mixed fleet ends its shared cluster first (one process runs one Ray cluster),
-    and the last module that uses it ends it after itself (the tests after it must not see its simulated cards)."""
+    and the last stretch of tests that uses it ends it after itself (the tests after it must not see its simulated
+    cards). A module's tests may come in two stretches (a `redeploys` test runs after the other modules')."""
     items = request.session.items
     mine = [i for i, item in enumerate(items) if item.path == request.path]
     if not any(_uses_mixed_fleet(items[i]) for i in mine):
         _end_shared_cluster()
     yield
-    if mine and not any(_uses_mixed_fleet(item) for item in items[mine[-1] + 1:]):
+    following = _next.get("item")
+    rest = items[items.index(following):] if following in items else []
+    if not any(_uses_mixed_fleet(item) for item in rest):
         _end_shared_cluster()
 
 
 @pytest.fixture(scope="module")
 def mixed_fleet():
+    """The mixed fleet's cluster, at the fault scenario's time scale (bench/faults.py; test_faults.py runs on it
+    last): a 1024x1024 chunk on the RTX 3070 takes about half a second."""
+    from bench.faults import TIME_SCALE
+
     if "fleet" not in _shared:
         stack = ExitStack()
-        _shared["fleet"] = stack.enter_context(fleet_cluster(FLEETS / "mixed.yaml"))
+        _shared["fleet"] = stack.enter_context(fleet_cluster(FLEETS / "mixed.yaml", {"ZIT_SIM_TIME_SCALE": TIME_SCALE}))
         _shared["stack"] = stack
     yield _shared["fleet"]

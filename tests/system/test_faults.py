@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import pytest
 
-from bench.faults import FLEET, LOST_TIER, TIME_SCALE, run_faults, wait_until_serving
-from runtime.simfleet import fleet_cluster, kill_card_raylet
-from tests.system.conftest import deploy
+from bench.faults import LOST_TIER, run_faults, wait_until_serving
+from runtime.simfleet import kill_card_raylet
+from tests.system.conftest import deploy_once, tiny_lora_dir, wait_for_policy
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
+# On the shared mixed-fleet cluster (started at bench.faults' time scale), after every other test on it: this one
+# leaves a card's node dead.
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900), pytest.mark.redeploys(order=2)]
 
 
 @pytest.fixture(scope="module")
-def fault_run():
-    with fleet_cluster(FLEET, {"ZIT_SIM_TIME_SCALE": TIME_SCALE}) as (cards, port):
-        url = deploy(cards, port)
-        wait_until_serving(url, len(cards))
-        yield run_faults(url, cards, kill_card_raylet, requests=24, concurrency=6, say=print), cards
+def fault_run(mixed_fleet):
+    cards, _ = mixed_fleet
+    url = deploy_once(mixed_fleet, lora_dir=tiny_lora_dir())  # the service test_routing and test_webui ran on
+    wait_for_policy(url, "tier_aware", "vram_aware")
+    wait_until_serving(url, len(cards))
+    return run_faults(url, cards, kill_card_raylet, requests=24, concurrency=6, say=print), cards
 
 
 def test_every_request_ends_with_its_images_or_503_with_retry_after(fault_run):

@@ -19,7 +19,7 @@ from PIL import Image
 from cluster.memory import predict_peak
 from cluster.planning import fleet_tiers, plan
 from cluster.profiles import default_profile, degraded_profile
-from tests.system.conftest import FLEETS, deploy, wait_for_policy, wait_for_replicas
+from tests.system.conftest import FLEETS, deploy_once, tiny_lora_dir, wait_for_policy, wait_for_replicas
 
 pytestmark = pytest.mark.system
 
@@ -48,8 +48,10 @@ def decode(item: dict) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def tier_aware(mixed_fleet):
+    """The service zit up runs, with the tiny LoRA folder: the web UI's tests (test_webui.py) run on it next."""
     cards, port = mixed_fleet
-    url = deploy(cards, port)
+    url = deploy_once(mixed_fleet, lora_dir=tiny_lora_dir())
+    wait_for_policy(url, "tier_aware", "vram_aware")
     wait_for_replicas(url, len(cards))
     return cards, port, url
 
@@ -127,15 +129,16 @@ def test_the_fleet_view_shows_each_hosts_ram_and_what_its_replicas_need(tier_awa
     assert total and float(total.group(1)) == 32 * 2**30
 
 
-def test_round_robin_and_rays_default_router_would_hit_out_of_memory(tier_aware):
+@pytest.mark.redeploys
+def test_round_robin_and_rays_default_router_would_hit_out_of_memory(mixed_fleet):
     """The baseline: chunks rotated over the tiers without the memory model, Ray's default router, no retries. The
     simulated cards refuse what does not fit. One single-image request per tier, at a size the memory model says the
     smallest tier cannot hold even degraded, takes each tier once (in any order), so exactly that tier must refuse
     it. (How often a mixed workload hits such a card depends on the order threads take rotation slots; the routing
     benchmark, bench/fleet_routing.py, measures that.)"""
-    cards, port, _ = tier_aware
-    # The last test of the module: it leaves the baseline deployed (the next module on this cluster deploys its own).
-    url = deploy(cards, port, tier_policy="round_robin", in_tier_router="ray_default")
+    cards, _ = mixed_fleet
+    # Run after every test that shares the tier-aware service (marked `redeploys`): the baseline replaces it.
+    url = deploy_once(mixed_fleet, tier_policy="round_robin", in_tier_router="ray_default")
     wait_for_policy(url, "round_robin", "ray_default")
     fleet = wait_for_replicas(url, len(cards))
     side = 1280

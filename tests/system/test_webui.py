@@ -13,7 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.system.conftest import deploy, wait_for_policy, wait_for_replicas
+from tests.system.conftest import deploy_once, tiny_lora_dir, wait_for_policy, wait_for_replicas
 
 pytestmark = pytest.mark.system
 
@@ -25,12 +25,9 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 
 @pytest.fixture(scope="module")
 def url(mixed_fleet):
-    from cluster.pipeline import models_dir, resolve_model
-    from cluster.tiny_model import ensure_tiny_loras
-
-    cards, port = mixed_fleet
-    url = deploy(cards, port, lora_dir=str(ensure_tiny_loras(models_dir(), resolve_model("tiny"))))
-    wait_for_policy(url, "tier_aware", "vram_aware")  # the cluster is shared: a baseline may have served before
+    cards, _ = mixed_fleet
+    url = deploy_once(mixed_fleet, lora_dir=tiny_lora_dir())  # test_routing's service, when it ran before
+    wait_for_policy(url, "tier_aware", "vram_aware")
     wait_for_replicas(url, len(cards))
     return url
 

@@ -49,6 +49,16 @@ def test_rate_limit_is_a_token_bucket_per_key():
     assert auth.admit("alice") is None and auth.admit("alice") is not None
 
 
+def test_a_replicas_share_of_a_small_rate_admits_one_then_waits_for_its_share():
+    """Two ingress replicas share 1 request a minute: each holds 0.5 a minute, so a burst of one, then 120 s."""
+    now = [0.0]
+    auth = Authenticator({"alice": KEY_A}, rate_per_minute=1 / 2, clock=lambda: now[0])
+    assert auth.admit("alice") is None
+    assert auth.admit("alice") == pytest.approx(120.0)
+    now[0] = 120.0
+    assert auth.admit("alice") is None
+
+
 def test_no_rate_limit_when_unset():
     auth = Authenticator({"alice": KEY_A})
     assert all(auth.admit("alice") is None for _ in range(1000))

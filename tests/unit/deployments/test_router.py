@@ -57,6 +57,14 @@ def test_a_replica_not_measured_yet_is_ranked_by_its_cards_predicted_step_and_th
     assert ids(rank_replicas([measured, riser, new], GIB)) == ["new", "measured", "riser"]
 
 
+def test_replicas_without_a_card_are_ranked_by_work_whatever_their_last_jobs_took():
+    """A CPU tier's replica whose last job was six times larger is no slower: the idle one goes first, and so does
+    the one with less work."""
+    big_last = ReplicaView("big-last", None, queue_len=0, seconds_per_step=0.6)
+    small_last = ReplicaView("small-last", None, queue_len=1, seconds_per_step=0.1)
+    assert ids(rank_replicas([big_last, small_last], GIB)) == ["big-last", "small-last"]
+
+
 def test_a_busy_replica_counts_as_one_queued_request():
     replicas = [
         ReplicaView("busy", 24 * GIB, busy=True, seconds_per_step=0.1),

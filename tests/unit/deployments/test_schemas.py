@@ -70,3 +70,22 @@ def test_a_boolean_is_not_taken_for_an_integer(field):
         make(**{field: True})
     assert [(error["loc"], error["type"]) for error in info.value.errors()] == [((field,), "int_type")]
     assert getattr(make(**{field: 1}), field) == 1
+
+
+def test_the_written_body_is_the_response_model_json():
+    """image_generation_body writes what FastAPI would have written from ImageGenerationResponse, byte for byte in
+    meaning: base64 copied as is, a URL escaped, metadata as JSON."""
+    import base64
+    import json
+
+    from deployments.schemas import ImageData, ImageGenerationResponse, image_generation_body
+
+    png = bytes(range(256)) * 40
+    metadata = {"model": "z", "chunks": [{"tier": "vram_8", "seconds": 1.25, "degraded": False}], "text_encoder": None}
+    url = 'http://h/v1/images/a"b.png'
+    body = image_generation_body(17, [("b64_json", base64.b64encode(png), 3), ("url", url, 4)], metadata)
+    expected = ImageGenerationResponse(created=17, metadata=metadata, data=[
+        ImageData(b64_json=base64.b64encode(png).decode(), seed=3), ImageData(url=url, seed=4)])
+    assert json.loads(body) == expected.model_dump(exclude_none=True)
+    parsed = ImageGenerationResponse.model_validate_json(body)
+    assert base64.b64decode(parsed.data[0].b64_json) == png and parsed.data[1].url == url

@@ -60,6 +60,12 @@ COLD_START_S = 60.0
 # Waiting chunks a tier takes per card before rejecting (the ingress's bounded queue, scaled with the fleet: 32
 # per tier, TierConfig's default, is meant for a few cards per tier).
 QUEUE_PER_CARD = 2
+# CPU milliseconds the front spends per request, (fixed, per megapixel of images returned as b64_json), for the
+# Ingress replica and the Serve HTTP proxy: bench/front_capacity.py, docs/benchmarks.md (2-core EPYC VM, 2026-12-03).
+FRONT_CPU_MS = {"ingress": (28.0, 15.6), "proxy": (13.5, 3.3)}
+# One front process is one Python interpreter: plan it to this share of one core, so it queues little.
+FRONT_TARGET_UTILIZATION = 0.7
+FRONT_WINDOW_S = 60.0
 
 
 # -- fleet -------------------------------------------------------------------------------------------------------
@@ -694,6 +700,40 @@ class Simulation:
         }
 
 
+# -- the front ---------------------------------------------------------------------------------------------------
+
+
+def front_load(requests: list[Request], duration_s: float, window_s: float = FRONT_WINDOW_S) -> dict:
+    """What the front (Serve's HTTP proxies and the Ingress replicas) needs for these requests, by FRONT_CPU_MS:
+    the mean CPU per request, the busiest `window_s`'s CPU cores, and how many ingress replicas and proxies keep
+    each under FRONT_TARGET_UTILIZATION of a core. Every request counts, refused ones too (they are answered)."""
+    out = {}
+    for role, (fixed_ms, per_mpix_ms) in FRONT_CPU_MS.items():
+        windows: dict[int, float] = {}
+        total = 0.0
+        for r in requests:
+            ms = fixed_ms + per_mpix_ms * r.width * r.height * r.n / 1e6
+            total += ms
+            slot = int(r.t // window_s)
+            windows[slot] = windows.get(slot, 0.0) + ms
+        peak_cores = max(windows.values(), default=0.0) / 1000 / window_s
+        out[role] = {"ms_per_request": round(total / max(1, len(requests)), 1),
+                     "mean_cores": round(total / 1000 / max(duration_s, 1e-9), 3),
+                     "peak_cores": round(peak_cores, 3),
+                     "processes_needed": max(1, math.ceil(peak_cores / FRONT_TARGET_UTILIZATION - 1e-9))}
+    return out
+
+
+def front_line(front: dict, images_per_s: float) -> str:
+    """One sentence on the front: its peak load and the ingress replicas and proxies that carry it."""
+    ingress, proxy = front["ingress"], front["proxy"]
+    return (f"Front (bench/front_capacity.py figures): {ingress['ms_per_request']} ms of ingress and "
+            f"{proxy['ms_per_request']} ms of proxy CPU per request; busiest minute {ingress['peak_cores']} ingress "
+            f"and {proxy['peak_cores']} proxy cores: {ingress['processes_needed']} ingress replica(s) and "
+            f"{proxy['processes_needed']} proxy node(s) at {FRONT_TARGET_UTILIZATION:.0%} of a core "
+            f"({images_per_s:.2f} images/s served by the cards)")
+
+
 # -- entry points ------------------------------------------------------------------------------------------------
 
 
@@ -712,6 +752,7 @@ def simulate(fleet: str | Path | FleetFile, policies: list[str], duration_s: flo
                          text_encoder=text_encoder)
         out[name] = sim.run(requests, duration_s)
         out[name]["cards"] = len(sim_cards)
+        out[name]["front"] = front_load(requests, duration_s)
     return out
 
 

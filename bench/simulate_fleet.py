@@ -28,7 +28,7 @@ INTRO = ("The autoscaling policy vs fixed replicas vs Ray Serve's default autosc
 
 def main() -> None:
     from autoscaling.policy import POLICIES
-    from autoscaling.simulate import WorkloadSpec, plot, simulate, table
+    from autoscaling.simulate import WorkloadSpec, front_line, plot, simulate, table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cards", type=int, default=1000)
@@ -65,6 +65,8 @@ def main() -> None:
         f"Idle GPU-hours, policy vs fixed: {saved:.0%} fewer; p95 {policy['p95_s']} s vs {base['p95_s']} s "
         f"(target >= 25 % fewer at equal or better p95: {'met' if met else 'NOT met'}); out-of-memory with the "
         f"policy: {policy['out_of_memory']}.",
+        "",
+        front_line(policy["front"], policy["images_per_s"]) + ".",
         "",
     ]
     publish("\n".join(lines), args.write, SECTION, INTRO)

@@ -15,7 +15,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from autoscaling.policy import POLICIES, PolicyConfig
-    from autoscaling.simulate import WorkloadSpec, load_workload, plot, simulate, table
+    from autoscaling.simulate import WorkloadSpec, front_line, load_workload, plot, simulate, table
 
     try:
         workload = load_workload(args.workload) if args.workload else WorkloadSpec(rate=args.rate)
@@ -45,6 +45,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"text encoder: {stage['where']}, {stage['encodes_per_request']} encodes per request"
           + (f", cache hits {stage['cache_hit_ratio']:.0%}" if stage.get("cache_hit_ratio") is not None else ""))
     print(table(results))
+    print(front_line(first["front"], max(r["images_per_s"] for r in results.values())))
     return 0
 
 

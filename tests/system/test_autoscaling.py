@@ -30,10 +30,20 @@ BODY = {"prompt": "a burst of foxes", "size": "512x512", "steps": 9}
 
 
 def running_replicas() -> int:
+    return replica_states().get("RUNNING", 0)
+
+
+def replica_states() -> dict[str, int]:
     from ray import serve
 
-    deployment = serve.status().applications["zit"].deployments[DEPLOYMENT]
-    return deployment.replica_states.get("RUNNING", 0)
+    return dict(serve.status().applications["zit"].deployments[DEPLOYMENT].replica_states)
+
+
+def raised_replicas() -> int:
+    """Replicas the policy has asked for and Serve runs or starts: a new one takes 10-20 s to load here, so a burst
+    may end before the second one runs; the decision shows at once."""
+    states = replica_states()
+    return states.get("RUNNING", 0) + states.get("STARTING", 0)
 
 
 @pytest.fixture(scope="module")
@@ -62,28 +72,30 @@ def test_a_burst_raises_the_tier_from_zero_and_idleness_takes_it_back_to_zero(ur
 
     def watch():
         while not stop.is_set():
-            seen.append((time.monotonic(), running_replicas()))
+            seen.append((time.monotonic(), raised_replicas()))
             time.sleep(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     started = time.monotonic()
-    with ThreadPoolExecutor(12) as pool:
-        responses = list(pool.map(lambda i: httpx.post(f"{url}/v1/images/generations", json={**BODY, "seed": i},
-                                                       timeout=180), range(12)))
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda i: httpx.post(f"{url}/v1/images/generations", json={**BODY, "seed": i},
+                                                           timeout=180), range(12)))
+    finally:
+        stop.set()  # the watcher reads Serve's status: it must not outlive the cluster
+        watcher.join()
     burst_s = time.monotonic() - started
     assert [r.status_code for r in responses] == [200] * 12, [r.text[:200] for r in responses if r.status_code != 200]
     assert {c["tier"] for r in responses for c in r.json()["metadata"]["chunks"]} == {"vram_12"}
     peak = max(n for _, n in seen)
-    print(f"burst of 12 images in {burst_s:.1f} s; replicas every 0.5 s: {[n for _, n in seen]}")
+    print(f"burst of 12 images in {burst_s:.1f} s; replicas running or starting every 0.5 s: {[n for _, n in seen]}")
     assert peak >= 2, f"the burst of 12 images ({burst_s:.0f} s) never raised the tier above {peak} replica(s)"
     # Idle: back to zero after the idle timeout (plus a control period and a registry report).
     deadline = time.monotonic() + SETTINGS.idle_timeout_s + SETTINGS.downscale_delay_s + 40
-    while time.monotonic() < deadline and running_replicas() > 0:
+    while time.monotonic() < deadline and raised_replicas() > 0:
         time.sleep(1)
-    stop.set()
-    watcher.join()
-    assert running_replicas() == 0, f"replicas over time: {seen[-10:]}"
+    assert raised_replicas() == 0, replica_states()
     # Scaled down on purpose: the replicas said goodbye, so no card reads as down (ZitCardDown stays quiet) and
     # every card's node is up.
     time.sleep(2 * ZIT_FLEET_REPORT_PERIOD_S + 1)  # the ingress reads the registry every period

@@ -8,6 +8,7 @@ inherits from, one per API family); Serve binds them to the replica (deployments
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
@@ -16,6 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("ray.serve")
 
 # A JSON body larger than this is refused before parsing (a 4000-character prompt is ~16 KB even fully escaped).
 MAX_BODY_BYTES = 1 << 20
@@ -60,6 +63,19 @@ class ApiError(Exception):
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def call_service_actor(actor, method: str, *args, what: str, fallback: str = ""):
+    """`actor.method(*args)` of one of the service's actors (progress store, image store); an actor that cannot
+    answer (restarting) is a 503 with Retry-After that names `what`, never a 500."""
+    import ray
+
+    try:
+        return await getattr(actor, method).remote(*args)
+    except ray.exceptions.RayError as error:
+        logger.warning("%s did not answer: %s", what, error)
+        raise ApiError(503, f"the {what} is unavailable for a moment (it is restarting); retry{fallback}",
+                       kind="server_busy", headers={"Retry-After": "1"}) from None
 
 
 @api.exception_handler(ApiError)

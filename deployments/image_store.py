@@ -56,15 +56,16 @@ IMAGES_NAME = "zit-images"
 class SharedImageStore(ImageStore):
     """The service's one ImageStore, as a Ray actor (deployments.registry.cluster_actor: detached, on the head,
     restarted if it dies, empty then). Every ingress replica puts the images it answers with as URLs here and reads
-    them back from here. Its bounds are the service's `image_store_mb` and `image_ttl_s`, which each ingress sends
-    when it starts (the same for all of them)."""
+    them back from here. Each put carries the service's bounds (`image_store_mb`, `image_ttl_s`), so a restarted
+    store has them from its first image."""
 
     def __init__(self):
-        super().__init__(256 << 20, 3600.0)
+        super().__init__(0, 0.0)  # set by the first put
 
-    def configure(self, max_bytes: int, ttl_s: float) -> None:
-        self.max_bytes, self.ttl_s = max_bytes, ttl_s
-        self._evict()
+    def put(self, data: bytes, fmt: str, max_bytes: int | None = None, ttl_s: float | None = None) -> str:
+        if max_bytes is not None and ttl_s is not None:
+            self.max_bytes, self.ttl_s = max_bytes, ttl_s
+        return super().put(data, fmt)
 
 
 def get_image_store():

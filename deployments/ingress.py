@@ -21,7 +21,7 @@ from deployments.a1111 import A1111Api
 from deployments.config import ServiceConfig
 from deployments.dispatch import ChunkExhausted, Dispatcher, Outcome
 from deployments.hostmem import trim_host_memory
-from deployments.http import AUTH, ApiError, api
+from deployments.http import AUTH, ApiError, api, call_service_actor
 from deployments.image_store import CONTENT_TYPES
 from deployments.lora import LORA_SUFFIX, LoraError, LoraLibrary
 from deployments.metrics import install as install_metrics
@@ -403,25 +403,17 @@ class Ingress(A1111Api, ProgressApi, WebUi):
             return []
 
     async def _store_images(self, images: list[bytes], fmt: str) -> list[str]:
-        """Put images in the service's image store (one for every ingress replica); their ids."""
-        return list(await asyncio.gather(*(self._image_call("put", image, fmt) for image in images)))
+        """Put images in the service's image store (one for every ingress replica), with its bounds; their ids."""
+        bounds = (self.config.image_store_mb << 20, self.config.image_ttl_s)
+        return list(await asyncio.gather(*(self._image_call("put", image, fmt, *bounds) for image in images)))
 
     async def _image_call(self, method: str, *args):
-        """A call to the service's image store; one that cannot answer is a 503 to retry, never a 500."""
-        import ray
-
         from deployments.image_store import get_image_store
 
         if self._images is None:
             self._images = get_image_store()
-            self._images.configure.remote(self.config.image_store_mb << 20, self.config.image_ttl_s)
-        try:
-            return await getattr(self._images, method).remote(*args)
-        except ray.exceptions.RayError as error:
-            logger.warning("image store did not answer: %s", error)
-            raise ApiError(503, "the image store is unavailable for a moment (it is restarting); retry, or ask "
-                                "for response_format b64_json", kind="server_busy",
-                           headers={"Retry-After": "1"}) from None
+        return await call_service_actor(self._images, method, *args, what="image store",
+                                        fallback=", or ask for response_format b64_json")
 
     def _url(self, request: Request, path: str) -> str:
         base = self.config.public_url or str(request.base_url)

@@ -26,7 +26,7 @@ from typing import AsyncIterator, Iterable, Iterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from deployments.http import ApiError, api, error_body
+from deployments.http import ApiError, api, call_service_actor, error_body
 from deployments.schemas import ImageGenerationRequest
 
 logger = logging.getLogger("ray.serve")
@@ -247,14 +247,7 @@ class ProgressApi:
 
     async def _read_progress(self, method: str, *args):
         """A read of the store; a store that cannot answer is a 503 to retry, never a 500."""
-        import ray
-
-        try:
-            return await getattr(self._progress_store(), method).remote(*args)
-        except ray.exceptions.RayError as error:
-            logger.warning("progress store did not answer: %s", error)
-            raise ApiError(503, "progress is unavailable for a moment (the progress store is restarting); retry",
-                           kind="server_busy", headers={"Retry-After": "1"}) from None
+        return await call_service_actor(self._progress_store(), method, *args, what="progress store")
 
     @api.get("/v1/progress/{request_id}")
     async def progress(self, request_id: str) -> dict:

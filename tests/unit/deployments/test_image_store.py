@@ -30,3 +30,13 @@ def test_ids_are_unguessable_and_distinct():
     store = ImageStore(max_bytes=1 << 20, ttl_s=100)
     ids = {store.put(b"x", "png") for _ in range(100)}
     assert len(ids) == 100 and all(len(i) >= 20 for i in ids)
+
+
+def test_the_shared_store_takes_the_services_bounds_from_each_put():
+    """A restarted store (empty, no bounds) has the service's bounds from its first image on."""
+    from deployments.image_store import SharedImageStore
+
+    store = SharedImageStore()
+    first = store.put(b"x" * 8, "png", max_bytes=10, ttl_s=60)
+    second = store.put(b"y" * 8, "png", max_bytes=10, ttl_s=60)
+    assert store.get(first) is None and store.get(second).data == b"y" * 8  # 16 bytes > 10: the oldest went

@@ -144,6 +144,29 @@ class StageAutoscaler:
         return replicas, {"signal": "stage", "requests": requests}
 
 
+class IngressAutoscaler:
+    """Serve's policy object for the ingress (deployment-level): enough replicas that each holds about `ingress`
+    requests (AutoscalingSettings.ingress_target_requests); fewer only once the need has stayed lower for
+    `downscale_delay_s`. Serve keeps the count within [ingress_replicas, ingress_max_replicas]."""
+
+    def __init__(self, ingress: int = 64, downscale_delay_s: float = 120.0):
+        self.target = max(1, int(ingress))
+        self.downscale_delay_s = downscale_delay_s
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        now = ctx.current_time or time.time()
+        requests = float(ctx.total_num_requests or 0.0)
+        current = int(ctx.target_num_replicas if ctx.target_num_replicas is not None else ctx.current_num_replicas or 0)
+        want = max(1, math.ceil(requests / self.target))
+        state = {"signal": "ingress", "requests": requests}
+        if want < current:
+            lower_since = (ctx.policy_state or {}).get("_lower_since") or now
+            if now - lower_since < self.downscale_delay_s:
+                want = current
+                state["_lower_since"] = lower_since
+        return want, state
+
+
 class FleetAutoscaler:
     """Serve's application-level policy: `__call__(contexts) -> (replicas per deployment, state per deployment)`,
     every tier in one `decide` call, cheapest tier first. Each Generator deployment's own `TierAutoscaler` kwargs
@@ -173,6 +196,9 @@ class FleetAutoscaler:
             kwargs = getattr(getattr(ctx.config, "policy", None), "policy_kwargs", None) or {}
             if "stage" in kwargs:  # the text-encoder stage: sized by the requests it holds
                 stages[deployment_id] = StageAutoscaler(kwargs["stage"])(ctx)
+                continue
+            if "ingress" in kwargs:  # the ingress: sized by the requests it holds
+                stages[deployment_id] = IngressAutoscaler(**kwargs)(ctx)
                 continue
             tier = self._tier(ctx)
             if tier is not None:

@@ -61,8 +61,9 @@ COLD_START_S = 60.0
 # per tier, TierConfig's default, is meant for a few cards per tier).
 QUEUE_PER_CARD = 2
 # CPU milliseconds the front spends per request, (fixed, per megapixel of images returned as b64_json), for the
-# Ingress replica and the Serve HTTP proxy: bench/front_capacity.py, docs/benchmarks.md (2-core EPYC VM, 2026-12-03).
-FRONT_CPU_MS = {"ingress": (28.0, 15.6), "proxy": (13.5, 3.3)}
+# Ingress replica and the Serve HTTP proxy: bench/front_capacity.py, docs/benchmarks.md (2-core EPYC VM, 2026-12-03,
+# the mean of two runs of the pure-ASGI middleware and the proxy's replay: 64x64 and 1024x1024, b64_json).
+FRONT_CPU_MS = {"ingress": (13.2, 20.1), "proxy": (7.4, 5.9)}
 # One front process is one Python interpreter: plan it to this share of one core, so it queues little.
 FRONT_TARGET_UTILIZATION = 0.7
 FRONT_WINDOW_S = 60.0

@@ -1,6 +1,7 @@
 """CPU the front spends per image request: the Serve HTTP proxy and the Ingress replica, read from /proc.
 
-One Ray cluster and one Serve instance (one proxy, `proxy_location: HeadOnly`) run two applications on one CPU tier
+One Ray cluster and one Serve instance (one proxy, `proxy_location: HeadOnly`, with the project's proxy middleware and
+Ray process environment, runtime/local.py) run two applications on one CPU tier
 of the tiny model: `before` (validate_responses: the response built as pydantic models and validated and written by
 FastAPI, as the ingress did up to #23) at /before, and `after` (its JSON written once, schemas.image_generation_body)
 at /. For each size and response format the two run in alternating rounds of `--requests` requests, `--concurrency`
@@ -73,8 +74,9 @@ def main() -> None:
     from cluster.tiers import TierConfig
     from deployments.app import build_app
     from deployments.config import ServiceConfig
-    from runtime.local import HEAD_RESOURCES
+    from runtime.local import HEAD_RESOURCES, ensure_ray_process_env
 
+    ensure_ray_process_env()  # as deployed: the proxy with its replay middleware (deployments/proxy.py)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

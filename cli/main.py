@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_tiers_argument(up)
     up.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (default %(default)s)")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
+    up.add_argument("--ingress-replicas", type=int, metavar="N",
+                    help="ingress replicas (default: `ingress_replicas` in --config, else 2 on a head with 4 cores "
+                    "or more, 1 below)")
+    up.add_argument("--proxy-port-from", type=int, metavar="PORT",
+                    help="card nodes started here run their HTTP proxy on PORT, PORT+1, ... (default: on --port, "
+                    "shared by every proxy on this machine; the kernel spreads connections over them)")
     up.add_argument("--detach", action="store_true", help="return once serving; stop later with `zit down`")
     up.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1:8265")
     up.set_defaults(func=cmd_up)

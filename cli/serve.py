@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 import time
@@ -39,6 +40,23 @@ def discover_cards(args: argparse.Namespace):
     )
 
 
+# Ingress replicas where the config does not say: two where the head has room (a core for each beside Ray's own
+# processes), one on a smaller machine, where a second would compete with the replicas for its cores.
+INGRESS_ROOM_CORES = 4
+
+
+def ingress_replicas(config, asked: int | None) -> tuple[int, str]:
+    """(ingress replicas for `zit up`, why): `asked` (--ingress-replicas), the config's own, or by the cores here."""
+    if asked:
+        return asked, "--ingress-replicas"
+    if "ingress_replicas" in config.model_fields_set:
+        return config.ingress_replicas, "from the config"
+    cores = os.cpu_count() or 1
+    if cores >= INGRESS_ROOM_CORES:
+        return 2, f"{cores} cores here"
+    return 1, f"{cores} cores here: room for one; --ingress-replicas 2 for more"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -54,6 +72,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     except (ValidationError, OSError) as exc:
         say(f"error: bad configuration: {exc}")
         return 2
+    ingress, why = ingress_replicas(config, args.ingress_replicas)
+    if config.ingress_max_replicas is not None and config.ingress_max_replicas < ingress:
+        say(f"error: {ingress} ingress replicas is above ingress_max_replicas ({config.ingress_max_replicas}); "
+            "raise it, or ask for fewer")
+        return 2
+    config = config.model_copy(update={"ingress_replicas": ingress})
     try:
         cards = apply_splits(cards, args.split)
     except ValueError as exc:
@@ -135,7 +159,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import deploy
+    from deployments.app import PROXY_LOCATION, deploy
     from deployments.registry import card_nodes
 
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
@@ -147,11 +171,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         say(f"Starting {len(missing)} card node(s) ...")
         from runtime.nodes import start_card_nodes
 
-        for line in start_card_nodes(local.head_address(), missing, node_ip="127.0.0.1"):
+        for line in start_card_nodes(local.head_address(), missing, node_ip="127.0.0.1",
+                                     proxy_port_from=args.proxy_port_from):
             say(f"  {line}")
 
     say(f"Deploying {config.model_name} from {model_path} on tiers {[t.name for t in config.tiers]} ...")
-    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
+    scaled = (f", up to {config.ingress_max_replicas} by load" if config.autoscaling is not None
+              and (config.ingress_max_replicas or 0) > ingress else "")
+    say(f"  ingress: {ingress} replica(s){scaled} ({why}); an HTTP proxy on the head and on every card node "
+        "with a replica")
+    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=PROXY_LOCATION)
     try:  # as serve_config.yaml and KubeRay deploy it: Serve builds the app and sizes autoscaled tiers together
         deploy(config, APP_NAME, args.host, args.port, progress=lambda line: say(f"  {line}"))
     except Exception as exc:  # Serve's own errors come back as Ray task errors with its message

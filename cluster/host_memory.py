@@ -20,7 +20,7 @@ Per replica process: `runtime` (Python, torch, diffusers, the Ray worker: `host_
 CUDA runtime's host side: `host_cuda_bytes`), its private weights, its `shared` weight sets (by name: counted once
 per host however many replicas map them) and its load transient. Per host: the replicas' private bytes, each
 shared set once, the largest load transient, and the Ray processes: one set per Ray node (a node per card:
-`host_ray_node_bytes`) and the head's on the host that runs it (`host_head_bytes`).
+`host_ray_node_bytes`, and its Serve proxy: `host_proxy_bytes`) and the head's on the host that runs it (`host_head_bytes`).
 
 Computed: weights (parameter counts x dtype bytes), pinned rounding (power-of-two blocks of the real parameter
 shapes), the cache writer's shard. Estimated until measured on a card's host: the CUDA runtime's host side.
@@ -147,6 +147,12 @@ def encoder_host(profile: Profile, calibration: Calibration | None = None, cuda:
     return HostEstimate(runtime, int(private), shared, CACHE_WRITE_BYTES)
 
 
+def ray_node_bytes(cal: Calibration) -> int:
+    """Host RAM of one card's Ray node beside its replicas: the raylet and agents, and the Serve HTTP proxy every
+    node with a replica runs (deployments/app.py PROXY_LOCATION)."""
+    return int(cal.host_ray_node_bytes + cal.host_proxy_bytes)
+
+
 @dataclass
 class HostNeed:
     """What one host's replicas need in host RAM, and what it has (`ram_bytes`; None when unknown)."""
@@ -165,9 +171,10 @@ class HostNeed:
 
     @property
     def fixed(self) -> int:
-        """The Ray processes: one set per Ray node (a node per card), the head's on the head host."""
+        """The Ray processes: one set per Ray node (a node per card) with its Serve proxy, the head's on the head
+        host."""
         cal = self._cal()
-        return int(self.ray_nodes * cal.host_ray_node_bytes + (cal.host_head_bytes if self.head else 0))
+        return int(self.ray_nodes * ray_node_bytes(cal) + (cal.host_head_bytes if self.head else 0))
 
     @property
     def shared(self) -> dict[str, int]:

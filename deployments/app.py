@@ -10,7 +10,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.stages import staged_tiers
-from deployments.config import ServiceConfig
+from deployments.config import INGRESS_MAX_ONGOING, ServiceConfig
 from deployments.encoder import TextEncoder
 from deployments.generator import Generator
 from deployments.ingress import HttpIngress
@@ -28,6 +28,10 @@ APPLICATION_POLICY = {"policy_function": "autoscaling.serve_policy:FleetAutoscal
 
 
 TEXT_ENCODER_DEPLOYMENT = "TextEncoder"
+# Where Serve runs HTTP proxies (`zit up`, serve_config.yaml, the Helm chart): on every node with a replica, so a load
+# balancer in front spreads over them and the head is not the one door. Each forwards to any ingress replica, and
+# replays a request whose ingress replica died (deployments/proxy.py).
+PROXY_LOCATION = "EveryNode"
 
 
 def generator_deployment_name(tier: str) -> str:
@@ -95,13 +99,17 @@ def build_app(config: ServiceConfig) -> Application:
             },
         )
         generators[tier.name] = deployment.bind(tier, config.model, lora)
+    most = config.ingress_max_replicas or config.ingress_replicas
+    scaling = ({"autoscaling_config": config.autoscaling.ingress_autoscaling_config(config.ingress_replicas, most)}
+               if config.autoscaling is not None and most > config.ingress_replicas
+               else {"num_replicas": config.ingress_replicas})
     ingress = serve.deployment(HttpIngress).options(
         name="Ingress",
-        num_replicas=config.ingress_replicas,
+        **scaling,
         # The ingress only validates and waits; it must not hold a CPU a Generator could use. It stays on the head.
         ray_actor_options={"num_cpus": 0,
                            "resources": {config.ingress_resource: 0.01} if config.ingress_resource else {}},
-        max_ongoing_requests=256,
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
     )
     return ingress.bind(config, generators, encoder)
 
@@ -130,7 +138,7 @@ def deploy_schema(config: ServiceConfig, name: str, host: str, port: int) -> "Se
     from ray.serve.schema import ServeDeploySchema
 
     return ServeDeploySchema.model_validate({
-        "proxy_location": "HeadOnly",
+        "proxy_location": PROXY_LOCATION,
         "http_options": {"host": host, "port": port},
         "applications": [{"name": name, "route_prefix": "/", "import_path": APP_IMPORT_PATH,
                           "args": config.model_dump(mode="json"),

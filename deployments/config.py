@@ -13,6 +13,9 @@ from cluster.tiers import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, TierConfig, cpu_tier
 if TYPE_CHECKING:
     from deployments.lora import LoraSettings
 
+# Requests one ingress replica holds at most (Serve's max_ongoing_requests; more wait at the proxy). Each is a
+# coroutine waiting on cards, so the ingress's CPU, not this, is what limits it (bench/front_capacity.py).
+INGRESS_MAX_ONGOING = 256
 # A new replica is ready this long after its model load time (Ray starts the worker, Serve checks its health).
 COLD_START_OVERHEAD_S = 5.0
 
@@ -33,6 +36,10 @@ class AutoscalingSettings(BaseModel):
     idle_timeout_s: float = Field(300.0, ge=0, description="Seconds without work before a tier goes to zero.")
     cold_start_s: float = Field(60.0, ge=0, description="Model load time assumed until replicas have measured it.")
     metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their metrics to Serve.")
+    ingress_target_requests: int = Field(
+        64, ge=1, le=INGRESS_MAX_ONGOING, description=(
+            "Requests one ingress replica should hold (its limit is 256); with `ingress_max_replicas` above "
+            "`ingress_replicas`, the ingress is sized for this many per replica."))
 
     def serve_autoscaling_config(self, tier: str, cards: int, prior_units_per_s: float | None = None,
                                  vram_bytes: int | None = None) -> dict:
@@ -51,6 +58,22 @@ class AutoscalingSettings(BaseModel):
             "policy": {"policy_function": "autoscaling.serve_policy:TierAutoscaler",
                        "policy_kwargs": {"tier": tier, "settings": self.model_dump(),
                                          "prior_units_per_s": prior_units_per_s, "vram_bytes": vram_bytes}},
+        }
+
+    def ingress_autoscaling_config(self, least: int, most: int) -> dict:
+        """The ingress's `autoscaling_config`: between `least` and `most` replicas, sized by the requests they hold
+        (autoscaling/serve_policy.py IngressAutoscaler)."""
+        return {
+            "min_replicas": least,
+            "max_replicas": most,
+            "initial_replicas": least,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": 2 * self.metrics_interval_s,
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": 0.0,  # the policy holds its own (downscale_delay_s)
+            "policy": {"policy_function": "autoscaling.serve_policy:IngressAutoscaler",
+                       "policy_kwargs": {"ingress": self.ingress_target_requests,
+                                         "downscale_delay_s": self.downscale_delay_s}},
         }
 
     def stage_autoscaling_config(self, most: int) -> dict:
@@ -145,8 +168,15 @@ class ServiceConfig(BaseModel):
                             "bench/front_capacity.py."),
     )
     ingress_replicas: int = Field(
-        1, ge=1, description=("Ingress replicas. Each admits its share of every tier's queue bound and of each API "
-                              "key's rate; URL images and progress are shared (docs/architecture.md).")
+        1, ge=1, description=("Ingress replicas (at least, when autoscaled). Each admits its share of every tier's "
+                              "queue bound and of each API key's rate, by the replicas running; URL images, "
+                              "progress and the metrics' counts are shared (docs/architecture.md). `zit up` "
+                              "chooses 2 where the head has 4 cores or more, the Helm chart 2.")
+    )
+    ingress_max_replicas: int | None = Field(
+        None, ge=1, description=("Most ingress replicas when the service is autoscaled (`autoscaling`): Serve adds "
+                                 "them as the requests held pass `autoscaling.ingress_target_requests` per replica. "
+                                 "None: `ingress_replicas`, fixed.")
     )
     ingress_resource: str | None = Field(
         "zit_ingress",
@@ -229,6 +259,9 @@ class ServiceConfig(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"tier names must be unique; repeated: {dupes}")
+        if self.ingress_max_replicas is not None and self.ingress_max_replicas < self.ingress_replicas:
+            raise ValueError(f"ingress_max_replicas ({self.ingress_max_replicas}) is below ingress_replicas "
+                             f"({self.ingress_replicas}); raise it, or leave it out for a fixed count")
         return self
 
 

@@ -125,30 +125,38 @@ class _AuthHolder:
 AUTH = _AuthHolder()
 
 
-@api.middleware("http")
-async def _authenticate(request: Request, call_next):
-    """API keys and per-key rate limits, when the service has keys (`AUTH.current`, set by the Ingress)."""
-    import math
+class _Authenticate:
+    """API keys and per-key rate limits, when the service has keys (`AUTH.current`, set by the Ingress). Pure ASGI
+    (no task and stream per request, as an `@api.middleware` function costs)."""
 
-    from deployments.auth import is_open
+    def __init__(self, app: ASGIApp):
+        self.app = app
 
-    auth = AUTH.current
-    if auth is None or is_open(request.method, request.url.path):
-        return await call_next(request)
-    name = auth.identify(request.headers.get("authorization"))
-    if name is None:
-        return JSONResponse(
-            error_body("missing or unknown API key: send `Authorization: Bearer <key>`", "authentication_error"),
-            status_code=401, headers={"WWW-Authenticate": "Bearer"},
-        )
-    wait_s = auth.admit(name)
-    if wait_s is not None:
-        return JSONResponse(
-            error_body(f"rate limit of {auth.rate_per_minute} requests per minute reached for this key; retry in "
-                       f"{math.ceil(wait_s)} s", "rate_limit_error"),
-            status_code=429, headers={"Retry-After": str(math.ceil(wait_s))},
-        )
-    return await call_next(request)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        import math
+
+        from deployments.auth import is_open
+
+        auth = AUTH.current
+        if scope["type"] != "http" or auth is None or is_open(scope["method"], scope["path"]):
+            return await self.app(scope, receive, send)
+        name = auth.identify(Headers(scope=scope).get("authorization"))
+        if name is None:
+            response = JSONResponse(
+                error_body("missing or unknown API key: send `Authorization: Bearer <key>`", "authentication_error"),
+                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        wait_s = auth.admit(name)
+        if wait_s is not None:
+            response = JSONResponse(
+                error_body(f"rate limit of {auth.rate_per_minute:g} requests per minute reached for this key; retry "
+                           f"in {math.ceil(wait_s)} s", "rate_limit_error"),
+                status_code=429, headers={"Retry-After": str(math.ceil(wait_s))})
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(_Authenticate)
 
 
 class _LimitBody:

@@ -25,7 +25,7 @@ from deployments.http import AUTH, ApiError, api, call_service_actor
 from deployments.image_store import CONTENT_TYPES
 from deployments.lora import LORA_SUFFIX, LoraError, LoraLibrary
 from deployments.metrics import install as install_metrics
-from deployments.metrics import card_link_view, note_request, record_requests
+from deployments.metrics import RecordRequests, card_link_view, note_request
 from deployments.progress import ProgressApi, new_request_id
 from deployments.reporting import replica_name
 from deployments.routing import NoTierFits
@@ -42,7 +42,7 @@ from deployments.webui import WebUi
 logger = logging.getLogger("ray.serve")
 
 # Outermost middleware (added last): counts every request with its route, status, tier and latency.
-api.middleware("http")(record_requests)
+api.add_middleware(RecordRequests)
 
 # What a client is told to wait after a 503 because a chunk failed everywhere it could go.
 RETRY_AFTER_S = 5
@@ -63,20 +63,16 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         if config.api_keys_file:
             from deployments.auth import Authenticator
 
-            # Each ingress replica enforces its share of a key's rate: the proxies spread requests over them.
-            rate = config.rate_limit_per_minute and config.rate_limit_per_minute / config.ingress_replicas
-            AUTH.current = Authenticator.from_file(config.api_keys_file, rate or None)
+            AUTH.current = Authenticator.from_file(config.api_keys_file, None)
         self.lora = config.lora_settings()
         self.loras = LoraLibrary(self.lora.folder) if self.lora else None
         self.profiles = {tier.name: tier_profile(tier, self.lora.reserved_params if self.lora else 0)
                          for tier in config.tiers}
-        # Each ingress replica admits its share of every tier's waiting chunks (the bound is the service's).
-        replicas = config.ingress_replicas
-        shares = [t.model_copy(update={"max_queued_requests": math.ceil(t.max_queued_requests / replicas)})
-                  for t in config.tiers]
-        self.dispatcher = Dispatcher(shares, self.profiles, generators, load_calibration(), config.tier_policy,
+        self.dispatcher = Dispatcher(config.tiers, self.profiles, generators, load_calibration(), config.tier_policy,
                                      autoscaling=config.autoscaling, encoder=encoder,
                                      encoder_wait_s=config.text_encoder.wait_s)
+        self.sharing = 0  # the ingress replicas this one shares the service's limits with (`_share`)
+        self._share(config.ingress_replicas)
         self.metrics = self.dispatcher.metrics  # served at GET /metrics (deployments/metrics.py)
         if encoder is not None:
             stage = config.text_encoder
@@ -124,7 +120,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 ImageData(**{field: value.decode() if isinstance(value, bytes) else value, "seed": seed})
                 for field, value, seed in items])
         return Response(image_generation_body(int(time.time()), items, jsonable_encoder(metadata)),
-                        media_type="application/json")
+                        media_type="application/json", headers={"X-Zit-Ingress": self.replica})
 
     async def generate(self, body: ImageGenerationRequest) -> Outcome:
         """Every API's one path to images: check, admit, route, run, retry; errors as ApiError with the fix."""
@@ -313,8 +309,40 @@ class Ingress(A1111Api, ProgressApi, WebUi):
     async def prometheus_metrics(self) -> Response:
         """Prometheus text format: requests, latency, queues, replicas and every card, from cached state only."""
         self._start_polling()  # card and replica metrics come from the registry poll
-        body, content_type = self.metrics.render()
+        body, content_type = self.metrics.render(await self._service_totals())
         return Response(body, media_type=content_type)
+
+    async def _service_totals(self) -> dict | None:
+        """Every ingress replica's per-request series summed (deployments/metrics.py ServiceTotals), this one's sent
+        first: the registry actor holds the sums, so a scrape reads the same counts through any replica. The
+        answer also says how many ingress replicas are running: each takes its share of the limits by that. None
+        from a registry of an older version, still running from before an upgrade: this replica's own counts."""
+        from deployments.registry import get_registry
+
+        if self._registry is None:
+            self._registry = get_registry()
+        try:
+            totals = await call_service_actor(self._registry, "ingress_metrics", self.replica,
+                                              self.metrics.snapshot(), what="fleet registry")
+        except AttributeError:
+            return None
+        self._share(totals.get("replicas") or 1)
+        return totals
+
+    def _share(self, replicas: int) -> None:
+        """Admit this replica's share of every tier's queue bound and of each API key's rate, `replicas` sharing
+        them (the proxies spread requests evenly): the configured count at start, then the running count, so a
+        replica left alone (the other died, or was scaled down) takes the whole bound."""
+        if replicas == self.sharing:
+            return
+        self.sharing = replicas
+        for tier in self.config.tiers:
+            limit = math.ceil(tier.max_queued_requests / replicas)
+            self.dispatcher.tiers[tier.name] = self.dispatcher.tiers[tier.name].model_copy(
+                update={"max_queued_requests": limit})
+            self.dispatcher.queues[tier.name].limit = limit
+        if AUTH.current is not None and self.config.rate_limit_per_minute:
+            AUTH.current.rate_per_minute = self.config.rate_limit_per_minute / replicas
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -390,6 +418,7 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 self.metrics.fleet.observe_stage(stage)
                 self._fleet_state = (reports, nodes)
                 self._stage_state = stage
+                await self._service_totals()  # this replica's counts, for the scrapes that land on the others
             except Exception:
                 logger.exception("reading the fleet registry failed; keeping the last known state")
             # The encoded images of finished requests go back to the host (deployments/hostmem.py).

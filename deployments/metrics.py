@@ -3,7 +3,7 @@
 The ingress replica is the one scrape endpoint (`GET /metrics` on the service's HTTP port). It holds three kinds of
 numbers, all in the `ServiceMetrics` of that replica (its own CollectorRegistry, so tests and benchmarks can make as
 many as they like):
-  1. what the ingress sees per HTTP request: requests, end-to-end latency, rejections (the `record_requests`
+  1. what the ingress sees per HTTP request: requests, end-to-end latency, rejections (the `RecordRequests`
      middleware, with the tier and the rejection reason the generate path notes for the request);
   2. what the dispatcher sees per chunk: queue wait, generation time, images, seconds per step, out-of-memory
      events, degradations, retries, demand per tier (`Dispatcher` calls the recording methods);
@@ -130,9 +130,12 @@ class ServiceMetrics:
                                         "on its replica (a cache hit: about nothing).", ["outcome"],
                                         buckets=ENCODE_BUCKETS, registry=r)
         self._start_at_zero(tier_names)
-        # 3. State at scrape time.
+        # 3. State at scrape time: this replica's queues (summed over ingress replicas like the events above), and
+        # the fleet's state (the same in every replica: what each reads from the registry).
         self.fleet = FleetCollector(tiers)
-        r.register(self.fleet)
+        r.register(QueueCollector(self.fleet))
+        self.scrape = CollectorRegistry(auto_describe=False)
+        self.scrape.register(self.fleet)
 
     def _start_at_zero(self, tier_names: list[str]) -> None:
         """Create every series whose labels are known now, at 0 (the module docstring says why)."""
@@ -205,9 +208,123 @@ class ServiceMetrics:
 
     # -- scraping --------------------------------------------------------------------------------------------------
 
-    def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition of everything, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def render(self, totals: dict | None = None) -> tuple[bytes, str]:
+        """The Prometheus text exposition of everything, and its content type. `totals` (ServiceTotals.update):
+        the per-request series summed over every ingress replica, in place of this replica's own."""
+        own = generate_latest(self.registry) if totals is None else _exposition(self._families(totals))
+        return own + generate_latest(self.scrape), CONTENT_TYPE_LATEST
+
+    def snapshot(self) -> dict:
+        """This replica's per-request series (counters, histograms, queue gauges) as plain data for ServiceTotals:
+        {"counters": {key: value}, "gauges": {key: value}}, a key being (sample name, sorted label pairs)."""
+        out = {"counters": {}, "gauges": {}}
+        for family in self.registry.collect():
+            into = out["gauges" if family.type == "gauge" else "counters"]
+            for sample in family.samples:
+                if not sample.name.endswith("_created"):  # when a series began: no sum of that
+                    into[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    def _families(self, totals: dict):
+        """This replica's families, each with the service's summed samples instead of its own."""
+        from prometheus_client.metrics_core import Metric
+
+        families, owner = [], {}
+        for family in self.registry.collect():
+            families.append(Metric(family.name, family.documentation, family.type, family.unit))
+            for suffix in SAMPLE_SUFFIXES.get(family.type, ("",)):
+                owner[family.name + suffix] = families[-1]
+        for kind in ("counters", "gauges"):
+            for (name, labels), value in totals.get(kind, {}).items():
+                family = owner.get(name)
+                if family is not None:  # a series of another version's code: left out
+                    family.add_sample(name, dict(labels), value)
+        return families
+
+
+# The sample names of a family by its type (prometheus_client writes a counter `x` as `x_total`).
+SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+
+
+def _exposition(families) -> bytes:
+    """The text exposition of already-collected families."""
+
+    class _Collected(Collector):
+        def collect(self):
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collected())
+    return generate_latest(registry)
+
+
+class ServiceTotals:
+    """The per-request series of every ingress replica, summed: what GET /metrics serves from any of them, so a
+    scrape that lands on any replica (the proxies spread requests) reads the whole service's counts.
+
+    Kept in one place (the fleet registry actor, `FleetRegistry.ingress_metrics`), where each replica sends its
+    `ServiceMetrics.snapshot` every registry poll and at each scrape, and gets the sum back. Counters and histograms
+    never go down, so Prometheus sees no reset when replicas come and go:
+      - a replica's counters are kept at the largest value it sent (two of its calls may arrive out of order);
+      - a replica not heard from for `stale_s` (it died, or stopped: scaled down, redeployed) has its last counters
+        kept in `departed`, summed in for good; its gauges (queue depth) leave with it. Were it only late and sends
+        again, its counters move back from `departed` to it.
+    What a replica counted after its last send before it died is not in the sum (at most one poll period's worth).
+    The counts restart from the live replicas' if the registry actor itself restarts (Prometheus sees one reset).
+    """
+
+    def __init__(self, stale_s: float):
+        self.stale_s = stale_s
+        self.live: dict[str, tuple[float, dict]] = {}  # replica -> (when heard, snapshot)
+        self.folded: dict[str, tuple[float, dict]] = {}  # replica -> (when folded, counters now in `departed`)
+        self.departed: dict = {}
+
+    def update(self, replica: str, snapshot: dict, now: float) -> dict:
+        if replica in self.folded:  # it was only late: its counters are its own again
+            _, counters = self.folded.pop(replica)
+            _add(self.departed, counters, -1)
+        _, previous = self.live.get(replica, (0.0, {}))
+        counters = dict(snapshot.get("counters", {}))
+        for key, value in previous.get("counters", {}).items():
+            if value > counters.get(key, value - 1):
+                counters[key] = value
+        self.live[replica] = (now, {"counters": counters, "gauges": dict(snapshot.get("gauges", {}))})
+        for name, (heard, kept) in list(self.live.items()):
+            if now - heard > self.stale_s:
+                del self.live[name]
+                _add(self.departed, kept["counters"], 1)
+                self.folded[name] = (now, kept["counters"])
+        for name, (when, _) in list(self.folded.items()):
+            if now - when > 100 * self.stale_s:  # it is not coming back
+                del self.folded[name]
+        return self.totals()
+
+    def totals(self) -> dict:
+        """{"counters": ..., "gauges": ..., "replicas": the ingress replicas heard from within `stale_s`}."""
+        out = {"counters": dict(self.departed), "gauges": {}, "replicas": len(self.live)}
+        for _, kept in self.live.values():
+            for kind in ("counters", "gauges"):
+                _add(out[kind], kept[kind], 1)
+        return out
+
+    def replicas(self) -> list[str]:
+        return sorted(self.live)
+
+
+def _add(into: dict, values: dict, sign: int) -> None:
+    for key, value in values.items():
+        into[key] = into.get(key, 0.0) + sign * value
+
+
+class QueueCollector(Collector):
+    """This ingress replica's queue depth per tier (the dispatcher's TierQueues, through the FleetCollector's
+    `watch_queues`): per replica, so summed over replicas like the per-request series."""
+
+    def __init__(self, fleet: "FleetCollector"):
+        self.fleet = fleet
+
+    def collect(self):
+        return self.fleet._queues()
 
 
 class FleetCollector(Collector):
@@ -282,7 +399,6 @@ class FleetCollector(Collector):
         self.nodes.update(alive)
 
     def collect(self):
-        yield from self._queues()
         yield from self._replicas()
         yield from self._cards()
         yield from self._stage()
@@ -319,7 +435,7 @@ class FleetCollector(Collector):
         return replicas, configured, cache_bytes, entries
 
     def _queues(self):
-        running = GaugeMetricFamily("zit_queue_running", "Chunks of this ingress running on the tier.", labels=["tier"])
+        running = GaugeMetricFamily("zit_queue_running", "Chunks running on the tier.", labels=["tier"])
         waiting = GaugeMetricFamily("zit_queue_waiting", "Chunks waiting in the tier's queue.", labels=["tier"])
         limit = GaugeMetricFamily("zit_queue_limit", "Most chunks that may wait in the tier's queue.", labels=["tier"])
         for name, queue in self.queues.items():
@@ -461,44 +577,56 @@ _installed: ServiceMetrics | None = None
 
 
 def install(metrics: ServiceMetrics | None) -> None:
-    """Make `metrics` the ones `record_requests` records into (the Ingress of this process calls this once)."""
+    """Make `metrics` the ones `RecordRequests` records into (the Ingress of this process calls this once)."""
     global _installed
     _installed = metrics
 
 
-def _endpoint(request) -> str:
+def _endpoint(scope) -> str:
     """The route template that handled (or would handle) the request: '/v1/images/{name}', never the raw path."""
     from starlette.routing import Match
 
-    route = request.scope.get("route")
+    route = scope.get("route")
     if route is None:  # answered before routing (413 from the body limit): find the route it was meant for
-        for candidate in getattr(request.app, "routes", ()):
-            if candidate.matches(request.scope)[0] == Match.FULL:
+        for candidate in getattr(scope.get("app"), "routes", ()):
+            if candidate.matches(scope)[0] == Match.FULL:
                 route = candidate
                 break
     return getattr(route, "path", None) or UNMATCHED
 
 
-async def record_requests(request, call_next):
-    """HTTP middleware: count every request but the scrape itself, with its route, status, tier and latency."""
-    metrics = _installed
-    if metrics is None or request.url.path == METRICS_PATH:
-        return await call_next(request)
-    note: dict = {}
-    token = _request_note.set(note)
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED
-        raise
-    finally:
-        _request_note.reset(token)
+class RecordRequests:
+    """Outermost HTTP middleware: count every request but the scrape itself, with its route, status, tier and
+    latency (until the last byte of its answer left, a stream's included). Pure ASGI: no task and stream per request,
+    as an `@app.middleware` function costs."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        metrics = _installed
+        if scope["type"] != "http" or metrics is None or scope["path"] == METRICS_PATH:
+            return await self.app(scope, receive, send)
+        note: dict = {}
+        token = _request_note.set(note)  # the handler runs in this task: what it notes lands in `note`
+        started = time.perf_counter()
+        status = 500
+
+        async def watching_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            metrics.request_done(_endpoint(request), status, note.get("tier", NO_TIER),
-                                 time.perf_counter() - started, note.get("reason"))
-        except Exception:  # counting must never turn an answered request into a 500
-            logger.exception("recording request metrics failed")
+            await self.app(scope, receive, watching_send)
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            _request_note.reset(token)
+            try:
+                metrics.request_done(_endpoint(scope), status, note.get("tier", NO_TIER),
+                                     time.perf_counter() - started, note.get("reason"))
+            except Exception:  # counting must never turn an answered request into a 500
+                logger.exception("recording request metrics failed")

@@ -29,6 +29,16 @@ class FleetRegistry:
         # stopped on purpose (Serve scaled the tier down, or to zero).
         self._card_seen: dict[str, float] = {}
         self._card_retired: dict[str, float] = {}
+        self._ingress = None  # deployments.metrics.ServiceTotals, on the first ingress_metrics call
+
+    def ingress_metrics(self, replica: str, snapshot: dict) -> dict:
+        """An ingress replica's per-request series (ServiceMetrics.snapshot) in; the whole service's sums out
+        (deployments/metrics.py ServiceTotals), so GET /metrics on any ingress replica reads every replica's."""
+        if self._ingress is None:
+            from deployments.metrics import ServiceTotals
+
+            self._ingress = ServiceTotals(stale_s=ZIT_FLEET_REPORT_PERIOD_S * STALE_AFTER_PERIODS)
+        return self._ingress.update(replica, snapshot, time.time())
 
     def report(self, info: dict) -> None:
         if info["replica"] in self._gone:

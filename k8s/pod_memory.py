@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the project's packages are beside k8s/
     sys.path.insert(0, str(ROOT))
 
-from cluster.host_memory import CACHE_WRITE_BYTES, encoder_host, replica_host  # noqa: E402
+from cluster.host_memory import CACHE_WRITE_BYTES, encoder_host, ray_node_bytes, replica_host  # noqa: E402
 from cluster.memory import load_calibration  # noqa: E402
 from cluster.profiles import default_profile  # noqa: E402
 from cluster.stages import stage_profile  # noqa: E402
@@ -58,7 +58,7 @@ def build() -> str:
              for bf16, key in ((True, "bf16"), (False, "fp32"))}
     data = {
         "_generated": "by k8s/pod_memory.py from cluster/host_memory.py and the shipped calibration; do not edit",
-        "ray_node_mib": _mib(cal.host_ray_node_bytes),
+        "ray_node_mib": _mib(ray_node_bytes(cal)),
         "load_transient_mib": _mib(CACHE_WRITE_BYTES),
         "tiers": tiers,
         "stage": stage,

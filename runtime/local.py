@@ -45,6 +45,8 @@ RAY_PROCESS_ENV = {
     "MALLOC_ARENA_MAX": "2",
     "RAY_max_direct_call_object_size": str(10 * 1024 * 1024),
     "RAY_JEMALLOC_LIB_PATH": "",
+    # Every Serve proxy replays a request whose ingress replica died before answering (deployments/proxy.py).
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.proxy:middlewares",
 }
 
 

@@ -154,8 +154,16 @@ def joined_cards(address: str) -> dict[str, dict[str, str]]:
     }
 
 
-def start_card_nodes(address: str, nodes: list[CardNode], node_ip: str | None = None) -> list[str]:
-    """`ray start --address` once per card, one after another. Returns one line per card saying what joined."""
+# The environment variable that gives a worker node's Serve HTTP proxy its own port (Serve's; the head keeps the
+# service port).
+WORKER_PROXY_PORT_ENV = "RAY_SERVE_WORKER_PROXY_HTTP_PORT"
+
+
+def start_card_nodes(address: str, nodes: list[CardNode], node_ip: str | None = None,
+                     proxy_port_from: int | None = None) -> list[str]:
+    """`ray start --address` once per card, one after another. Returns one line per card saying what joined.
+    `proxy_port_from`: the Serve proxy of the i-th node (when it hosts a replica) listens on that port + i; None:
+    on the service's port, shared with every proxy on the machine (SO_REUSEPORT: the kernel spreads connections)."""
     import json
 
     from runtime.local import ensure_auth_mode, ensure_ray_process_env, ray_executable
@@ -163,7 +171,10 @@ def start_card_nodes(address: str, nodes: list[CardNode], node_ip: str | None = 
     ensure_auth_mode()
     ensure_ray_process_env()
 
-    def start(node: CardNode) -> str:
+    def start(node: CardNode, proxy_port: int | None) -> str:
+        env = {**os.environ, **node.env}
+        if proxy_port is not None:
+            env[WORKER_PROXY_PORT_ENV] = str(proxy_port)
         cmd = [
             ray_executable(), "start", f"--address={address}", "--num-gpus=1", f"--num-cpus={node.num_cpus}",
             f"--resources={json.dumps(node.resources)}",
@@ -172,16 +183,17 @@ def start_card_nodes(address: str, nodes: list[CardNode], node_ip: str | None = 
         ]
         if node_ip:
             cmd.append(f"--node-ip-address={node_ip}")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **node.env}, timeout=180)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
         if proc.returncode != 0:
             raise RuntimeError(f"card {node.card.name} ({node.card.uuid}) could not join {address}:\n"
                                f"{(proc.stdout + proc.stderr)[-2000:]}")
         slots = f" ({node.card.slots} slots)" if node.card.slots > 1 else ""
-        return f"{node.card.name} [{node.card.uuid}] joined as a {node.card.tier} node{slots}"
+        proxy = f", HTTP proxy on port {proxy_port}" if proxy_port is not None else ""
+        return f"{node.card.name} [{node.card.uuid}] joined as a {node.card.tier} node{slots}{proxy}"
 
     # One after another: raylets started together on one machine can pick the same free port and die with
     # "bind: Address already in use" (about 5 s per card).
-    return [start(node) for node in nodes]
+    return [start(node, None if proxy_port_from is None else proxy_port_from + i) for i, node in enumerate(nodes)]
 
 
 def room_problem(card: GpuSnapshot) -> str | None:

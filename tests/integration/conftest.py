@@ -31,6 +31,9 @@ def serve_port():
     import ray
     from ray import serve
 
+    from runtime.local import ensure_ray_process_env
+
+    ensure_ray_process_env()  # as every cluster the project starts: the proxy replays lost requests (deployments/proxy.py)
     # Logical CPUs, not cores: enough slots for the replicas the tests deploy on a 2-core machine.
     ray.init(address="local", num_cpus=8, resources=HEAD_RESOURCES, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False)

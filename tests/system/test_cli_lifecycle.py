@@ -48,14 +48,32 @@ def stop_afterwards():
     assert raylets() == 0
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports free now."""
+    import random
+    import socket
+
+    for _ in range(200):
+        first = random.randint(20000, 40000)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def test_default_up_serves_the_simulated_mixed_fleet_one_replica_per_card(stop_afterwards, tmp_path, repo_root):
-    port = free_port()
-    up = zit("up", "--detach", "--port", str(port))
+    port, proxies = free_port(), free_ports(5)
+    up = zit("up", "--detach", "--port", str(port), "--ingress-replicas", "2", "--proxy-port-from", str(proxies))
     assert up.returncode == 0, up.stdout + up.stderr
     url = f"http://127.0.0.1:{port}"
     # 1. It says plainly what it serves on.
     assert "Serving on the SIMULATED fleet mixed.yaml" in up.stdout
     assert f"ZIT Cluster is serving at {url}" in up.stdout and "zit down" in up.stdout
+    assert "ingress: 2 replica(s) (--ingress-replicas)" in up.stdout
 
     # 2. One replica per card, each on the Ray node of its own card and tier.
     fleet = httpx.get(f"{url}/v1/fleet", timeout=30).json()
@@ -120,6 +138,26 @@ def test_default_up_serves_the_simulated_mixed_fleet_one_replica_per_card(stop_a
     assert all(Image.open(f).size == (128, 64) for f in files)
     bad = zit("generate", "a red fox", "--size", "100x100", "--url", url)
     assert bad.returncode == 1 and "multiple of 16" in bad.stdout
+
+    # 6. Two ingress replicas behind an HTTP proxy on the head and one on each card node (each on its own port here):
+    #    an image request works through every proxy, and between them both ingress replicas answer.
+    ingress = set()
+    for proxy in [port, *range(proxies, proxies + 5)]:
+        deadline = time.monotonic() + 90
+        while True:  # a card node's proxy starts once its replica is placed
+            try:
+                if httpx.get(f"http://127.0.0.1:{proxy}/-/healthz", timeout=10).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"no Serve proxy answers on port {proxy}\n{up.stdout}"
+            time.sleep(1)
+        response = httpx.post(f"http://127.0.0.1:{proxy}/v1/images/generations", timeout=120,
+                              json={"prompt": "a red fox", "size": "64x64", "steps": 1, "seed": 5})
+        assert response.status_code == 200, (proxy, response.text[:300])
+        ingress.add(response.headers["x-zit-ingress"])
+        ingress |= {httpx.get(f"http://127.0.0.1:{proxy}/healthz", timeout=30).json()["replica"] for _ in range(6)}
+    assert len(ingress) == 2, ingress
 
 
 def test_cpu_up_then_a_host_joins_its_cards_as_nodes_of_their_tiers(stop_afterwards, repo_root):

@@ -350,7 +350,7 @@ def pod_memory_model(name: str, spec: dict, stage: dict) -> tuple[float, float]:
     """(request, limit) in MiB of a worker pod of group `name`, straight from the host-memory model: the Ray node,
     `slots` replicas' own bytes, the stage's beside them in the group that hosts it, each weight set once; the limit
     adds the load transient."""
-    from cluster.host_memory import CACHE_WRITE_BYTES, encoder_host, replica_host
+    from cluster.host_memory import CACHE_WRITE_BYTES, encoder_host, ray_node_bytes, replica_host
     from cluster.memory import load_calibration
     from cluster.profiles import default_profile
     from cluster.stages import stage_profile
@@ -363,7 +363,7 @@ def pod_memory_model(name: str, spec: dict, stage: dict) -> tuple[float, float]:
     if stage["placement"] == "workerGroup" and stage["workerGroup"] == name:
         replicas.append(encoder_host(stage_profile(spec["bf16"], "offload"), cal))
     shared = {k: v for r in replicas for k, v in r.shared.items()}
-    request = cal.host_ray_node_bytes + sum(r.runtime + r.private for r in replicas) + sum(shared.values())
+    request = ray_node_bytes(cal) + sum(r.runtime + r.private for r in replicas) + sum(shared.values())
     return request / 2**20, (request + CACHE_WRITE_BYTES) / 2**20
 
 
@@ -473,6 +473,8 @@ K8S_DIFFERENT_ARGS = {
     "autoscaling": "on by default: KubeRay adds and removes GPU pods with demand; on one machine the cards are fixed",
     "text_encoder": "the chart's textEncoder values resolved (where the stage runs); serve_config.yaml leaves it to "
                     "zit up's placement, which on its one CPU tier keeps the encoder in the generator",
+    "ingress_replicas": "2 on the head pod, which has cores of its own; on one machine `zit up` chooses by its cores",
+    "ingress_max_replicas": "autoscaled up to 4 on the head pod; serve_config.yaml's service is not autoscaled",
 }
 
 

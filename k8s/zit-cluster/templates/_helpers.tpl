@@ -266,8 +266,9 @@ JSON text: a JSON round trip would turn vram_bytes into a float.)
 {{- $app := dict "name" "zit" "route_prefix" "/" "import_path" "deployments.app:build_app" "args" $args -}}
 {{- /* Autoscaled tiers (service.autoscaling) are sized together by the application-level policy. */ -}}
 {{- $_ := set $app "autoscaling_policy" (dict "policy_function" "autoscaling.serve_policy:FleetAutoscaler") -}}
-{{- /* HeadOnly like serve_config.yaml: the Ingress lives on the head, so its proxy is the only one needed. */ -}}
-{{- $config := dict "proxy_location" "HeadOnly" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
+{{- /* EveryNode like serve_config.yaml: a proxy on every pod with a replica, each forwarding to any Ingress replica;
+KubeRay keeps the serve Service on the pods whose proxy is healthy. */ -}}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
 {{- toYaml $config -}}
 {{- end -}}
 

@@ -169,3 +169,26 @@ def test_deployments_that_are_not_tiers_are_left_to_serve():
                                                          config=plain)})
     assert set(decisions) == {LARGE}  # Serve keeps the ingress where it is
     assert "signal" in states[LARGE] and "signal" not in states[INGRESS]
+
+
+def test_the_ingress_grows_with_the_requests_it_holds_and_shrinks_only_after_the_delay():
+    """Autoscaled (ingress_max_replicas above ingress_replicas), the ingress gets one replica per
+    `ingress_target_requests` held, in the application-level policy's same call as the tiers; back down only once
+    the need has stayed lower for downscale_delay_s."""
+    settings = AutoscalingSettings(ingress_target_requests=50, downscale_delay_s=10)
+    cfg = AutoscalingConfig(**settings.ingress_autoscaling_config(2, 4))
+    assert (cfg.min_replicas, cfg.max_replicas, cfg.initial_replicas) == (2, 4, 2)
+    tier = tier_config("vram_12", 3, 12, 6000.0)
+    busy = context(1000.0, replicas=2, cards=4, requests=180, deployment=INGRESS, config=cfg)
+    decisions, states = fleet_policy()({INGRESS: busy, LARGE: context(1000.0, replicas=1, busy_fraction=[0.0],
+                                                                      deployment=LARGE, config=tier)})
+    assert decisions[INGRESS] == 4 and states[INGRESS]["signal"] == "ingress"  # 180 held / 50 each
+    state, now = states[INGRESS], 1001.0
+    while now < 1030:
+        decisions, states = fleet_policy()({INGRESS: context(now, replicas=4, cards=4, requests=10, state=state,
+                                                             deployment=INGRESS, config=cfg)})
+        state = states[INGRESS]
+        if decisions[INGRESS] < 4:
+            break
+        now += 1
+    assert decisions[INGRESS] == 1 and 1010 <= now <= 1012  # Serve then keeps it at min_replicas (2)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.host_memory import CACHE_WRITE_BYTES, HostNeed, encoder_host, plan_hosts, replica_host
+from cluster.host_memory import CACHE_WRITE_BYTES, HostNeed, encoder_host, plan_hosts, ray_node_bytes, replica_host
 from cluster.memory import GIB, load_calibration
 from cluster.nvml import load_fleet, load_fleet_file
 from cluster.profiles import default_profile
@@ -73,7 +73,7 @@ def test_a_host_counts_each_shared_set_once_and_one_load_transient():
     shared = (6_154_908_736 - 10_900_992) * 2 + 10_900_992 * 4
     assert need.shared == {"transformer-leaves-bfloat16": (6_154_908_736 - 10_900_992) * 2,
                            "transformer-rest-float32": 10_900_992 * 4}
-    assert need.steady == 4 * (one.runtime + one.private) + shared + 4 * CAL.host_ray_node_bytes
+    assert need.steady == 4 * (one.runtime + one.private) + shared + 4 * ray_node_bytes(CAL)
     assert need.need == need.steady + CACHE_WRITE_BYTES
     assert need.need < 4 * one.steady / 2
 

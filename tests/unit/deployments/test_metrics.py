@@ -25,11 +25,11 @@ from deployments.metrics import (
     CARD_LABELS,
     NO_TIER,
     UNMATCHED,
+    RecordRequests,
     ServiceMetrics,
     card_link,
     card_link_view,
     note_request,
-    record_requests,
     served_tier,
 )
 from deployments.scheduler import TierQueue
@@ -414,7 +414,7 @@ def _app(m: ServiceMetrics) -> FastAPI:
     async def scrape(request: Request):
         return {"ok": True}
 
-    app.middleware("http")(record_requests)
+    app.add_middleware(RecordRequests)
     metrics_module.install(m)
     return app
 
@@ -582,3 +582,68 @@ def test_host_memory_counts_each_hosts_shared_weights_once():
         assert value(m, "zit_host_memory_need_bytes", host=host) == count * 2 * GIB + 11 * GIB
         assert value(m, "zit_host_memory_total_bytes", host=host) == 32 * GIB
         assert value(m, "zit_host_memory_used_bytes", host=host) == 4 * GIB
+
+
+# -- more than one ingress replica: the service's sums ---------------------------------------------------------------
+
+
+def _replica(requests: int, waiting: int = 0) -> ServiceMetrics:
+    """An ingress replica's metrics after `requests` answered images on vram_12 and with `waiting` chunks queued."""
+    m = ServiceMetrics(tiers())
+    for _ in range(requests):
+        m.request_done("/v1/images/generations", 200, "vram_12", 1.2)
+    m.fleet.watch_queues({"vram_12": SimpleNamespace(running=0, waiting=waiting, limit=32, scalable=False)})
+    return m
+
+
+def _rendered(metrics: ServiceMetrics, totals: dict, name: str, **labels) -> list[float]:
+    body = metrics.render(totals)[0].decode()
+    return [sample.value for family in text_string_to_metric_families(body) for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())]
+
+
+def test_every_ingress_replica_serves_the_sum_of_all_replicas_counts_and_queues():
+    from deployments.metrics import ServiceTotals
+
+    a, b = _replica(requests=2, waiting=3), _replica(requests=5, waiting=1)
+    store = ServiceTotals(stale_s=6)
+    store.update("a", a.snapshot(), now=0.0)
+    totals = store.update("b", b.snapshot(), now=0.5)
+    for replica in (a, b):  # a scrape reads the same through either replica
+        assert _rendered(replica, totals, "zit_requests_total", endpoint="/v1/images/generations", status="200",
+                         tier="vram_12") == [7.0]
+        assert _rendered(replica, totals, "zit_request_duration_seconds_count", endpoint="/v1/images/generations",
+                         tier="vram_12") == [7.0]
+        assert _rendered(replica, totals, "zit_queue_waiting", tier="vram_12") == [4.0]
+    # Without the sums each replica renders only its own.
+    assert value(a, "zit_requests_total", endpoint="/v1/images/generations", status="200", tier="vram_12") == 2
+
+
+def test_the_sums_never_go_down_when_a_replica_leaves_or_its_calls_arrive_out_of_order():
+    from deployments.metrics import ServiceTotals
+
+    key = ("zit_requests_total", (("endpoint", "/v1/images/generations"), ("status", "200"), ("tier", "vram_12")))
+    queue = ("zit_queue_waiting", (("tier", "vram_12"),))
+    store = ServiceTotals(stale_s=6)
+    store.update("a", _replica(requests=4, waiting=2).snapshot(), now=0.0)
+    store.update("b", _replica(requests=1).snapshot(), now=0.0)
+    # An older snapshot of b arrives after a newer one: its counter stays at the larger value.
+    totals = store.update("b", _replica(requests=0).snapshot(), now=1.0)
+    assert totals["counters"][key] == 5
+    # a goes silent (it died, or was scaled down): its counts stay in the sum, its queue leaves with it.
+    totals = store.update("b", _replica(requests=3).snapshot(), now=10.0)
+    assert totals["counters"][key] == 7 and totals["gauges"][queue] == 0
+    assert store.replicas() == ["b"]
+    # a was only late: it counts once, as itself again.
+    totals = store.update("a", _replica(requests=6).snapshot(), now=11.0)
+    assert totals["counters"][key] == 9 and store.replicas() == ["a", "b"]
+
+
+def test_the_fleet_registry_sums_what_the_ingress_replicas_send():
+    from deployments.registry import FleetRegistry
+
+    registry = FleetRegistry()
+    registry.ingress_metrics("a", _replica(requests=2).snapshot())
+    totals = registry.ingress_metrics("b", _replica(requests=3).snapshot())
+    key = ("zit_requests_total", (("endpoint", "/v1/images/generations"), ("status", "200"), ("tier", "vram_12")))
+    assert totals["counters"][key] == 5

@@ -3,6 +3,7 @@ host-memory model: the committed file has not drifted, and its figures are the m
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
@@ -24,7 +25,9 @@ def test_the_committed_file_is_what_the_model_gives(capsys):
 def test_the_check_fails_on_a_stale_file(tmp_path, monkeypatch, capsys):
     module = load_module()
     stale = tmp_path / "pod-memory.json"
-    stale.write_text(module.build().replace('"ray_node_mib": 256', '"ray_node_mib": 1'))
+    fresh = module.build()
+    stale.write_text(re.sub(r'"ray_node_mib": \d+', '"ray_node_mib": 1', fresh))
+    assert stale.read_text() != fresh
     monkeypatch.setattr(module, "OUT", stale)
     assert module.main(["--check"]) == 1 and "make chart-memory" in capsys.readouterr().out
 

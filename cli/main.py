@@ -42,6 +42,13 @@ def cmd_download(args: argparse.Namespace) -> int:
 # -- entry point -------------------------------------------------------------------------------------------------
 
 
+def _positive(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cluster.pipeline import REAL_MODEL_ID
 
@@ -63,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_tiers_argument(up)
     up.add_argument("--host", default=DEFAULT_HOST, help="HTTP bind address (default %(default)s)")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
-    up.add_argument("--ingress-replicas", type=int, metavar="N",
+    up.add_argument("--ingress-replicas", type=_positive, metavar="N",
                     help="ingress replicas (default: `ingress_replicas` in --config, else 2 on a head with 4 cores "
                     "or more, 1 below)")
-    up.add_argument("--proxy-port-from", type=int, metavar="PORT",
+    up.add_argument("--proxy-port-from", type=_positive, metavar="PORT",
                     help="card nodes started here run their HTTP proxy on PORT, PORT+1, ... (default: on --port, "
                     "shared by every proxy on this machine; the kernel spreads connections over them)")
     up.add_argument("--detach", action="store_true", help="return once serving; stop later with `zit down`")

@@ -48,6 +48,8 @@ api.add_middleware(RecordRequests)
 RETRY_AFTER_S = 5
 # How long the first request waits for the first reading of the fleet registry (normally a few milliseconds).
 FIRST_POLL_WAIT_S = 5.0
+# How long a scrape or a poll waits for the fleet registry's metric sums before using the last ones.
+TOTALS_WAIT_S = 2.0
 
 
 class Ingress(A1111Api, ProgressApi, WebUi):
@@ -78,10 +80,19 @@ class Ingress(A1111Api, ProgressApi, WebUi):
             stage = config.text_encoder
             self.metrics.fleet.stage_expected = len(stage.cards) or stage.replicas
         install_metrics(self.metrics)
+        self._totals: dict | None = None  # the service's metric sums the registry last gave (`_service_totals`)
         self._poller: asyncio.Future | None = None
         self._registry = None
         self._fleet_state: tuple[list[dict], list[dict]] | None = None  # (replica reports, card nodes), last poll
         self._stage_state: list[dict] = []  # the text-encoder stage's replica reports, last poll
+        # Poll from the start, not from the first image request: a replica that only answered health checks and
+        # image downloads must still send its counts (and learn its share) every poll.
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # built outside Serve (unit tests): the first request starts it
+            pass
+        else:
+            self._start_polling()
 
     # -- API -------------------------------------------------------------------------------------------------
 
@@ -322,10 +333,17 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         if self._registry is None:
             self._registry = get_registry()
         try:
-            totals = await call_service_actor(self._registry, "ingress_metrics", self.replica,
-                                              self.metrics.snapshot(), what="fleet registry")
+            totals = await asyncio.wait_for(call_service_actor(
+                self._registry, "ingress_metrics", self.replica, self.metrics.snapshot(), what="fleet registry"),
+                timeout=TOTALS_WAIT_S)
         except AttributeError:
             return None
+        except (asyncio.TimeoutError, ApiError):
+            if self._totals is None:
+                raise ApiError(503, "the fleet registry is busy or restarting; retry", kind="server_busy",
+                               headers={"Retry-After": "1"}) from None
+            return self._totals  # the last sums it gave: never this replica's own alone (a counter reset)
+        self._totals = totals
         self._share(totals.get("replicas") or 1)
         return totals
 
@@ -348,6 +366,10 @@ class Ingress(A1111Api, ProgressApi, WebUi):
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.config.model_name, "tiers": [t.name for t in self.config.tiers],
                 "replica": self.replica}
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check; it also restarts the registry poll if it ever ended."""
+        self._start_polling()
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -399,6 +421,10 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S, card_nodes, get_registry
 
         while True:
+            try:  # first, and alone: this replica's counts and its share of the limits depend on nothing else
+                await self._service_totals()
+            except Exception:
+                logger.warning("sending this replica's metrics to the fleet registry failed", exc_info=True)
             try:
                 if self._registry is None:
                     self._registry = get_registry()
@@ -418,7 +444,6 @@ class Ingress(A1111Api, ProgressApi, WebUi):
                 self.metrics.fleet.observe_stage(stage)
                 self._fleet_state = (reports, nodes)
                 self._stage_state = stage
-                await self._service_totals()  # this replica's counts, for the scrapes that land on the others
             except Exception:
                 logger.exception("reading the fleet registry failed; keeping the last known state")
             # The encoded images of finished requests go back to the host (deployments/hostmem.py).

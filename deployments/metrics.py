@@ -278,6 +278,7 @@ class ServiceTotals:
         self.live: dict[str, tuple[float, dict]] = {}  # replica -> (when heard, snapshot)
         self.folded: dict[str, tuple[float, dict]] = {}  # replica -> (when folded, counters now in `departed`)
         self.departed: dict = {}
+        self.served: dict = {}  # the counters last returned: never returned lower
 
     def update(self, replica: str, snapshot: dict, now: float) -> dict:
         if replica in self.folded:  # it was only late: its counters are its own again
@@ -300,11 +301,18 @@ class ServiceTotals:
         return self.totals()
 
     def totals(self) -> dict:
-        """{"counters": ..., "gauges": ..., "replicas": the ingress replicas heard from within `stale_s`}."""
+        """{"counters": ..., "gauges": ..., "replicas": the ingress replicas heard from within `stale_s`}. Each
+        counter at least what it was last served: a sum whose float terms moved between replicas and `departed`
+        can come out a hair lower, and a departed replica's late snapshot is older than what was kept of it."""
         out = {"counters": dict(self.departed), "gauges": {}, "replicas": len(self.live)}
         for _, kept in self.live.values():
             for kind in ("counters", "gauges"):
                 _add(out[kind], kept[kind], 1)
+        counters = out["counters"]
+        for key, value in self.served.items():
+            if counters.get(key, value) < value:
+                counters[key] = value
+        self.served = dict(counters)
         return out
 
     def replicas(self) -> list[str]:

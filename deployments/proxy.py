@@ -5,9 +5,11 @@ Serve's proxy answers nothing when the replica handling a request dies (a RayAct
 with no body and no hint to retry). With more than one ingress replica (ServiceConfig.ingress_replicas) the proxy
 spreads requests over them, so losing one would cost every request it held. `ReplayLostRequests` wraps the proxy's
 ASGI app: it keeps the request body as the proxy reads it, and when the app ends without having started a response
-and the client is still there, it replays the request, which Serve's router now sends to a live replica. Only
-requests with no answer started are replayed: a stream already under way ends where it ends. After `attempts` tries
-the client gets the service's 503 with Retry-After, in the OpenAI error shape.
+and the client is still there, it replays the request once (with an `x-zit-replay` header), which Serve's router now
+sends to a live replica. Only requests with no answer started are replayed: a stream already under way ends where it
+ends. One replay only: a request that itself brings its replica down (a bug, an out-of-memory kill) takes at most one
+more with it. When the replay gets no answer either, the client gets the service's 503 with Retry-After, in the
+OpenAI error shape.
 
 A replay runs the request's generation again: chunks the dead replica had already sent to cards still run there,
 for no one (the cost of the fault is that card time, not the request). A request with a seed gets the same images.
@@ -25,8 +27,11 @@ import logging
 logger = logging.getLogger("ray.serve")
 
 CALLBACK_IMPORT_PATH = "deployments.proxy:middlewares"
-# Tries per request: the first and two replays (Serve's router drops a dead replica after its first failed call).
-ATTEMPTS = 3
+# Tries per request: the first and one replay (Serve's router drops a dead replica after its first failed call). One
+# only: a request that itself kills its replica (a bug, an out-of-memory kill) must not take a second one with it.
+ATTEMPTS = 2
+# A header on the replay, for the ingress's log and the client's answer.
+REPLAY_HEADER = b"x-zit-replay"
 # Wait before a replay: time for the router to learn the replica is gone.
 REPLAY_WAIT_S = 0.2
 # Bodies larger than this are not kept for a replay (the service refuses bodies over 1 MiB anyway: 413).
@@ -76,17 +81,21 @@ class ReplayLostRequests:
         error = None
         for attempt in range(self.attempts):
             error = None
+            # A fresh scope each try: the proxy changes the one it is given (its root_path) in place.
+            headers = list(scope.get("headers", ()))
+            if attempt:
+                headers.append((REPLAY_HEADER, str(attempt).encode()))
             try:
-                await self.app(scope, _replaying(kept, recording_receive) if attempt else recording_receive,
-                               watching_send)
+                await self.app(dict(scope, headers=headers),
+                               _replaying(kept, recording_receive) if attempt else recording_receive, watching_send)
             except Exception as exc:  # the proxy raised: the same as no answer, if none started
                 if state["started"]:
                     raise
                 error = exc
-            if state["started"] or state["gone"] or not state["replayable"]:
+            if state["started"] or state["gone"] or not state["replayable"] or attempt == self.attempts - 1:
                 break
-            logger.warning("%s %s: no answer from its ingress replica (it died?); replaying it (try %d of %d)",
-                           scope.get("method"), scope.get("path"), attempt + 2, self.attempts)
+            logger.warning("%s %s: no answer from its ingress replica (it died?); replaying it on another one",
+                           scope.get("method"), scope.get("path"))
             await asyncio.sleep(self.wait_s)
         if state["started"] or state["gone"]:
             return

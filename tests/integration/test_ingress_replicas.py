@@ -48,7 +48,15 @@ def _metric(url: str, name: str, **labels) -> float:
 def test_metrics_count_every_replicas_requests_through_either_replica(url):
     """Each replica counts what it answers; GET /metrics, whichever replica the proxy picks, serves the sum."""
     series = {"endpoint": "/healthz", "status": "200"}
-    before = _metric(url, "zit_requests_total", **series)
+    # The baseline once every replica has sent what earlier tests counted (each sends every poll, 2 s): two readings
+    # a poll and a half apart agree.
+    before, deadline = -1.0, time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = _metric(url, "zit_requests_total", **series)
+        if now == before:
+            break
+        before = now
+        time.sleep(3)
     answered = {httpx.get(f"{url}/healthz", timeout=60).json()["replica"] for _ in range(30)}
     assert len(answered) == 2
     deadline = time.monotonic() + 20  # the other replica's counts reach the sum within its next poll (2 s)

@@ -146,6 +146,14 @@ def test_more_replicas_than_cards_fails_naming_both_values():
     assert "tier.num_replicas (3) is more than maxReplicas (2)" in proc.stderr, proc.stderr
 
 
+def test_more_ingress_replicas_than_their_most_fails_naming_both_values():
+    proc = helm("template", "zit", str(CHART), "--set", "service.ingress_replicas=6", check=False)
+    assert proc.returncode != 0
+    assert "service.ingress_max_replicas (4) is below service.ingress_replicas (6)" in proc.stderr, proc.stderr
+    serve = serve_config(render([], "service.ingress_replicas=6", "service.ingress_max_replicas=null"))
+    assert serve["applications"][0]["args"]["ingress_replicas"] == 6 and serve["proxy_location"] == "EveryNode"
+
+
 def test_all_classes_disabled_fails_with_the_fix():
     proc = helm("template", "zit", str(CHART), "--set", "workerGroups.vram_24.disabled=true", check=False)
     assert proc.returncode != 0

@@ -261,6 +261,11 @@ JSON text: a JSON round trip would turn vram_bytes into a float.)
 {{- else if .Values.apiKeys.ratePerMinute -}}
 {{- fail "apiKeys.ratePerMinute limits each API key: set apiKeys.existingSecret to the Secret that holds the keys" -}}
 {{- end -}}
+{{- if and (hasKey $args "ingress_replicas") (hasKey $args "ingress_max_replicas") -}}
+{{- if lt (int $args.ingress_max_replicas) (int $args.ingress_replicas) -}}
+{{- fail (printf "service.ingress_max_replicas (%v) is below service.ingress_replicas (%v): raise it, or set it to null for a fixed count" $args.ingress_max_replicas $args.ingress_replicas) -}}
+{{- end -}}
+{{- end -}}
 {{- $_ := include "zit.tiers" (dict "root" . "out" $args) -}}
 {{- $_ := set $args "text_encoder" (include "zit.textEncoder" . | fromJson) -}}
 {{- $app := dict "name" "zit" "route_prefix" "/" "import_path" "deployments.app:build_app" "args" $args -}}

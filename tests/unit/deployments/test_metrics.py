@@ -647,3 +647,15 @@ def test_the_fleet_registry_sums_what_the_ingress_replicas_send():
     totals = registry.ingress_metrics("b", _replica(requests=3).snapshot())
     key = ("zit_requests_total", (("endpoint", "/v1/images/generations"), ("status", "200"), ("tier", "vram_12")))
     assert totals["counters"][key] == 5
+
+
+def test_a_departed_replicas_older_snapshot_arriving_late_never_lowers_a_served_sum():
+    from deployments.metrics import ServiceTotals
+
+    key = ("zit_requests_total", (("endpoint", "/v1/images/generations"), ("status", "200"), ("tier", "vram_12")))
+    store = ServiceTotals(stale_s=6)
+    store.update("a", _replica(requests=5).snapshot(), now=0.0)
+    assert store.update("b", _replica(requests=0).snapshot(), now=10.0)["counters"][key] == 5  # a departed with 5
+    # A call of a's sent before its last one arrives now: 3, older than the 5 kept of it.
+    assert store.update("a", _replica(requests=3).snapshot(), now=11.0)["counters"][key] == 5
+    assert store.update("a", _replica(requests=7).snapshot(), now=12.0)["counters"][key] == 7

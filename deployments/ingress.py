@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import math
 import secrets
@@ -81,18 +82,23 @@ class Ingress(A1111Api, ProgressApi, WebUi):
             self.metrics.fleet.stage_expected = len(stage.cards) or stage.replicas
         install_metrics(self.metrics)
         self._totals: dict | None = None  # the service's metric sums the registry last gave (`_service_totals`)
+        # The replicas this one shares limits with: those of the same configuration (not a redeploy's old ones).
+        self.group = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
         self._poller: asyncio.Future | None = None
         self._registry = None
         self._fleet_state: tuple[list[dict], list[dict]] | None = None  # (replica reports, card nodes), last poll
         self._stage_state: list[dict] = []  # the text-encoder stage's replica reports, last poll
-        # Poll from the start, not from the first image request: a replica that only answered health checks and
-        # image downloads must still send its counts (and learn its share) every poll.
+        # Send this replica's counts (and learn its share) from the start, not from the first image request: a
+        # replica that only answered health checks and image downloads counts too. (The fleet poll itself starts
+        # with the first request, as before: a poll this early could read the reports of the replicas a redeploy
+        # is replacing.)
+        self._sender: asyncio.Future | None = None
         try:
             asyncio.get_running_loop()
-        except RuntimeError:  # built outside Serve (unit tests): the first request starts it
+        except RuntimeError:  # built outside Serve (unit tests)
             pass
         else:
-            self._start_polling()
+            self._start_sending()
 
     # -- API -------------------------------------------------------------------------------------------------
 
@@ -334,8 +340,8 @@ class Ingress(A1111Api, ProgressApi, WebUi):
             self._registry = get_registry()
         try:
             totals = await asyncio.wait_for(call_service_actor(
-                self._registry, "ingress_metrics", self.replica, self.metrics.snapshot(), what="fleet registry"),
-                timeout=TOTALS_WAIT_S)
+                self._registry, "ingress_metrics", self.replica, self.metrics.snapshot(), self.group,
+                what="fleet registry"), timeout=TOTALS_WAIT_S)
         except AttributeError:
             return None
         except (asyncio.TimeoutError, ApiError):
@@ -367,9 +373,35 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         return {"status": "ok", "model": self.config.model_name, "tiers": [t.name for t in self.config.tiers],
                 "replica": self.replica}
 
+    def __del__(self):
+        """Serve stops this replica on purpose (a redeploy, scaling down): the others take its share now."""
+        registry = getattr(self, "_registry", None)
+        if registry is not None:
+            try:
+                registry.ingress_gone.remote(self.replica)
+            except Exception:  # a registry of an older version, or Ray already gone: it goes stale in 6 s
+                pass
+
     async def check_health(self) -> None:
-        """Serve's periodic health check; it also restarts the registry poll if it ever ended."""
-        self._start_polling()
+        """Serve's periodic health check; it also restarts the sending of this replica's counts if it ever ended."""
+        self._start_sending()
+
+    def _start_sending(self) -> None:
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_counts())
+
+    async def _send_counts(self) -> None:
+        """Every ZIT_FLEET_REPORT_PERIOD_S: this replica's counts to the registry, the service's sums and the
+        running replica count (its share of the limits) back. Alone in its loop: nothing else it waits for can
+        hold it up."""
+        from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S
+
+        while True:
+            try:
+                await self._service_totals()
+            except Exception:
+                logger.warning("sending this replica's metrics to the fleet registry failed", exc_info=True)
+            await asyncio.sleep(ZIT_FLEET_REPORT_PERIOD_S)
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -421,10 +453,6 @@ class Ingress(A1111Api, ProgressApi, WebUi):
         from deployments.registry import ZIT_FLEET_REPORT_PERIOD_S, card_nodes, get_registry
 
         while True:
-            try:  # first, and alone: this replica's counts and its share of the limits depend on nothing else
-                await self._service_totals()
-            except Exception:
-                logger.warning("sending this replica's metrics to the fleet registry failed", exc_info=True)
             try:
                 if self._registry is None:
                     self._registry = get_registry()

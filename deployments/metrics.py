@@ -279,8 +279,11 @@ class ServiceTotals:
         self.folded: dict[str, tuple[float, dict]] = {}  # replica -> (when folded, counters now in `departed`)
         self.departed: dict = {}
         self.served: dict = {}  # the counters last returned: never returned lower
+        self.groups: dict[str, str | None] = {}  # replica -> its group (`update`)
 
-    def update(self, replica: str, snapshot: dict, now: float) -> dict:
+    def update(self, replica: str, snapshot: dict, now: float, group: str | None = None) -> dict:
+        """`replica`'s snapshot in; the sums out, with the replicas running of its `group` (the ingress replicas of
+        one configuration: a redeploy's old replicas share no limits with the new ones)."""
         if replica in self.folded:  # it was only late: its counters are its own again
             _, counters = self.folded.pop(replica)
             _add(self.departed, counters, -1)
@@ -290,21 +293,30 @@ class ServiceTotals:
             if value > counters.get(key, value - 1):
                 counters[key] = value
         self.live[replica] = (now, {"counters": counters, "gauges": dict(snapshot.get("gauges", {}))})
-        for name, (heard, kept) in list(self.live.items()):
+        self.groups[replica] = group
+        for name, (heard, _) in list(self.live.items()):
             if now - heard > self.stale_s:
-                del self.live[name]
-                _add(self.departed, kept["counters"], 1)
-                self.folded[name] = (now, kept["counters"])
+                self.gone(name, now)
         for name, (when, _) in list(self.folded.items()):
             if now - when > 100 * self.stale_s:  # it is not coming back
                 del self.folded[name]
-        return self.totals()
+        return self.totals(group)
 
-    def totals(self) -> dict:
-        """{"counters": ..., "gauges": ..., "replicas": the ingress replicas heard from within `stale_s`}. Each
+    def gone(self, replica: str, now: float) -> None:
+        """`replica` stopped (it said goodbye, or went silent): its counters stay in the sums, its gauges leave."""
+        heard = self.live.pop(replica, None)
+        self.groups.pop(replica, None)
+        if heard is not None:
+            _add(self.departed, heard[1]["counters"], 1)
+            self.folded[replica] = (now, heard[1]["counters"])
+
+    def totals(self, group: str | None = None) -> dict:
+        """{"counters": ..., "gauges": ..., "replicas": the ingress replicas of `group` heard from within `stale_s`}.
+        Each
         counter at least what it was last served: a sum whose float terms moved between replicas and `departed`
         can come out a hair lower, and a departed replica's late snapshot is older than what was kept of it."""
-        out = {"counters": dict(self.departed), "gauges": {}, "replicas": len(self.live)}
+        out = {"counters": dict(self.departed), "gauges": {},
+               "replicas": sum(1 for name in self.live if self.groups.get(name) == group)}
         for _, kept in self.live.values():
             for kind in ("counters", "gauges"):
                 _add(out[kind], kept[kind], 1)

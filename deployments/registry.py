@@ -31,14 +31,22 @@ class FleetRegistry:
         self._card_retired: dict[str, float] = {}
         self._ingress = None  # deployments.metrics.ServiceTotals, on the first ingress_metrics call
 
-    def ingress_metrics(self, replica: str, snapshot: dict) -> dict:
+    def ingress_metrics(self, replica: str, snapshot: dict, group: str | None = None) -> dict:
         """An ingress replica's per-request series (ServiceMetrics.snapshot) in; the whole service's sums out
-        (deployments/metrics.py ServiceTotals), so GET /metrics on any ingress replica reads every replica's."""
+        (deployments/metrics.py ServiceTotals), so GET /metrics on any ingress replica reads every replica's, with
+        how many replicas of its `group` (its configuration) run."""
+        return self._totals().update(replica, snapshot, time.time(), group)
+
+    def ingress_gone(self, replica: str) -> None:
+        """An ingress replica stops on purpose: it shares no limits from now on; its counts stay in the sums."""
+        self._totals().gone(replica, time.time())
+
+    def _totals(self):
         if self._ingress is None:
             from deployments.metrics import ServiceTotals
 
             self._ingress = ServiceTotals(stale_s=ZIT_FLEET_REPORT_PERIOD_S * STALE_AFTER_PERIODS)
-        return self._ingress.update(replica, snapshot, time.time())
+        return self._ingress
 
     def report(self, info: dict) -> None:
         if info["replica"] in self._gone:

@@ -659,3 +659,17 @@ def test_a_departed_replicas_older_snapshot_arriving_late_never_lowers_a_served_
     # A call of a's sent before its last one arrives now: 3, older than the 5 kept of it.
     assert store.update("a", _replica(requests=3).snapshot(), now=11.0)["counters"][key] == 5
     assert store.update("a", _replica(requests=7).snapshot(), now=12.0)["counters"][key] == 7
+
+
+def test_replicas_share_limits_only_within_their_configuration_and_a_goodbye_takes_effect_at_once():
+    from deployments.metrics import ServiceTotals
+
+    key = ("zit_requests_total", (("endpoint", "/v1/images/generations"), ("status", "200"), ("tier", "vram_12")))
+    store = ServiceTotals(stale_s=6)
+    store.update("old", _replica(requests=4).snapshot(), now=0.0, group="v1")
+    totals = store.update("new", _replica(requests=1).snapshot(), now=1.0, group="v2")  # a redeploy's replica
+    assert totals["replicas"] == 1 and totals["counters"][key] == 5
+    store.update("new-2", _replica(requests=0).snapshot(), now=1.0, group="v2")
+    store.gone("new-2", now=1.5)
+    totals = store.update("new", _replica(requests=2).snapshot(), now=2.0, group="v2")
+    assert totals["replicas"] == 1 and totals["counters"][key] == 6
